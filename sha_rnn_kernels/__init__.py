@@ -1,0 +1,20 @@
+"""sha_rnn_kernels: fused GPU kernels and drop-in modules for the SHA-RNN language model.
+
+>>> from sha_rnn_kernels import SHARNN, SHALayer, LSTM, SingleHeadAttention, Boom
+"""
+
+from ._backend import BACKENDS, BackendUnavailableError
+from .modules import LSTM, SHARNN, Boom, SHALayer, SingleHeadAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "LSTM",
+    "SHARNN",
+    "BackendUnavailableError",
+    "Boom",
+    "SHALayer",
+    "SingleHeadAttention",
+    "__version__",
+]

@@ -1,0 +1,419 @@
+"""The SHA-RNN ops as functions: validate, pick a backend, call it.
+
+Each function checks every argument (the message names the argument, what was expected and what
+was received), casts to the autocast dtype when autocast is on, resolves the backend (see
+:mod:`sha_rnn_kernels._backend`) and runs it. ``backend=None`` means the environment variable
+``SHA_RNN_KERNELS_BACKEND``, or ``"auto"`` when it is unset.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+
+__all__ = ["boom", "single_head_attention", "lstm"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_tensor(op: str, name: str, t, ndim: Optional[int] = None, min_ndim: int = 0) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float16, bfloat16, float32 or float64; got {t.dtype}"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions; got shape {_shape(t)}")
+    if t.dim() < min_ndim:
+        raise ValueError(
+            f"{op}: {name} must have at least {min_ndim} dimensions; got shape {_shape(t)}"
+        )
+
+
+def _check_same(op: str, named: Sequence[tuple[str, Optional[Tensor]]], check_dtype: bool) -> None:
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                f"all tensors must be on one device"
+            )
+        if check_dtype and t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                f"use one dtype (or autocast)"
+            )
+
+
+def _check_probability(op: str, name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{op}: {name} must be a float in [0, 1); got {p!r}")
+    return float(p)
+
+
+def _check_seed(op: str, seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{op}: seed must be a non-negative int or None; got {seed!r}")
+
+
+def _autocast(tensors: Sequence[Optional[Tensor]]) -> tuple[list, bool]:
+    """Cast floating tensors to the active autocast dtype. Returns (tensors, autocast_was_on)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    dtype = _backend.autocast_dtype(device_type)
+    if dtype is None:
+        return list(tensors), False
+    return [None if t is None else t.to(dtype) for t in tensors], True
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _triton_module(name: str):
+    """Import ``sha_rnn_kernels.ops.<name>`` lazily (triton.jit fixes the interpreter mode when
+    a kernel is defined). Returns (module, None) or (None, reason)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"sha_rnn_kernels.ops.{name}"), None
+    except ImportError as exc:
+        return None, f"the Triton {name} kernels cannot be imported ({exc})"
+
+
+def _triton_reason(name: str, device: torch.device, *args) -> Optional[str]:
+    reason = _backend.triton_reason(device)
+    if reason is not None:
+        return reason
+    module, reason = _triton_module(name)
+    if module is None:
+        return reason
+    return module.unsupported_reason(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Boom
+# --------------------------------------------------------------------------------------------
+def boom(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+    backend: Optional[str] = None,
+    seed: Optional[int] = None,
+) -> Tensor:
+    """The Boom feed-forward: ``sum_k chunk_k(dropout(gelu(x W^T + b)))``.
+
+    GELU is ``x * sigmoid(1.702 x)``; the ``F``-wide activation is cut into ``F // E`` chunks of
+    width ``E`` that are summed (trailing ``F % E`` columns are dropped).
+
+    Args:
+        x: ``[..., E]`` input.
+        weight: ``[F, E]`` with ``F >= E``.
+        bias: ``[F]`` or None.
+        dropout: probability of dropping an element of the activation (when ``training``).
+        training: apply dropout.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``; None reads the environment.
+        seed: dropout seed for the Triton kernel (default: drawn from torch's CPU generator).
+
+    Returns:
+        ``[..., E]``.
+
+    Example:
+        >>> x, w = torch.randn(5, 8), torch.randn(32, 8)
+        >>> boom(x, w).shape
+        torch.Size([5, 8])
+    """
+    op = "boom"
+    _check_tensor(op, "x", x, min_ndim=1)
+    _check_tensor(op, "weight", weight, ndim=2)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, ndim=1)
+    width = x.shape[-1]
+    if weight.shape[1] != width:
+        raise ValueError(
+            f"{op}: weight must be [F, E] with E = x.shape[-1] = {width}; got {_shape(weight)}"
+        )
+    if weight.shape[0] < width:
+        raise ValueError(
+            f"{op}: weight's F = {weight.shape[0]} must be >= E = {width} (the output sums "
+            f"F // E chunks of width E)"
+        )
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{op}: bias must be [F] = [{weight.shape[0]}]; got {_shape(bias)}")
+    if width == 0:
+        raise ValueError(f"{op}: x's last dimension E must be >= 1; got shape {_shape(x)}")
+    p = _check_probability(op, "dropout", dropout)
+    _check_seed(op, seed)
+    (x, weight, bias), autocast_on = _autocast([x, weight, bias])
+    _check_same(op, [("x", x), ("weight", weight), ("bias", bias)], check_dtype=not autocast_on)
+    p = p if training else 0.0
+
+    name = _backend.resolve(
+        op,
+        backend,
+        x.device,
+        {"triton": lambda: _triton_reason("boom", x.device, x, weight, bias)},
+        auto_order=("triton",),
+    )
+    with _no_autocast(x.device):
+        if name == "reference":
+            return reference.boom(x, weight, bias, p, training=p > 0)
+        module, _ = _triton_module("boom")
+        if p > 0 and seed is None:
+            seed = _backend.draw_seed()
+        return module.boom(x, weight, bias, dropout_p=p, seed=seed or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Single-head attention
+# --------------------------------------------------------------------------------------------
+def _gate(op: str, name: str, gate: Optional[Tensor], width: int) -> Optional[Tensor]:
+    if gate is None:
+        return None
+    _check_tensor(op, name, gate)
+    if gate.numel() != width or (gate.dim() > 0 and gate.shape[-1] != width):
+        raise ValueError(f"{op}: {name} must have E = {width} elements; got shape {_shape(gate)}")
+    return gate.reshape(width)
+
+
+def single_head_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+    batch_first: bool = False,
+    backend: Optional[str] = None,
+    key_gate: Optional[Tensor] = None,
+    value_gate: Optional[Tensor] = None,
+    value_dropout: float = 0.0,
+    seed: Optional[int] = None,
+) -> Tensor:
+    """One attention head of width ``E`` over ``K >= T`` keys (memory, then the segment).
+
+    Query ``i`` (0-based within the segment) sees keys ``j <= i + K - T``: all of the memory and
+    the segment up to itself. Scale ``1/sqrt(E)``. Every row sees at least one key, so no row of
+    the softmax is empty.
+
+    Args:
+        q: ``[T, B, E]`` (``[B, T, E]`` with ``batch_first``).
+        k, v: ``[K, B, E]`` (``[B, K, E]`` with ``batch_first``), ``K >= T``.
+        dropout: dropout on the attention weights (when ``training``).
+        training: apply the dropouts.
+        batch_first: layout of q, k, v and of the result.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``; None reads the environment.
+        key_gate: optional ``[E]`` gate multiplying every key (the SHA-RNN's ``sigmoid(ks)``).
+        value_gate: optional ``[E]`` gate multiplying every value.
+        value_dropout: elementwise dropout on the gated values (when ``training``).
+        seed: dropout seed for the Triton kernel (default: drawn from torch's CPU generator).
+
+    Returns:
+        ``[T, B, E]`` (``[B, T, E]`` with ``batch_first``).
+
+    Example:
+        >>> q, kv = torch.randn(4, 2, 8), torch.randn(10, 2, 8)
+        >>> single_head_attention(q, kv, kv).shape
+        torch.Size([4, 2, 8])
+    """
+    op = "single_head_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op, name, t, ndim=3)
+    if batch_first:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    layout = "[B, {}, E]" if batch_first else "[{}, B, E]"
+    query_len, batch, width = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have one shape; got {_shape(k)} and {_shape(v)}")
+    key_len = k.shape[0]
+    if k.shape[1] != batch or k.shape[2] != width:
+        raise ValueError(
+            f"{op}: k must be {layout.format('K')} with B = {batch}, E = {width} (from q); "
+            f"got {_shape(k.transpose(0, 1) if batch_first else k)}"
+        )
+    if query_len < 1 or batch < 1 or width < 1:
+        raise ValueError(f"{op}: q must have T, B, E >= 1; got {_shape(q)}")
+    if key_len < query_len:
+        raise ValueError(
+            f"{op}: k must hold at least as many keys as there are queries (K >= T, the segment's "
+            f"own keys come last); got K = {key_len}, T = {query_len}"
+        )
+    key_gate = _gate(op, "key_gate", key_gate, width)
+    value_gate = _gate(op, "value_gate", value_gate, width)
+    p = _check_probability(op, "dropout", dropout)
+    pv = _check_probability(op, "value_dropout", value_dropout)
+    _check_seed(op, seed)
+    (q, k, v), autocast_on = _autocast([q, k, v])
+    _check_same(op, [("q", q), ("k", k), ("v", v)], check_dtype=not autocast_on)
+    for name, gate in (("key_gate", key_gate), ("value_gate", value_gate)):
+        if gate is not None and gate.device != q.device:
+            raise ValueError(f"{op}: {name} is on {gate.device} but q is on {q.device}")
+    # The gates are parameters kept in float32; the kernels take them in q's dtype.
+    key_gate = None if key_gate is None else key_gate.to(q.dtype)
+    value_gate = None if value_gate is None else value_gate.to(q.dtype)
+    if not training:
+        p = pv = 0.0
+
+    name = _backend.resolve(
+        op,
+        backend,
+        q.device,
+        {"triton": lambda: _triton_reason("attention", q.device, q, k, v)},
+        auto_order=("triton",),
+    )
+    with _no_autocast(q.device):
+        if name == "reference":
+            out = reference.single_head_attention(
+                q, k, v, dropout_p=p, training=training, key_gate=key_gate,
+                value_gate=value_gate, value_dropout_p=pv,
+            )  # fmt: skip
+        else:
+            module, _ = _triton_module("attention")
+            if (p > 0 or pv > 0) and seed is None:
+                seed = _backend.draw_seed()
+            out = module.attention(
+                q, k, v, key_gate=key_gate, value_gate=value_gate, dropout_p=p,
+                value_dropout_p=pv, seed=seed or 0,
+            )  # fmt: skip
+    return out.transpose(0, 1) if batch_first else out
+
+
+# --------------------------------------------------------------------------------------------
+# LSTM
+# --------------------------------------------------------------------------------------------
+def _cuda_reason(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> Optional[str]:
+    if x.device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors; got tensors on {x.device}"
+    try:
+        from . import _cuda
+    except ImportError as exc:
+        return f"the CUDA extension loader cannot be imported ({exc})"
+    return _cuda.lstm_unsupported_reason(x, weight_ih, weight_hh)
+
+
+def _check_state(op: str, name: str, t, batch: int, hidden_size: int) -> Tensor:
+    _check_tensor(op, name, t)
+    if t.dim() == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 2 or tuple(t.shape) != (batch, hidden_size):
+        raise ValueError(
+            f"{op}: {name} must be [B, H] or [1, B, H] with B = {batch}, H = {hidden_size}; "
+            f"got {_shape(t)}"
+        )
+    return t
+
+
+def lstm(
+    x: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    state: Optional[tuple[Tensor, Tensor]] = None,
+    *,
+    batch_first: bool = False,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer with ``torch.nn.LSTM``'s semantics (gates i, f, g, o).
+
+    Args:
+        x: ``[T, B, I]`` (``[B, T, I]`` with ``batch_first``).
+        weight_ih: ``[4H, I]``; weight_hh: ``[4H, H]``; bias_ih, bias_hh: ``[4H]`` or None.
+        state: ``(h0, c0)``, each ``[B, H]`` or ``[1, B, H]``; None starts from zeros.
+        batch_first: layout of ``x`` and of the output.
+        backend: ``"auto"``, ``"reference"`` (a step loop), ``"torch"`` (``torch.lstm``: cuDNN
+            on CUDA), ``"triton"`` or ``"cuda"``; None reads the environment. ``"auto"`` uses
+            ``"torch"`` everywhere until the fused kernels are measured faster on a GPU.
+
+    Returns:
+        ``(out, (h_n, c_n))``: ``out [T, B, H]`` (``[B, T, H]`` with ``batch_first``),
+        ``h_n, c_n [1, B, H]`` as ``torch.nn.LSTM`` returns them.
+
+    Example:
+        >>> H, I = 6, 4
+        >>> out, (h, c) = lstm(torch.randn(5, 2, I), torch.randn(4 * H, I), torch.randn(4 * H, H))
+        >>> out.shape, h.shape
+        (torch.Size([5, 2, 6]), torch.Size([1, 2, 6]))
+    """
+    op = "lstm"
+    _check_tensor(op, "x", x, ndim=3)
+    _check_tensor(op, "weight_ih", weight_ih, ndim=2)
+    _check_tensor(op, "weight_hh", weight_hh, ndim=2)
+    if batch_first:
+        x = x.transpose(0, 1)
+    steps, batch, input_size = x.shape
+    if steps < 1 or batch < 1:
+        raise ValueError(f"{op}: x must have T >= 1 and B >= 1; got {_shape(x)}")
+    gates, hidden_size = weight_hh.shape[0], weight_hh.shape[1]
+    if gates != 4 * hidden_size or hidden_size < 1:
+        raise ValueError(f"{op}: weight_hh must be [4H, H]; got {_shape(weight_hh)}")
+    if tuple(weight_ih.shape) != (gates, input_size):
+        raise ValueError(
+            f"{op}: weight_ih must be [4H, I] = [{gates}, {input_size}] (I from x); "
+            f"got {_shape(weight_ih)}"
+        )
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if b is not None:
+            _check_tensor(op, name, b, ndim=1)
+            if b.shape[0] != gates:
+                raise ValueError(f"{op}: {name} must be [4H] = [{gates}]; got {_shape(b)}")
+    h0 = c0 = None
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"{op}: state must be a pair (h0, c0); got {type(state).__name__}")
+        h0 = _check_state(op, "state[0] (h0)", state[0], batch, hidden_size)
+        c0 = _check_state(op, "state[1] (c0)", state[1], batch, hidden_size)
+    tensors, autocast_on = _autocast([x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0])
+    x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0 = tensors
+    _check_same(
+        op,
+        [("x", x), ("weight_ih", weight_ih), ("weight_hh", weight_hh), ("bias_ih", bias_ih),
+         ("bias_hh", bias_hh), ("h0", h0), ("c0", c0)],
+        check_dtype=not autocast_on,
+    )  # fmt: skip
+
+    name = _backend.resolve(
+        op,
+        backend,
+        x.device,
+        {
+            "torch": lambda: None,
+            "triton": lambda: _triton_reason("lstm", x.device, x, weight_ih, weight_hh),
+            "cuda": lambda: _cuda_reason(x, weight_ih, weight_hh),
+        },
+        # Nothing fused has been timed on a GPU yet, so "auto" stays on cuDNN until the
+        # benchmarks show a kernel ahead (see README, Limits).
+        auto_order=("torch",),
+        cpu_default="torch",
+    )
+    args = (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
+    with _no_autocast(x.device):
+        if name == "reference":
+            out, h_n, c_n = reference.lstm(*args)
+        elif name == "torch":
+            out, h_n, c_n = reference.lstm_torch(*args, training=torch.is_grad_enabled())
+        elif name == "triton":
+            module, _ = _triton_module("lstm")
+            out, h_n, c_n = module.lstm(*args)
+        else:
+            from . import _cuda
+
+            out, h_n, c_n = _cuda.lstm(*args)
+    if batch_first:
+        out = out.transpose(0, 1)
+    return out, (h_n.unsqueeze(0), c_n.unsqueeze(0))

@@ -1,0 +1,582 @@
+"""Drop-in ``torch.nn`` modules of the SHA-RNN.
+
+Parameter names follow the original code (shared/SPEC.md), so its state dicts load with
+``strict=True``. Every module takes ``backend=`` (``"auto"``, ``"reference"``, ``"triton"``,
+``"cuda"``; None reads ``SHA_RNN_KERNELS_BACKEND``) and passes it to
+:mod:`sha_rnn_kernels.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as SF
+from ._backend import normalize_backend
+from .reference import LAYER_NORM_EPS
+
+__all__ = ["Boom", "LSTM", "SingleHeadAttention", "SHALayer", "SHARNN", "Overparam"]
+
+HiddenState = tuple[Tensor, Tensor]
+
+
+def _check_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is not None:
+        normalize_backend(backend, ("reference", "torch", "triton", "cuda"))
+    return backend
+
+
+def _check_dropout(name: str, p: float) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {p!r}")
+    return float(p)
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def _init_linear(linear: nn.Linear, width: int) -> None:
+    """The SHA-RNN init: normal(0, 0.1 / sqrt(E)) weights, zero biases."""
+    nn.init.normal_(linear.weight, mean=0.0, std=0.1 / math.sqrt(width))
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+class Boom(nn.Module):
+    """The Boom feed-forward: ``sum_k chunk_k(dropout(gelu(linear1(x))))``.
+
+    An ``E -> F`` projection with GELU ``x * sigmoid(1.702 x)``, whose ``F``-wide result is cut
+    into ``F // E`` chunks of width ``E`` and summed (no second matrix).
+
+    Args:
+        embed_dim: ``E``.
+        hidden_dim: ``F >= E`` (default ``4 E``).
+        dropout: dropout on the activation in training.
+        backend: see the module docstring.
+
+    Shape: ``[..., E] -> [..., E]``.
+
+    Example:
+        >>> Boom(16, 64)(torch.randn(3, 2, 16)).shape
+        torch.Size([3, 2, 16])
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: Optional[int] = None,
+        dropout: float = 0.0,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        embed_dim = _check_positive("embed_dim", embed_dim)
+        if hidden_dim is None:
+            hidden_dim = 4 * embed_dim
+        hidden_dim = _check_positive("hidden_dim", hidden_dim)
+        if hidden_dim < embed_dim:
+            raise ValueError(f"hidden_dim must be >= embed_dim = {embed_dim}; got {hidden_dim}")
+        self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
+        self.dropout = _check_dropout("dropout", dropout)
+        self.backend = _check_backend(backend)
+        self.linear1 = nn.Linear(embed_dim, hidden_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_linear(self.linear1, self.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return SF.boom(
+            x, self.linear1.weight, self.linear1.bias, dropout=self.dropout,
+            training=self.training, backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}, dropout={self.dropout}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class LSTM(nn.Module):
+    """One LSTM layer, a drop-in for ``torch.nn.LSTM(input_size, hidden_size)``.
+
+    Same parameter names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``),
+    init, call signature and return value: ``forward(input, hx=None) -> (out, (h_n, c_n))`` with
+    ``h_n, c_n [1, B, H]``. Unbatched ``[T, I]`` input gives ``[T, H]`` and ``[1, H]`` states.
+
+    Example:
+        >>> lstm = LSTM(8, 16)
+        >>> out, (h, c) = lstm(torch.randn(5, 3, 8))
+        >>> out.shape, h.shape
+        (torch.Size([5, 3, 16]), torch.Size([1, 3, 16]))
+    """
+
+    num_layers = 1
+    bidirectional = False
+    proj_size = 0
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        batch_first: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = _check_positive("input_size", input_size)
+        self.hidden_size = _check_positive("hidden_size", hidden_size)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = 0.0
+        self.backend = _check_backend(backend)
+        gates = 4 * hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size))
+        if self.bias:
+            self.bias_ih_l0 = nn.Parameter(torch.empty(gates))
+            self.bias_hh_l0 = nn.Parameter(torch.empty(gates))
+        else:
+            self.register_parameter("bias_ih_l0", None)
+            self.register_parameter("bias_hh_l0", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's LSTM init: every parameter uniform(-1/sqrt(H), 1/sqrt(H))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written against ``torch.nn.LSTM``."""
+
+    def forward(
+        self, input: Tensor, hx: Optional[HiddenState] = None
+    ) -> tuple[Tensor, HiddenState]:
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+            if hx is not None:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        out, (h_n, c_n) = SF.lstm(
+            input, self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
+            hx, batch_first=self.batch_first, backend=self.backend,
+        )  # fmt: skip
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return out, (h_n, c_n)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        return s + f", backend={self.backend!r}"
+
+
+class Overparam(nn.Module):
+    """The over-parameterised value gate: ``c, f = l1(x).split(E); sigmoid(f) * tanh(c)``."""
+
+    def __init__(self, nhid: int) -> None:
+        super().__init__()
+        self.nhid = nhid
+        self.l1 = nn.Linear(nhid, 2 * nhid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c, f = self.l1(x).split(self.nhid, dim=-1)
+        return torch.sigmoid(f) * torch.tanh(c)
+
+
+class SingleHeadAttention(nn.Module):
+    """The SHA-RNN's single attention head (shared/SPEC.md).
+
+    ``q = sigmoid(qs) * qln(q(query))``, keys gated by ``sigmoid(ks)``, values by the
+    over-parameterised gate ``vq(sigmoid(vs))``; no key or value projection. In training, q and
+    the values are dropped elementwise and so are the attention weights. Causal with the memory
+    visible: query ``i`` sees keys ``j <= i + K - T``.
+
+    Parameters: ``qs, ks, vs [1, 1, E]``, ``qkvs [1, 3, E]`` and ``r_gate [1, 1, E]`` (kept for
+    checkpoint compatibility, unused), ``q`` (``Linear(E, E)``), ``qln`` (LayerNorm),
+    ``vq.l1`` (``Linear(E, 2E)``). :meth:`vq_collapse` folds ``vq`` into ``vs`` after training.
+
+    Shape: ``forward(query [T, B, E], key [K, B, E], value [K, B, E]) -> [T, B, E]``
+    (batch first with ``batch_first=True``), ``K >= T``.
+
+    Example:
+        >>> attn = SingleHeadAttention(16)
+        >>> h, mem = torch.randn(4, 2, 16), torch.randn(10, 2, 16)
+        >>> attn(h, mem, mem).shape
+        torch.Size([4, 2, 16])
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = _check_positive("embed_dim", embed_dim)
+        self.dropout = _check_dropout("dropout", dropout)
+        self.batch_first = bool(batch_first)
+        self.backend = _check_backend(backend)
+        e = embed_dim
+        self.qs = nn.Parameter(torch.zeros(1, 1, e))
+        self.ks = nn.Parameter(torch.zeros(1, 1, e))
+        self.vs = nn.Parameter(torch.zeros(1, 1, e))
+        self.qkvs = nn.Parameter(torch.zeros(1, 3, e))
+        self.r_gate = nn.Parameter(torch.ones(1, 1, e))
+        self.q = nn.Linear(e, e)
+        self.qln = nn.LayerNorm(e, eps=LAYER_NORM_EPS)
+        self.vq: Optional[Overparam] = Overparam(e)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in (self.qs, self.ks, self.vs, self.qkvs):
+            nn.init.zeros_(p)
+        nn.init.ones_(self.r_gate)
+        _init_linear(self.q, self.embed_dim)
+        self.qln.reset_parameters()
+        if self.vq is not None:
+            _init_linear(self.vq.l1, self.embed_dim)
+
+    @property
+    def collapsed(self) -> bool:
+        """True after :meth:`vq_collapse`: ``vs`` then holds the value gate itself."""
+        return self.vq is None
+
+    def value_gate(self) -> Tensor:
+        """The ``[E]`` value gate: ``vq(sigmoid(vs))``, or ``vs`` once collapsed."""
+        if self.vq is None:
+            return self.vs.reshape(self.embed_dim)
+        return self.vq(torch.sigmoid(self.vs)).reshape(self.embed_dim)
+
+    @torch.no_grad()
+    def vq_collapse(self) -> None:
+        """Fold the over-parameterised value gate into ``vs`` (a static ``[E]`` vector).
+
+        After training the gate does not depend on the input, so ``vq`` can go: ``vs`` becomes
+        ``vq(sigmoid(vs))``, ``vq`` is removed from the module (and from its state dict), and the
+        output is unchanged.
+        """
+        if self.vq is None:
+            return
+        self.vs.copy_(self.value_gate().reshape_as(self.vs))
+        self.vq = None
+
+    def forward(self, query: Tensor, key: Tensor, value: Optional[Tensor] = None) -> Tensor:
+        if value is None:
+            value = key
+        e = self.embed_dim
+        if query.dim() != 3 or query.shape[-1] != e:
+            raise ValueError(f"query must be [T, B, E] with E = {e}; got {list(query.shape)}")
+        q = torch.sigmoid(self.qs).reshape(e) * self.qln(self.q(query))
+        q = F.dropout(q, self.dropout, self.training)
+        return SF.single_head_attention(
+            q, key, value, dropout=self.dropout, training=self.training,
+            batch_first=self.batch_first, backend=self.backend,
+            key_gate=torch.sigmoid(self.ks).reshape(e), value_gate=self.value_gate(),
+            value_dropout=self.dropout,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, dropout={self.dropout}, collapsed={self.collapsed}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class SHALayer(nn.Module):
+    """One SHA-RNN block: LayerNorm, LSTM, optional single-head attention, Boom.
+
+    ::
+
+        h = lnstart(h); x, hidden = rnn(h, hidden); h = dropout(x)   # no residual here
+        if attention:
+            mh = lnmem(h); h = lnmid(h); big = cat([memory, mh])
+            new_memory = big[-max_positions:]; h = dropout(attn(h, big, big)) + h
+        h = dropout(ff(lnxff(h))) + lnff(h)
+
+    Args:
+        embed_dim: ``E``.
+        hidden_dim: the Boom's width ``F`` (default ``4 E``).
+        use_attn: give this block the attention head.
+        dropout: every dropout inside the block.
+        max_positions: keys the attention may see (memory plus segment).
+        batch_first: ``[B, T, E]`` inputs, outputs and memory.
+        backend: see the module docstring.
+
+    ``forward(h [T, B, E], mem [M, B, E] or None, hidden (h0, c0) or None)`` returns
+    ``(h, new_mem, new_hidden)``; ``new_mem`` is None without attention. The incoming memory is
+    detached (it comes from an earlier segment); ``M + T`` may not exceed ``max_positions``.
+
+    Example:
+        >>> layer = SHALayer(16, use_attn=True)
+        >>> h, mem, hidden = layer(torch.randn(4, 2, 16))
+        >>> h, mem, hidden = layer(torch.randn(4, 2, 16), mem, hidden)
+        >>> mem.shape
+        torch.Size([8, 2, 16])
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: Optional[int] = None,
+        use_attn: bool = False,
+        dropout: float = 0.0,
+        max_positions: int = 5000,
+        batch_first: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        e = self.embed_dim = _check_positive("embed_dim", embed_dim)
+        self.max_positions = _check_positive("max_positions", max_positions)
+        self.dropout = _check_dropout("dropout", dropout)
+        self.batch_first = bool(batch_first)
+        self.backend = _check_backend(backend)
+        self.attn = SingleHeadAttention(e, dropout, backend=backend) if use_attn else None
+        self.ff = Boom(e, hidden_dim, dropout=dropout, backend=backend)
+        self.lnstart = nn.LayerNorm(e, eps=LAYER_NORM_EPS)
+        self.lnmid = nn.LayerNorm(e, eps=LAYER_NORM_EPS)
+        self.lnmem = nn.LayerNorm(e, eps=LAYER_NORM_EPS)
+        self.lnout = nn.LayerNorm(e, eps=LAYER_NORM_EPS)  # in the original too, and unused
+        self.lnff = nn.LayerNorm(e, eps=LAYER_NORM_EPS)
+        self.lnxff = nn.LayerNorm(e, eps=LAYER_NORM_EPS)
+        self.rnn = LSTM(e, e, backend=backend)
+
+    @property
+    def use_attn(self) -> bool:
+        return self.attn is not None
+
+    def _check_inputs(self, h: Tensor, mem: Optional[Tensor]) -> None:
+        e = self.embed_dim
+        if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[-1] != e:
+            layout = "[B, T, E]" if self.batch_first else "[T, B, E]"
+            got = list(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(f"h must be {layout} with E = {e}; got {got}")
+        if mem is None:
+            return
+        if self.attn is None:
+            raise ValueError("mem was given but this layer has no attention (use_attn=False)")
+        if not isinstance(mem, Tensor) or mem.dim() != 3:
+            got = list(mem.shape) if isinstance(mem, Tensor) else type(mem).__name__
+            raise ValueError(f"mem must be a 3-D tensor; got {got}")
+        time_dim, batch_dim = (1, 0) if self.batch_first else (0, 1)
+        if mem.shape[batch_dim] != h.shape[batch_dim] or mem.shape[-1] != e:
+            raise ValueError(
+                f"mem must have batch {h.shape[batch_dim]} and width E = {e} like h; "
+                f"got {list(mem.shape)}"
+            )
+        total = mem.shape[time_dim] + h.shape[time_dim]
+        if total > self.max_positions:
+            raise ValueError(
+                f"mem is too long: {mem.shape[time_dim]} memory positions + "
+                f"{h.shape[time_dim]} segment positions = {total} keys > max_positions = "
+                f"{self.max_positions}; keep only the last {self.max_positions - h.shape[time_dim]}"
+            )
+
+    def forward(
+        self,
+        h: Tensor,
+        mem: Optional[Tensor] = None,
+        hidden: Optional[HiddenState] = None,
+    ) -> tuple[Tensor, Optional[Tensor], HiddenState]:
+        self._check_inputs(h, mem)
+        if self.batch_first:
+            h = h.transpose(0, 1)
+            mem = None if mem is None else mem.transpose(0, 1)
+        p, training = self.dropout, self.training
+        h = self.lnstart(h)
+        x, new_hidden = self.rnn(h, hidden)
+        h = F.dropout(x, p, training)
+        new_mem = None
+        if self.attn is not None:
+            mh = self.lnmem(h)
+            h = self.lnmid(h)
+            big = mh if mem is None or mem.shape[0] == 0 else torch.cat([mem.detach(), mh], 0)
+            new_mem = big[-self.max_positions :]
+            h = F.dropout(self.attn(h, big, big), p, training) + h
+        ff_in = self.lnxff(h)
+        h = self.lnff(h)
+        h = F.dropout(self.ff(ff_in), p, training) + h
+        if self.batch_first:
+            h = h.transpose(0, 1)
+            new_mem = None if new_mem is None else new_mem.transpose(0, 1)
+        return h, new_mem, new_hidden
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, use_attn={self.use_attn}, dropout={self.dropout}, "
+            f"max_positions={self.max_positions}, batch_first={self.batch_first}"
+        )
+
+
+class SHARNN(nn.Module):
+    """The SHA-RNN language model (Merity 2019), time-major.
+
+    ``Embedding -> dropout(dropouti) -> nlayers SHALayers (attention in block nlayers - 2) ->
+    dropout(dropout)``; ``decoder`` is a ``Linear(ninp, ntoken)`` tied to the embedding.
+
+    Args:
+        ntoken: vocabulary size.
+        ninp: model width ``E``.
+        nhid: the Boom's width ``F``.
+        nlayers: number of blocks.
+        dropout, dropouth, dropouti: final, in-block and embedding dropout.
+        max_positions: the attention sees at most this many keys (memory plus segment).
+        tie_weights: share the decoder's weight with the embedding.
+        backend: see the module docstring.
+
+    ``forward(x [T, B] token ids, hidden=None, mems=None)`` returns ``(h [T, B, E], new_hidden,
+    new_mems)``: ``new_hidden`` one ``(h_n, c_n)`` per block, ``new_mems`` one entry per block
+    (``[M, B, E]`` for the attention block, None for the others). Pass both back in with the next
+    segment; memories are cut to the last ``max_positions - T`` positions first. Use
+    :meth:`logits` or :meth:`loss` for the decoder.
+
+    Example:
+        >>> model = SHARNN(256, ninp=32, nhid=128, nlayers=2)
+        >>> x = torch.randint(0, 256, (6, 3))
+        >>> loss, hidden, mems = model.loss(x[:-1], x[1:])
+        >>> loss, hidden, mems = model.loss(x[:-1], x[1:], hidden, mems)
+    """
+
+    def __init__(
+        self,
+        ntoken: int,
+        ninp: int = 1024,
+        nhid: int = 4096,
+        nlayers: int = 4,
+        dropout: float = 0.1,
+        dropouth: float = 0.1,
+        dropouti: float = 0.1,
+        max_positions: int = 5000,
+        tie_weights: bool = True,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.ntoken = _check_positive("ntoken", ntoken)
+        self.ninp = _check_positive("ninp", ninp)
+        self.nhid = _check_positive("nhid", nhid)
+        self.nlayers = _check_positive("nlayers", nlayers)
+        self.dropout = _check_dropout("dropout", dropout)
+        self.dropouth = _check_dropout("dropouth", dropouth)
+        self.dropouti = _check_dropout("dropouti", dropouti)
+        self.max_positions = _check_positive("max_positions", max_positions)
+        self.backend = _check_backend(backend)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.blocks = nn.ModuleList(
+            SHALayer(
+                ninp, nhid, use_attn=(i == nlayers - 2), dropout=dropouth,
+                max_positions=max_positions, backend=backend,
+            )  # fmt: skip
+            for i in range(nlayers)
+        )
+        self.decoder = nn.Linear(ninp, ntoken)
+        if tie_weights:
+            self.decoder.weight = self.encoder.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """SPEC.md's init: Linear and Embedding weights normal(0, 0.1/sqrt(E)), biases zero,
+        LayerNorm (1, 0), attention gates zero, the LSTM's own default."""
+        std = 0.1 / math.sqrt(self.ninp)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (nn.LayerNorm, LSTM)):
+                module.reset_parameters()
+            elif isinstance(module, SingleHeadAttention):
+                for p in (module.qs, module.ks, module.vs, module.qkvs):
+                    nn.init.zeros_(p)
+
+    def _check_tokens(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [T, B] tensor of token ids; got {got}")
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"x must hold integer token ids; got dtype {x.dtype}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"x must have T >= 1 and B >= 1; got {list(x.shape)}")
+        if x.shape[0] > self.max_positions:
+            raise ValueError(
+                f"x has T = {x.shape[0]} positions > max_positions = {self.max_positions}"
+            )
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= self.ntoken:
+            bad = low if low < 0 else high
+            raise ValueError(f"x holds token id {bad} outside the vocabulary [0, {self.ntoken})")
+
+    def forward(
+        self,
+        x: Tensor,
+        hidden: Optional[list] = None,
+        mems: Optional[list] = None,
+    ) -> tuple[Tensor, list, list]:
+        self._check_tokens(x)
+        steps = x.shape[0]
+        if hidden is not None and len(hidden) != self.nlayers:
+            raise ValueError(f"hidden must hold {self.nlayers} states; got {len(hidden)}")
+        if mems is not None and len(mems) == 0:
+            mems = None
+        if mems is not None:
+            if len(mems) != self.nlayers:
+                raise ValueError(f"mems must hold {self.nlayers} entries; got {len(mems)}")
+            keep = self.max_positions - steps
+            mems = [
+                None if (m is None or isinstance(m, list) or m.shape[0] == 0)
+                else m[max(0, m.shape[0] - keep):]
+                for m in mems
+            ]  # fmt: skip
+        h = F.dropout(self.encoder(x.long()), self.dropouti, self.training)
+        new_hidden, new_mems = [], []
+        for i, block in enumerate(self.blocks):
+            mem = mems[i] if mems is not None else None
+            if mem is not None and mem.shape[0] == 0:
+                mem = None
+            h, m, nh = block(h, mem, None if hidden is None else hidden[i])
+            new_hidden.append(nh)
+            new_mems.append(m)
+        h = F.dropout(h, self.dropout, self.training)
+        return h, new_hidden, new_mems
+
+    def logits(
+        self, x: Tensor, hidden: Optional[list] = None, mems: Optional[list] = None
+    ) -> tuple[Tensor, list, list]:
+        """``(decoder(h) [T, B, ntoken], new_hidden, new_mems)``."""
+        h, new_hidden, new_mems = self(x, hidden, mems)
+        return self.decoder(h), new_hidden, new_mems
+
+    def loss(
+        self,
+        x: Tensor,
+        targets: Tensor,
+        hidden: Optional[list] = None,
+        mems: Optional[list] = None,
+    ) -> tuple[Tensor, list, list]:
+        """Mean cross-entropy (nats) of ``targets [T, B]``: ``(loss, new_hidden, new_mems)``."""
+        if not isinstance(targets, Tensor) or targets.shape != x.shape:
+            got = list(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"targets must have x's shape {list(x.shape)}; got {got}")
+        logits, new_hidden, new_mems = self.logits(x, hidden, mems)
+        loss = F.cross_entropy(logits.float().reshape(-1, self.ntoken), targets.reshape(-1).long())
+        return loss, new_hidden, new_mems
+
+    def extra_repr(self) -> str:
+        return (
+            f"ntoken={self.ntoken}, ninp={self.ninp}, nhid={self.nhid}, nlayers={self.nlayers}, "
+            f"max_positions={self.max_positions}"
+        )

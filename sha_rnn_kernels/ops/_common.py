@@ -1,0 +1,54 @@
+"""Helpers shared by the Triton op files: output allocation, dtype checks, autotune configs."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import interpreter_enabled
+
+_POISON_OUTPUTS = False
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def set_poison_outputs(enabled: bool) -> bool:
+    """Fill every buffer from :func:`empty` with NaN (tests). Returns the previous setting."""
+    global _POISON_OUTPUTS
+    previous = _POISON_OUTPUTS
+    _POISON_OUTPUTS = bool(enabled)
+    return previous
+
+
+def empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled while output poisoning is on, so an
+    element a kernel never writes shows up in tests."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if _POISON_OUTPUTS and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
+def dtype_reason(*tensors: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these dtypes, or None."""
+    for t in tensors:
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            return f"the kernels take float32, float16 and bfloat16; got {t.dtype}"
+    return None
+
+
+def tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
+        dtype
+    ]
+
+
+def autotune_configs(configs, interpreter_config):
+    """The autotune list: ``configs`` on a GPU, the single ``interpreter_config`` under the
+    interpreter (autotuning there only multiplies the run time)."""
+    return [interpreter_config] if interpreter_enabled() else list(configs)
