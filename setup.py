@@ -5,9 +5,12 @@ This file must never import torch: installing the package builds nothing. The CU
 (``torch.utils.cpp_extension.load`` with ninja), see ``sha_rnn_kernels/_cuda.py``.
 """
 
+import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -15,6 +18,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _read(name: str) -> str:
     with open(os.path.join(HERE, name), encoding="utf-8") as f:
         return f.read()
+
+
+
+
+class BuildPyWithCsrc(build_py):
+    """Copy the top-level csrc/ sources into the built package as sha_rnn_kernels/csrc/.
+
+    Nothing is compiled here: the CUDA extension is built on first use on a GPU machine.
+    """
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "sha_rnn_kernels", "csrc")
+        os.makedirs(target, exist_ok=True)
+        for pattern in ("*.cu", "*.cuh", "*.cpp", "*.h"):
+            for path in glob.glob(os.path.join(HERE, "csrc", pattern)):
+                shutil.copy2(path, target)
 
 
 setup(
@@ -26,10 +46,9 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["sha_rnn_kernels", "sha_rnn_kernels.*"]),
-    # csrc/ lives at the top of the repository; it is mapped into the package so that an
-    # installed wheel carries the sources the JIT build needs.
-    package_data={"sha_rnn_kernels": ["csrc/*.cu", "csrc/*.cuh", "csrc/*.cpp", "csrc/*.h"]},
-    include_package_data=True,
+    # csrc/ lives at the top of the repository; BuildPyWithCsrc copies it into the package so
+    # that an installed wheel carries the sources the JIT build needs.
+    cmdclass={"build_py": BuildPyWithCsrc},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
@@ -38,6 +57,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["sha-rnn-train=sha_rnn_kernels.train:main"]},

@@ -1,0 +1,200 @@
+"""Single-head attention: T queries over K keys (memory then segment), B, width E, one head of
+width E, causal with the memory fully visible, no dropout.
+
+Impls: ``sha_rnn_kernels`` (``functional.single_head_attention``, ``backend="auto"``),
+``triton``, ``sdpa``, ``eager`` (the reference), ``compile`` (``torch.compile`` of the
+reference; ``compile-max-autotune`` too with ``--max-autotune``).
+
+``sdpa`` tries every backend of ``torch.nn.attention.sdpa_kernel`` plus the default dispatch on
+the same q, k, v (as ``[B, 1, T, E]`` views) with the bottom-right causal mask
+(``causal_lower_right``: query i sees keys up to i + K - T). Backends that reject the shape
+(FlashAttention stops at head dim 256) are listed in ``sdpa_rejected``; the row is the fastest
+that ran (``sdpa_backend``), each one's median is in ``sdpa_backends_ms``, and
+``sdpa_default_kernels`` names the kernels the default dispatch launched.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .harness import (
+    DTYPES,
+    Bench,
+    Case,
+    Options,
+    Rotation,
+    Unavailable,
+    cuda_kernel_names,
+    randn,
+    rotation_count,
+    tensor_bytes,
+)
+
+OP = "attention"
+IMPLS = ("sha_rnn_kernels", "triton", "sdpa", "eager", "compile", "compile-max-autotune")
+BASELINES = ("sdpa", "eager", "compile")
+SIZE_LABEL = "GFLOP per call (4 B T K E, forward, mask ignored)"
+
+PAPER = {"T": 1024, "K": 5000, "B": 16, "E": 1024}
+SMALL = {"T": 32, "K": 128, "B": 2, "E": 64}
+SWEEP_K = (1024, 5000, 8192)
+SMALL_SWEEP_K = (32, 128, 256)
+
+
+def size(shape: dict) -> float:
+    return 4 * shape["B"] * shape["T"] * shape["K"] * shape["E"] / 1e9
+
+
+def shapes(opts: Options) -> Iterator[tuple]:
+    base = SMALL if opts.small else PAPER
+    yield dict(base), True
+    if opts.sweep:
+        for key_len in SMALL_SWEEP_K if opts.small else SWEEP_K:
+            if key_len != base["K"]:
+                yield dict(base, K=key_len), False
+
+
+def cases(opts: Options) -> Iterator[Case]:
+    for shape, paper in shapes(opts):
+        for dtype in opts.dtypes:
+            for pass_ in opts.passes:
+                for impl in IMPLS:
+                    if impl == "compile-max-autotune" and not opts.max_autotune:
+                        continue
+                    yield Case(
+                        op=OP, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
+                        paper_shape=paper and not opts.small,
+                        case="paper" if paper else "sweep",
+                        build=_builder(impl, dtype, pass_, shape, opts),
+                    )  # fmt: skip
+
+
+def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bool) -> dict:
+    T, K, B, E = shape["T"], shape["K"], shape["B"], shape["E"]
+    return {
+        "q": randn(T, B, E, dtype=dtype, device=device, requires_grad=grad),
+        "k": randn(K, B, E, dtype=dtype, device=device, requires_grad=grad),
+        "v": randn(K, B, E, dtype=dtype, device=device, requires_grad=grad),
+    }
+
+
+def _timed(forward, pass_: str, rotation: Rotation):
+    if pass_ == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return forward(rotation.next())
+
+        return fwd
+    grad_out = torch.randn_like(rotation.first["q"])
+
+    def fwd_bwd():
+        p = rotation.next()
+        out = forward(p)
+        return torch.autograd.grad(out, [p["q"], p["k"], p["v"]], grad_out)
+
+    return fwd_bwd
+
+
+def _sdpa_variants(shape: dict, opts: Options):
+    """{name: forward} for the default dispatch and each SDPA backend, with the backends that
+    rejected the shape and why."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(shape["T"], shape["K"])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def forward(p):
+        # [T, B, E] -> [B, 1, T, E] views; the result goes back to [T, B, E] like the others.
+        q, k, v = (p[n].permute(1, 0, 2).unsqueeze(1) for n in ("q", "k", "v"))
+        return sdpa(q, k, v, attn_mask=mask).squeeze(1).permute(1, 0, 2)
+
+    def pinned(backend):
+        def run(p):
+            with sdpa_kernel([backend]):
+                return forward(p)
+
+        return run
+
+    variants = {"default": forward}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        if hasattr(SDPBackend, name):
+            variants[name.lower().replace("_attention", "")] = pinned(getattr(SDPBackend, name))
+    return variants
+
+
+def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
+    def build() -> Bench:
+        device, grad = opts.device, pass_ == "fwd+bwd"
+        make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad)
+        count = rotation_count(tensor_bytes(*make().values()), device) if device.type == "cuda" else 1
+        rotation = Rotation(make, count)
+        extra: dict = {"note": None}
+        if impl in ("sha_rnn_kernels", "triton", "eager"):
+            import sha_rnn_kernels.functional as SF
+
+            backend = {"sha_rnn_kernels": "auto", "eager": "reference"}.get(impl, impl)
+            forward = lambda p: SF.single_head_attention(p["q"], p["k"], p["v"], backend=backend)
+            with torch.no_grad():  # raises BackendUnavailableError when the backend cannot run
+                forward(rotation.first)
+            extra["note"] = f'functional.single_head_attention(backend="{backend}")'
+        elif impl in ("compile", "compile-max-autotune"):
+            from sha_rnn_kernels import reference
+
+            mode = "max-autotune" if impl == "compile-max-autotune" else None
+            compiled = torch.compile(reference.single_head_attention, mode=mode)
+            forward = lambda p: compiled(p["q"], p["k"], p["v"])
+            extra["note"] = f"torch.compile(reference.single_head_attention, mode={mode!r})"
+        elif impl == "sdpa":
+            return _sdpa_bench(shape, pass_, rotation, opts)
+        else:
+            raise ValueError(f"unknown attention impl {impl!r}")
+        return Bench(fn=_timed(forward, pass_, rotation), extra=extra)
+
+    return build
+
+
+def _sdpa_bench(shape: dict, pass_: str, rotation: Rotation, opts: Options) -> Bench:
+    variants, rejected = {}, {}
+    for name, forward in _sdpa_variants(shape, opts).items():
+        try:  # finding out which backends accept d = E is the point of this row
+            with torch.enable_grad() if pass_ == "fwd+bwd" else torch.no_grad():
+                out = forward(rotation.first)
+                if pass_ == "fwd+bwd":
+                    out.sum().backward()
+        except RuntimeError as exc:
+            rejected[name] = str(exc).strip().splitlines()[0][:200]
+            opts.log(f"sdpa {name} rejected {shape}: {rejected[name]}")
+            continue
+        variants[name] = _timed(forward, pass_, rotation)
+    for t in rotation.sets:
+        for tensor in t.values():
+            tensor.grad = None
+    if not variants:
+        raise Unavailable(f"no SDPA backend accepted this shape: {rejected}")
+    extra = {"sdpa_rejected": rejected, "note": "fastest SDPA backend that ran"}
+    bench = Bench(variants=variants, variant_field="sdpa_backend", extra=extra)
+    if opts.device.type == "cuda" and "default" in variants:
+        default = variants["default"]
+
+        def profile() -> dict:
+            names = cuda_kernel_names(default)
+            return {"sdpa_default_kernels": names, "sdpa_default_backend": _classify(names)}
+
+        bench.after = profile
+    return bench
+
+
+def _classify(kernel_names: list) -> str:
+    """Which SDPA backend a list of kernel names points to (a best guess from the names)."""
+    text = " ".join(kernel_names).lower()
+    if "flash" in text:
+        return "flash"
+    if "cudnn" in text:
+        return "cudnn"
+    if "fmha" in text or "efficient" in text or ("cutlass" in text and "attention" in text):
+        return "efficient"
+    return "math (matmul + softmax kernels)"

@@ -1,0 +1,107 @@
+"""Boom: N = T*B rows, E -> F, GELU (x * sigmoid(1.702 x)), sum of the F // E chunks; no dropout.
+
+Impls: ``sha_rnn_kernels`` (``functional.boom``, ``backend="auto"``), ``triton``, ``eager``
+(the reference), ``compile`` (``torch.compile`` of the reference; ``compile-max-autotune`` too
+with ``--max-autotune``). ``fwd+bwd`` takes the gradients of x, the weight and the bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from .harness import DTYPES, Bench, Case, Options, Rotation, randn, rotation_count, tensor_bytes
+
+OP = "boom"
+IMPLS = ("sha_rnn_kernels", "triton", "eager", "compile", "compile-max-autotune")
+BASELINES = ("eager", "compile")
+SIZE_LABEL = "GFLOP per call (2 N E F, forward)"
+
+PAPER = {"T": 1024, "B": 16, "E": 1024, "F": 4096}
+SMALL = {"T": 32, "B": 4, "E": 64, "F": 256}
+# Rows N = T * B: the batch stays 16 and T grows.
+SWEEP_T = (64, 256, 1024, 4096)
+SMALL_SWEEP_T = (8, 32, 128)
+
+
+def size(shape: dict) -> float:
+    return 2 * shape["T"] * shape["B"] * shape["E"] * shape["F"] / 1e9
+
+
+def shapes(opts: Options) -> Iterator[tuple]:
+    base = SMALL if opts.small else PAPER
+    yield dict(base), True
+    if opts.sweep:
+        for steps in SMALL_SWEEP_T if opts.small else SWEEP_T:
+            if steps != base["T"]:
+                yield dict(base, T=steps), False
+
+
+def cases(opts: Options) -> Iterator[Case]:
+    for shape, paper in shapes(opts):
+        for dtype in opts.dtypes:
+            for pass_ in opts.passes:
+                for impl in IMPLS:
+                    if impl == "compile-max-autotune" and not opts.max_autotune:
+                        continue
+                    yield Case(
+                        op=OP, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
+                        paper_shape=paper and not opts.small,
+                        case="paper" if paper else "sweep",
+                        build=_builder(impl, dtype, pass_, shape, opts),
+                    )  # fmt: skip
+
+
+def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bool) -> dict:
+    T, B, E, F = shape["T"], shape["B"], shape["E"], shape["F"]
+    return {
+        "x": randn(T, B, E, dtype=dtype, device=device, requires_grad=grad),
+        "weight": randn(F, E, dtype=dtype, device=device, scale=1 / math.sqrt(E),
+                        requires_grad=grad),
+        "bias": randn(F, dtype=dtype, device=device, scale=0.1, requires_grad=grad),
+    }
+
+
+def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
+    def build() -> Bench:
+        device, grad = opts.device, pass_ == "fwd+bwd"
+        make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad)
+        count = rotation_count(tensor_bytes(*make().values()), device) if device.type == "cuda" else 1
+        rotation = Rotation(make, count)
+        if impl in ("sha_rnn_kernels", "triton", "eager"):
+            import sha_rnn_kernels.functional as SF
+
+            backend = {"sha_rnn_kernels": "auto", "eager": "reference"}.get(impl, impl)
+            forward = lambda p: SF.boom(p["x"], p["weight"], p["bias"], backend=backend)
+            with torch.no_grad():  # raises BackendUnavailableError when the backend cannot run
+                forward(rotation.first)
+            note = f'functional.boom(backend="{backend}")'
+        elif impl in ("compile", "compile-max-autotune"):
+            from sha_rnn_kernels import reference
+
+            mode = "max-autotune" if impl == "compile-max-autotune" else None
+            compiled = torch.compile(reference.boom, mode=mode)
+            forward = lambda p: compiled(p["x"], p["weight"], p["bias"])
+            note = f"torch.compile(reference.boom, mode={mode!r})"
+        else:
+            raise ValueError(f"unknown boom impl {impl!r}")
+
+        if pass_ == "fwd":
+
+            def fn():
+                with torch.no_grad():
+                    return forward(rotation.next())
+
+        else:
+            grad_out = torch.randn_like(rotation.first["x"])
+
+            def fn():
+                p = rotation.next()
+                out = forward(p)
+                return torch.autograd.grad(out, [p["x"], p["weight"], p["bias"]], grad_out)
+
+        return Bench(fn=fn, extra={"note": note})
+
+    return build

@@ -1,0 +1,436 @@
+// Persistent LSTM (torch.nn.LSTM semantics, one layer, time-major) for sm_80 and newer.
+//
+// One cooperative launch runs the whole time loop. The grid has G = ceil(H / units) blocks
+// (at most one per SM); block g owns the hidden units j in [g*units, (g+1)*units) and keeps
+// the rows of W_hh those units need in shared memory for the whole sequence, so the recurrent
+// weights are read from HBM once per launch instead of once per step.
+//
+// Forward, step t (one grid-wide barrier per step):
+//   1. MMA: the block computes its 16 x 4*units slice of h_{t-1} W_hh^T with mma.sync
+//      m16n8k16 (fp16/bf16 in, fp32 accumulate). h_{t-1} (the batch, padded to 16 rows by
+//      clamping the row index) comes straight from global memory/L2 (out[t-1], or h0) with
+//      ld.global.cg, the W_hh slice from shared memory. The 8 warps split K (= H) in 32-wide
+//      chunks and their partial tiles are summed in shared memory.
+//   2. Gates and cell update for the block's units, fused: pre = partial + xproj[t] (xproj =
+//      x W_ih^T + b_ih + b_hh, a GEMM done by the binding before the loop); c stays in fp32
+//      shared memory for the whole sequence; h_t is written to out[t] (global, so L2), which
+//      is where every block reads it at step t + 1.
+//   3. grid.sync(): out[t] becomes visible to every block.
+// Saved for backward (only when a gradient is needed): the activated gates i, f, g, o and
+// c_t in fp32; tanh(c_t) is recomputed.
+//
+// Backward, step t from T-1 down to 0 (one grid-wide barrier per step):
+//   1. Elementwise for the block's units: dh = d_out[t] + dh_rec (dh_rec: the block's
+//      columns of dgates_{t+1} W_hh, or d_hn at t = T-1), dc = dc_next + dh o (1 - tanh^2 c),
+//      dgates_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dh tanh(c) o(1-o)] written to
+//      global (also the input of the weight-gradient GEMMs), dc_next = dc f.
+//   2. grid.sync(): dgates_t of all units is visible.
+//   3. MMA: the block computes its 16 x units slice of dh_{t-1} = dgates_t W_hh: the block
+//      owns the columns of W_hh of its units (4H x units, resident in shared memory), reads
+//      all of dgates_t (16 x 4H) from L2.
+// dW_ih = dgates^T x, dW_hh = dgates^T h_{t-1}, db = sum dgates, dx = dgates W_ih are large
+// GEMMs done by the binding after the loop.
+//
+// Shared memory (H = 1024, units = 8, bf16): forward 32 x 1056 x 2 + 4 x 16 x 32 x 4 + 16 x 8
+// x 4 = 76,288 bytes; backward 8 x 4128 x 2 + 4 x 16 x 8 x 4 + 2 x 16 x 8 x 4 = 69,120 bytes
+// (formulas in lstm_persistent.h). 128 blocks fit the 132 SMs of an H100 at one block per SM.
+//
+// Sync points: __syncthreads after the weight slice load; per step, __syncthreads between
+// the two halves of the split-K partial sums and before the elementwise phase, then
+// grid.sync() (which starts and ends with a block barrier, so the partial buffer can be
+// rewritten by the next step's MMA).
+#include "lstm_persistent.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace sha_rnn {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = kLstmWarps * 32;
+
+#define SHA_RNN_CUDA_CHECK(expr)                                                   \
+  do {                                                                             \
+    cudaError_t err_ = (expr);                                                     \
+    TORCH_CHECK(err_ == cudaSuccess, "sha_rnn_kernels LSTM: ", #expr, " failed: ", \
+                cudaGetErrorString(err_));                                         \
+  } while (0)
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+// d = a (16x16, row) * b (16x8, col) + d with fp32 accumulators (PTX fragment layout).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1,
+                                                  uint32_t a2, uint32_t a3, uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1,
+                                                         uint32_t a2, uint32_t a3, uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One warp's share of C[16 x 8*NT] = A[16 x K] * W^T, where W is [8*NT x K] in shared memory
+// (row stride ldw) and A is in global memory (row stride lda, `rows` valid rows; rows beyond
+// are read as a copy of the last valid row, which only feeds output rows nobody stores).
+//
+// K runs in 32-wide chunks, chunk c going to warp c % kLstmWarps. Within a chunk, lane
+// (g = lane / 4, q = lane % 4) loads 8 consecutive elements [8q, 8q + 8) of A rows g and g + 8
+// and of W row g of each n-tile with one 16-byte load each. The MMA's K order inside a chunk
+// is permuted the same way for A and W (logical k {2q, 2q+1, 2q+8, 2q+9} of the first MMA is
+// physical {8q .. 8q+3}, of the second MMA {8q+4 .. 8q+7}), which leaves the dot products
+// unchanged and makes every load a full 16-byte vector. K must be a multiple of 8, so a lane's
+// 8 elements are either all inside K or all outside (then zeros, for A and W alike).
+template <typename T, int NT>
+__device__ __forceinline__ void warp_gemm(const T* __restrict__ a, int lda, int rows, int k_total,
+                                          const T* __restrict__ w_s, int ldw, int warp, int lane,
+                                          float (&acc)[NT][4]) {
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const T* a_lo = a + static_cast<size_t>(min(g, rows - 1)) * lda + 8 * q;
+  const T* a_hi = a + static_cast<size_t>(min(g + 8, rows - 1)) * lda + 8 * q;
+  const T* w_row = w_s + g * ldw + 8 * q;
+#pragma unroll 2
+  for (int k0 = warp * 32; k0 < k_total; k0 += kLstmWarps * 32) {
+    const bool inside = k0 + 8 * q < k_total;
+    uint4 lo = make_uint4(0u, 0u, 0u, 0u);
+    uint4 hi = lo;
+    if (inside) {
+      // .cg: served by L2, never by a possibly stale L1 line (other blocks wrote A).
+      lo = __ldcg(reinterpret_cast<const uint4*>(a_lo + k0));
+      hi = __ldcg(reinterpret_cast<const uint4*>(a_hi + k0));
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      uint4 b = make_uint4(0u, 0u, 0u, 0u);
+      if (inside) b = *reinterpret_cast<const uint4*>(w_row + n * 8 * ldw + k0);
+      mma_16816<T>(acc[n], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+      mma_16816<T>(acc[n], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+    }
+  }
+}
+
+// Sum the warps' accumulators into part_s [16 x 8*NT] (fp32): warps w and w + 4 share slot
+// w % 4; the first half stores, the second half adds, so the result is deterministic.
+// Leaves a block barrier behind: part_s[slot] is complete for every slot on return.
+template <int NT>
+__device__ __forceinline__ void reduce_partials(float* part_s, const float (&acc)[NT][4],
+                                                int warp, int lane) {
+  static_assert(kLstmWarps == 2 * kLstmPartialSlots, "two warps per partial slot");
+  constexpr int kCols = 8 * NT;
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  float* slot = part_s + (warp % kLstmPartialSlots) * 16 * kCols;
+  if (warp < kLstmPartialSlots) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int col = n * 8 + 2 * q;
+      *reinterpret_cast<float2*>(slot + g * kCols + col) = make_float2(acc[n][0], acc[n][1]);
+      *reinterpret_cast<float2*>(slot + (g + 8) * kCols + col) =
+          make_float2(acc[n][2], acc[n][3]);
+    }
+  }
+  __syncthreads();
+  if (warp >= kLstmPartialSlots) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int col = n * 8 + 2 * q;
+      float2* lo = reinterpret_cast<float2*>(slot + g * kCols + col);
+      float2* hi = reinterpret_cast<float2*>(slot + (g + 8) * kCols + col);
+      lo->x += acc[n][0];
+      lo->y += acc[n][1];
+      hi->x += acc[n][2];
+      hi->y += acc[n][3];
+    }
+  }
+  __syncthreads();
+}
+
+// Sum over the partial slots of element (row, col) of a [16 x cols] tile.
+__device__ __forceinline__ float partial_sum(const float* part_s, int cols, int row, int col) {
+  float s = 0.0f;
+#pragma unroll
+  for (int slot = 0; slot < kLstmPartialSlots; ++slot) s += part_s[(slot * 16 + row) * cols + col];
+  return s;
+}
+
+// Forward. Grid: ceil(H / kUnits) blocks, kThreads threads, cooperative launch.
+// Block g owns hidden units [g*kUnits, (g+1)*kUnits) (all four gates of them): shared memory
+// row r = gate*kUnits + u holds W_hh[gate*H + g*kUnits + u, :] (zero past H).
+template <typename T, int U>
+__global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdParams p) {
+  constexpr int kUnits = 8 * U;
+  constexpr int kRows = 4 * kUnits;
+  constexpr int kTiles = 4 * U;  // n-tiles of 8 gate rows
+  cg::grid_group grid = cg::this_grid();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const int ldw = lstm_smem_row_stride(H);
+  T* w_s = reinterpret_cast<T*>(smem_raw);
+  float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kRows) * ldw * sizeof(T));
+  float* c_s = part_s + kLstmPartialSlots * 16 * kRows;  // [16][kUnits]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int unit0 = blockIdx.x * kUnits;
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  const T* xproj = static_cast<const T*>(p.xproj);
+  const T* h0 = static_cast<const T*>(p.h0);
+  const T* c0 = static_cast<const T*>(p.c0);
+  T* out = static_cast<T*>(p.out);
+
+  // Weight slice: 16-byte vectors, H % 8 == 0.
+  const int vecs_per_row = H / 8;
+  for (int idx = threadIdx.x; idx < kRows * vecs_per_row; idx += kThreads) {
+    const int row = idx / vecs_per_row, vec = idx % vecs_per_row;
+    const int gate = row / kUnits, j = unit0 + row % kUnits;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (j < H) v = *reinterpret_cast<const uint4*>(w_hh + (size_t(gate) * H + j) * H + vec * 8);
+    *reinterpret_cast<uint4*>(w_s + row * ldw + vec * 8) = v;
+  }
+  // Element (b, u) of the block's state always belongs to thread (b*kUnits + u) % kThreads.
+  for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
+    const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+    c_s[b * kUnits + u] = j < H ? to_float(c0[b * H + j]) : 0.0f;
+  }
+  __syncthreads();
+
+  for (int t = 0; t < T_len; ++t) {
+    const T* h_prev = t == 0 ? h0 : out + size_t(t - 1) * B * H;
+    float acc[kTiles][4];
+#pragma unroll
+    for (int n = 0; n < kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    warp_gemm<T, kTiles>(h_prev, H, B, H, w_s, ldw, warp, lane, acc);
+    reduce_partials<kTiles>(part_s, acc, warp, lane);
+
+    const T* xp = xproj + size_t(t) * B * 4 * H;
+    for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
+      const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+      if (j >= H) continue;
+      float pre[4];
+#pragma unroll
+      for (int gate = 0; gate < 4; ++gate)
+        pre[gate] = partial_sum(part_s, kRows, b, gate * kUnits + u) +
+                    to_float(xp[size_t(b) * 4 * H + gate * H + j]);
+      const float ig = sigmoid(pre[0]), fg = sigmoid(pre[1]);
+      const float gg = tanhf(pre[2]), og = sigmoid(pre[3]);
+      const float c = fg * c_s[b * kUnits + u] + ig * gg;
+      c_s[b * kUnits + u] = c;
+      const float h = og * tanhf(c);
+      out[(size_t(t) * B + b) * H + j] = from_float<T>(h);
+      if (p.gates != nullptr) {
+        float* gt = p.gates + (size_t(t) * B + b) * 4 * H + j;
+        gt[0] = ig;
+        gt[H] = fg;
+        gt[2 * H] = gg;
+        gt[3 * H] = og;
+      }
+      if (p.cells != nullptr) p.cells[(size_t(t) * B + b) * H + j] = c;
+      if (t == T_len - 1) static_cast<T*>(p.c_n)[b * H + j] = from_float<T>(c);
+    }
+    if (t + 1 < T_len) grid.sync();  // out[t] complete and visible before step t + 1 reads it
+  }
+}
+
+// Backward. Grid and ownership as the forward; shared memory row u holds column
+// g*kUnits + u of W_hh (all 4H gate rows of it, zero past H), i.e. W_hh^T restricted to the
+// block's units, so the block produces dh_{t-1} for exactly the units whose gates it owns.
+template <typename T, int U>
+__global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdParams p) {
+  constexpr int kUnits = 8 * U;
+  constexpr int kTiles = U;
+  cg::grid_group grid = cg::this_grid();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const int G4 = 4 * H;
+  const int ldw = lstm_smem_row_stride(G4);
+  T* w_s = reinterpret_cast<T*>(smem_raw);
+  float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kUnits) * ldw * sizeof(T));
+  float* dh_s = part_s + kLstmPartialSlots * 16 * kUnits;  // [16][kUnits]
+  float* dc_s = dh_s + 16 * kUnits;                        // [16][kUnits]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int unit0 = blockIdx.x * kUnits;
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  const T* c0 = static_cast<const T*>(p.c0);
+  const T* d_out = static_cast<const T*>(p.d_out);
+  const T* d_hn = static_cast<const T*>(p.d_hn);
+  const T* d_cn = static_cast<const T*>(p.d_cn);
+  T* d_gates = static_cast<T*>(p.d_gates);
+
+  // Transposed gather, once per launch: consecutive threads read consecutive units of a row.
+  for (int idx = threadIdx.x; idx < kUnits * G4; idx += kThreads) {
+    const int r = idx / kUnits, u = idx % kUnits, j = unit0 + u;
+    w_s[u * ldw + r] = j < H ? w_hh[size_t(r) * H + j] : from_float<T>(0.0f);
+  }
+  for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
+    const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+    dh_s[b * kUnits + u] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
+    dc_s[b * kUnits + u] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
+  }
+  __syncthreads();
+
+  for (int t = T_len - 1; t >= 0; --t) {
+    T* dg_t = d_gates + size_t(t) * B * G4;
+    for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
+      const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+      if (j >= H) continue;
+      const float* gt = p.gates + (size_t(t) * B + b) * G4 + j;
+      const float ig = gt[0], fg = gt[H], gg = gt[2 * H], og = gt[3 * H];
+      const float c = p.cells[(size_t(t) * B + b) * H + j];
+      const float c_prev =
+          t > 0 ? p.cells[(size_t(t - 1) * B + b) * H + j] : to_float(c0[b * H + j]);
+      const float tc = tanhf(c);
+      const float dh = to_float(d_out[(size_t(t) * B + b) * H + j]) + dh_s[b * kUnits + u];
+      const float dc = dc_s[b * kUnits + u] + dh * og * (1.0f - tc * tc);
+      T* dg = dg_t + size_t(b) * G4 + j;
+      dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
+      dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
+      dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
+      dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
+      dc_s[b * kUnits + u] = dc * fg;
+      if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
+    }
+    grid.sync();  // dgates_t of every unit complete and visible
+
+    float acc[kTiles][4];
+#pragma unroll
+    for (int n = 0; n < kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    warp_gemm<T, kTiles>(dg_t, G4, B, G4, w_s, ldw, warp, lane, acc);
+    reduce_partials<kTiles>(part_s, acc, warp, lane);
+
+    for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
+      const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+      const float dh_prev = partial_sum(part_s, kUnits, b, u);
+      dh_s[b * kUnits + u] = dh_prev;
+      if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
+    }
+    // part_s is rewritten only after the next grid.sync(), dh_s/dc_s are private to their
+    // thread: no block barrier needed here.
+  }
+}
+
+bool valid_units(int units) {
+  for (int choice : kLstmUnitChoices)
+    if (units == choice) return true;
+  return false;
+}
+
+// Check that `grid` blocks of `kernel` with `smem` bytes can all be resident at once (the
+// cooperative-launch requirement), then launch.
+template <typename Params>
+void cooperative_launch(const void* kernel, int grid, size_t smem, const Params& params,
+                        cudaStream_t stream, const char* what) {
+  int device = 0, sm_count = 0, smem_optin = 0, cooperative = 0;
+  SHA_RNN_CUDA_CHECK(cudaGetDevice(&device));
+  SHA_RNN_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  SHA_RNN_CUDA_CHECK(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  SHA_RNN_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  TORCH_CHECK(cooperative, "sha_rnn_kernels LSTM: the device does not support cooperative launch");
+  TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "sha_rnn_kernels LSTM ", what, ": needs ",
+              smem, " bytes of shared memory per block, the device allows ", smem_optin);
+  SHA_RNN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  int per_sm = 0;
+  SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(grid <= per_sm * sm_count, "sha_rnn_kernels LSTM ", what, ": ", grid,
+              " blocks cannot be co-resident (", per_sm, " per SM x ", sm_count, " SMs)");
+  void* args[] = {const_cast<Params*>(&params)};
+  SHA_RNN_CUDA_CHECK(
+      cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem, stream));
+}
+
+template <typename T>
+void forward_typed(const LstmFwdParams& p, cudaStream_t stream) {
+  const int grid = (p.hidden + p.units - 1) / p.units;
+  const size_t smem = lstm_fwd_smem_bytes(p.hidden, p.units);
+  const void* kernel = nullptr;
+  switch (p.units) {
+    case 8: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 1>); break;
+    case 16: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 2>); break;
+    case 24: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 3>); break;
+    default: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 4>); break;
+  }
+  cooperative_launch(kernel, grid, smem, p, stream, "forward");
+}
+
+template <typename T>
+void backward_typed(const LstmBwdParams& p, cudaStream_t stream) {
+  const int grid = (p.hidden + p.units - 1) / p.units;
+  const size_t smem = lstm_bwd_smem_bytes(p.hidden, p.units);
+  const void* kernel = nullptr;
+  switch (p.units) {
+    case 8: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 1>); break;
+    case 16: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 2>); break;
+    case 24: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 3>); break;
+    default: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 4>); break;
+  }
+  cooperative_launch(kernel, grid, smem, p, stream, "backward");
+}
+
+void check_shape(int seq_len, int batch, int hidden, int units) {
+  TORCH_CHECK(seq_len >= 1, "sha_rnn_kernels LSTM: seq_len must be >= 1, got ", seq_len);
+  TORCH_CHECK(batch >= 1 && batch <= kLstmMaxBatch, "sha_rnn_kernels LSTM: batch must be in [1, ",
+              kLstmMaxBatch, "], got ", batch);
+  TORCH_CHECK(hidden >= 8 && hidden % 8 == 0,
+              "sha_rnn_kernels LSTM: hidden size must be a positive multiple of 8, got ", hidden);
+  TORCH_CHECK(valid_units(units), "sha_rnn_kernels LSTM: units per block must be 8, 16, 24 or 32, got ",
+              units);
+}
+
+}  // namespace
+
+void lstm_forward_launch(LstmDtype dtype, const LstmFwdParams& params, cudaStream_t stream) {
+  check_shape(params.seq_len, params.batch, params.hidden, params.units);
+  if (dtype == LstmDtype::kFloat16)
+    forward_typed<__half>(params, stream);
+  else
+    forward_typed<__nv_bfloat16>(params, stream);
+}
+
+void lstm_backward_launch(LstmDtype dtype, const LstmBwdParams& params, cudaStream_t stream) {
+  check_shape(params.seq_len, params.batch, params.hidden, params.units);
+  if (dtype == LstmDtype::kFloat16)
+    backward_typed<__half>(params, stream);
+  else
+    backward_typed<__nv_bfloat16>(params, stream);
+}
+
+}  // namespace sha_rnn

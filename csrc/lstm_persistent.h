@@ -1,0 +1,77 @@
+// Persistent LSTM: host-side interface of csrc/lstm_persistent.cu.
+//
+// This header is plain C++ (no torch, no CUDA types beyond cudaStream_t) so that the binding
+// (lstm_binding.cpp) and the kernels compile separately: the .cu never parses torch/extension.h.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+namespace sha_rnn {
+
+// Element type of every tensor the kernels read or write in the model's precision.
+enum class LstmDtype : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// Fixed launch shape, shared with sha_rnn_kernels/_cuda.py (which repeats these numbers to
+// decide, before anything is built, whether a shape fits on the device).
+constexpr int kLstmWarps = 8;              // warps per block (256 threads)
+constexpr int kLstmPartialSlots = 4;       // split-K partial tiles in shared memory
+constexpr int kLstmMaxBatch = 16;          // one m16 MMA tile of batch rows
+constexpr int kLstmUnitChoices[] = {8, 16, 24, 32};  // hidden units a block may own
+
+// Row stride (in elements) of a weight slice with `k` columns in shared memory: the smallest
+// value >= k that is 32 modulo 64. A warp's 16-byte loads then touch rows g and g + 1 in
+// different halves of the 32 banks, so the 8 lanes of each load phase never conflict.
+constexpr int lstm_smem_row_stride(int k) { return ((k + 31) / 64) * 64 + 32; }
+
+// Dynamic shared memory of the forward kernel for `units` hidden units per block:
+//   W_hh slice   4*units rows x stride(H) x 2 bytes
+//   partials     kLstmPartialSlots x 16 x 4*units x 4 bytes (split-K sums, fp32)
+//   cell state   16 x units x 4 bytes (fp32, carried across the whole sequence)
+constexpr size_t lstm_fwd_smem_bytes(int hidden, int units) {
+  return size_t(4 * units) * lstm_smem_row_stride(hidden) * 2 +
+         size_t(kLstmPartialSlots) * 16 * (4 * units) * 4 + size_t(16) * units * 4;
+}
+
+// Dynamic shared memory of the backward kernel:
+//   W_hh^T slice units rows x stride(4H) x 2 bytes (the block's columns of W_hh)
+//   partials     kLstmPartialSlots x 16 x units x 4 bytes
+//   dh, dc       2 x 16 x units x 4 bytes
+constexpr size_t lstm_bwd_smem_bytes(int hidden, int units) {
+  return size_t(units) * lstm_smem_row_stride(4 * hidden) * 2 +
+         size_t(kLstmPartialSlots) * 16 * units * 4 + size_t(2) * 16 * units * 4;
+}
+
+struct LstmFwdParams {
+  const void* xproj;  // [T, B, 4H] model dtype: x W_ih^T + b_ih + b_hh (a GEMM before the loop)
+  const void* w_hh;   // [4H, H]    model dtype, contiguous, 16-byte aligned
+  const void* h0;     // [B, H]     model dtype, contiguous, 16-byte aligned
+  const void* c0;     // [B, H]     model dtype
+  void* out;          // [T, B, H]  model dtype: h_t for every t (also the next step's input)
+  void* c_n;          // [B, H]     model dtype
+  float* gates;       // [T, B, 4H] fp32 activated gates i, f, g, o; nullptr: not saved
+  float* cells;       // [T, B, H]  fp32 cell states c_t;            nullptr: not saved
+  int seq_len, batch, hidden, units;
+};
+
+struct LstmBwdParams {
+  const void* w_hh;   // [4H, H]    model dtype, contiguous
+  const float* gates; // [T, B, 4H] fp32, saved by the forward
+  const float* cells; // [T, B, H]  fp32, saved by the forward
+  const void* c0;     // [B, H]     model dtype
+  const void* d_out;  // [T, B, H]  model dtype: gradient of out
+  const void* d_hn;   // [B, H]     model dtype
+  const void* d_cn;   // [B, H]     model dtype
+  void* d_gates;      // [T, B, 4H] model dtype: gradient of the gate pre-activations
+  void* d_h0;         // [B, H]     model dtype
+  void* d_c0;         // [B, H]     model dtype
+  int seq_len, batch, hidden, units;
+};
+
+// Launch the cooperative kernels on `stream`. Both check the launch against the device
+// (shared memory, co-resident blocks) and throw c10::Error with the reason when it cannot run.
+void lstm_forward_launch(LstmDtype dtype, const LstmFwdParams& params, cudaStream_t stream);
+void lstm_backward_launch(LstmDtype dtype, const LstmBwdParams& params, cudaStream_t stream);
+
+}  // namespace sha_rnn

@@ -1,0 +1,449 @@
+"""The Boom feed-forward as Triton kernels: ``y = sum_k chunk_k(dropout(gelu(x W^T + b)))``.
+
+``x [..., E]``, ``W [F, E]``, ``b [F]``; GELU is ``h * sigmoid(1.702 h)``; the ``F``-wide
+activation is cut into ``C = F // E`` chunks of width ``E`` that are summed, and the trailing
+``F % E`` columns are dropped (their pre-activation is never even computed). Write
+``F' = C * E`` for the columns that count and ``M`` for the number of rows of ``x``.
+
+Forward: one GEMM kernel (``_boom_fwd_kernel``) whose programs each own one tile of the E-wide
+output, accumulate every chunk's tile of ``x W^T`` in fp32, apply bias, GELU and dropout in
+registers and sum the chunks before the only store of ``y``. The F-wide activation is never
+written. When autograd will need it, the same kernel also stores the pre-activation
+``h = x W^T + b`` (``[M, F']``, input dtype) for the backward.
+
+Backward (``dY`` is ``[M, E]``; ``mask`` is the forward's dropout mask, regenerated from the seed)::
+
+    dU = broadcast(dY) * mask / (1 - p) * gelu'(h)      [M, F'], zero on the dropped F % E columns
+    dX = dU W[:F']       dW[:F'] = dU^T X       dW[F':] = 0       db = sum_rows dU
+
+``_boom_bwd_kernel`` makes ``dU`` (input dtype) and per-tile column sums for ``db`` in one
+memory-bound pass; the two GEMMs are ``torch.mm`` (cuBLAS on a GPU).
+
+Design decisions, reasoned at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, bf16, an
+H100 taken as ~990 TFLOP/s dense bf16 and ~3.3 TB/s HBM, 132 SMs at ~1.75 GHz). These numbers
+are estimates; none of them has been measured (the session that wrote this had no GPU).
+
+* Save ``h`` rather than recompute it. Each of the three GEMMs (forward, dX, dW) is
+  2 M E F = 137 GFLOP = 139 us at peak. ``h`` in bf16 is M F 2 B = 134 MB: writing it in the
+  forward and reading it once in the backward moves 268 MB = 81 us, while recomputing it in the
+  backward is another 137-GFLOP GEMM (>= 139 us, more at a realistic 70 % of peak). Saving costs
+  134 MB of activation memory per Boom call (PyTorch's eager Boom keeps more: the linear output
+  and the dropout mask).
+* Materialise ``dU`` once instead of fusing ``gelu'``, the mask and the broadcast into the
+  prologue of both backward GEMMs. A fused prologue recomputes each ``dU`` element once per
+  output column tile, ``E / BLOCK_K = 8`` times per GEMM at ``BLOCK_K = 128``, and one element
+  costs ~0.4 SM-cycles (two MUFU ops for the sigmoid at 16/cycle, a quarter of a 10-round
+  Philox call at ~60 integer ops on 64 lanes, ~10 FMAs), while the tensor cores spend only
+  ``BLOCK_K / 2048 = 0.06`` cycles on it: the GEMMs would run at ~1/7 of their rate
+  (16 x 67 M elements x 0.4 cycles = ~1.8 ms of extra work). Materialising ``dU`` costs one
+  pass of ~300 MB (read ``h`` and ``dY``, write ``dU``) = ~0.1 ms and 134 MB of transient
+  memory, and the GEMMs then read ``dU`` where they would have read ``h``. Once ``dU`` exists
+  the backward GEMMs are plain GEMMs, which cuBLAS runs better than a hand-written Triton GEMM.
+* Precision: bf16/fp16 operands, fp32 accumulation and epilogue, one rounding of ``y``. fp32
+  inputs: the forward kernel uses IEEE fp32 products (``input_precision="ieee"``, no TF32), so
+  fp32 parity is tight; the backward ``torch.mm`` calls follow
+  ``torch.backends.cuda.matmul.allow_tf32`` (off by default, so also IEEE by default).
+
+Dropout: element ``(row, chunk c, column n)`` is kept when its uniform number is ``>= p``, and
+kept values are scaled by ``1 / (1 - p)``. The numbers come from Triton's Philox
+(``tl.rand4x``): one call with counter ``(row * ceil(C / 4) + c // 4) * E + n`` yields the four
+numbers for chunks ``4 (c // 4) .. 4 (c // 4) + 3``, so each Philox call serves four chunks
+instead of one. The mask depends only on ``(seed, row, c, n)``, never on the tiling, so the
+backward regenerates exactly the forward's mask; it is never stored.
+
+Under ``TRITON_INTERPRET=1`` (triton 3.9) ``tl.dot`` on bfloat16 tiles multiplies their raw
+16-bit patterns, so there (and only there) bf16 tiles are widened to fp32 before the dot, which
+forms the same products with the same fp32 accumulation.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreter_enabled, triton_reason
+from . import _common
+
+__all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward"]
+
+GELU_SIGMOID_SCALE = 1.702
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _pick_uniform(r0, r1, r2, r3, chunk):
+    """The Philox output of ``chunk`` among the four numbers made for its group of four."""
+    lane = chunk % 4
+    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+
+
+def _fwd_configs():
+    configs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ]
+    # Small tiles under the interpreter so that the odd test shapes cross tile edges in every
+    # dimension (rows, output columns and the reduction).
+    interpreted = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})
+    return _common.autotune_configs(configs, interpreted)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["E", "C", "HAS_DROPOUT", "SAVE_PRE"])
+@triton.jit
+def _boom_fwd_kernel(
+    X, W, B, Y, PRE,
+    M, E, C,
+    stride_xm, stride_xk, stride_wf, stride_wk, stride_ym, stride_pm,
+    seed, dropout_p, keep_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_PRE: tl.constexpr,
+    DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Boom forward: ``Y = sum_c dropout(gelu(X W[cE:(c+1)E]^T + b[cE:(c+1)E]))``.
+
+    Grid: ``cdiv(M, BLOCK_M) * cdiv(E, BLOCK_N)`` programs on one axis, in grouped order: runs
+    of ``GROUP_M`` row tiles sweep the column tiles together so that the ``W`` rows they share
+    stay in L2.
+
+    Each program owns output tile ``Y[m0:m0+BLOCK_M, n0:n0+BLOCK_N]``. For every chunk ``c`` it
+    accumulates ``X[m-tile, :] @ W[c*E + n-tile, :]^T`` over ``E`` in fp32 (the columns
+    ``n, n+E, n+2E, ...`` of the F-wide activation), adds the bias, applies
+    ``h * sigmoid(1.702 h)`` and dropout (Philox, one ``tl.rand4x`` call per four chunks), and
+    adds the result into an fp32 sum that is stored once, after the last chunk.
+
+    Saved for backward (``SAVE_PRE``): the pre-activation ``PRE = X W[:F']^T + b`` in the input
+    dtype, so that ``gelu'`` needs no GEMM in the backward. Nothing else is saved: the dropout
+    mask is regenerated from ``seed``. Backward formulas (see ``_boom_bwd_kernel``):
+    ``dX = dU W[:F']``, ``dW[:F'] = dU^T X``, ``db = sum_rows dU``.
+    """
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    col_tiles = tl.cdiv(E, BLOCK_N)
+    # Grouped order: consecutive programs walk down a band of GROUP_M row tiles before moving
+    # to the next column tile.
+    band_size = GROUP_M * col_tiles
+    band = pid // band_size
+    first_row_tile = band * GROUP_M
+    band_rows = tl.minimum(row_tiles - first_row_tile, GROUP_M)
+    in_band = pid - band * band_size
+    pid_m = first_row_tile + in_band % band_rows
+    pid_n = in_band // band_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < E
+    rows64 = rows.to(tl.int64)
+    x_rows = X + rows64[:, None] * stride_xm
+    out_ok = row_ok[:, None] & col_ok[None, :]
+
+    if HAS_DROPOUT:
+        groups = (C + 3) // 4
+        rng_base = rows64[:, None] * groups * E + cols[None, :]
+    r0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(C):
+        w_cols = W + (c * E + cols)[None, :] * stride_wf
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, E, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < E
+            x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if DOT_IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(B + c * E + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SAVE_PRE:
+            tl.store(PRE + rows64[:, None] * stride_pm + (c * E + cols)[None, :],
+                     acc.to(PRE.dtype.element_ty), mask=out_ok)
+        act = acc * tl.sigmoid(1.702 * acc)
+        if HAS_DROPOUT:
+            if c % 4 == 0:
+                r0, r1, r2, r3 = tl.rand4x(seed, rng_base + (c // 4) * E)
+            keep = _pick_uniform(r0, r1, r2, r3, c) >= dropout_p
+            act = tl.where(keep, act * keep_scale, 0.0)
+        y += act
+    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _boom_bwd_kernel(
+    DY, PRE, DU, DB_PARTIAL,
+    M, E, C,
+    stride_dym, stride_dyn, stride_pm, stride_um,
+    seed, dropout_p, keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Boom backward, the part between ``dY`` and the GEMMs:
+    ``dU[:, cE + n] = dY[:, n] * mask * keep_scale * gelu'(PRE[:, cE + n])`` and column sums.
+
+    ``gelu'(h) = s + 1.702 h s (1 - s)`` with ``s = sigmoid(1.702 h)``.
+
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(E, BLOCK_N))``. Each program owns rows ``m0:m0+BLOCK_M`` and
+    columns ``n0:n0+BLOCK_N`` of every chunk: it loads its ``dY`` tile once, then for each chunk
+    ``c`` reads ``PRE`` (saved by the forward), regenerates the dropout mask from ``seed`` with
+    the forward's Philox counters (one ``tl.rand4x`` call per four chunks), writes the ``dU``
+    tile in the input dtype and the tile's fp32 column sums to ``DB_PARTIAL[pid_m, cE + n]``
+    (summed over row tiles by the launcher: ``db = sum_rows dU``).
+
+    Recomputed: ``gelu'`` and the mask. The caller then forms ``dX = dU W[:F']`` and
+    ``dW[:F'] = dU^T X`` with two GEMMs (see the module docstring for why ``dU`` is written).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < E
+    rows64 = rows.to(tl.int64)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+
+    # Rows past M read dY = 0, so their dU is 0 and the column sums need no extra mask.
+    dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        groups = (C + 3) // 4
+        rng_base = rows64[:, None] * groups * E + cols[None, :]
+    r0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+
+    for c in range(C):
+        hidden_cols = (c * E + cols)[None, :]
+        h = tl.load(PRE + rows64[:, None] * stride_pm + hidden_cols, mask=tile_ok, other=0.0).to(tl.float32)
+        s = tl.sigmoid(1.702 * h)
+        du = dy * (s + 1.702 * h * s * (1.0 - s))
+        if HAS_DROPOUT:
+            if c % 4 == 0:
+                r0, r1, r2, r3 = tl.rand4x(seed, rng_base + (c // 4) * E)
+            keep = _pick_uniform(r0, r1, r2, r3, c) >= dropout_p
+            du = tl.where(keep, du * keep_scale, 0.0)
+        tl.store(DU + rows64[:, None] * stride_um + hidden_cols, du.to(DU.dtype.element_ty), mask=tile_ok)
+        tl.store(DB_PARTIAL + pid_m * C * E + c * E + cols, tl.sum(du, axis=0), mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _keep_scale(dropout_p: float) -> float:
+    # p = 1 drops everything; the scale is then irrelevant and must not divide by zero.
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
+def boom_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: int,
+    save_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_boom_fwd_kernel``. Returns ``(y [..., E], pre)``: ``pre`` is the pre-activation
+    ``[M, F']`` when ``save_pre``, else an empty tensor."""
+    width = x.shape[-1]
+    chunks = weight.shape[0] // width
+    x2d = x.reshape(-1, width)
+    rows = x2d.shape[0]
+    y = _common.empty(rows, width, dtype=x.dtype, device=x.device)
+    pre = _common.empty(rows if save_pre else 0, chunks * width if save_pre else 0,
+                        dtype=x.dtype, device=x.device)
+    if rows > 0:
+        upcast = interpreter_enabled() and x.dtype == torch.bfloat16
+
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+
+        _boom_fwd_kernel[grid](
+            x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
+            rows, width, chunks,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
+            pre.stride(0) if save_pre else 0,
+            seed, dropout_p, _keep_scale(dropout_p),
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, SAVE_PRE=save_pre,
+            DOT_IEEE=x.dtype == torch.float32 or upcast, DOT_UPCAST=upcast,
+        )
+    return y.view(x.shape), pre
+
+
+def boom_backward(
+    grad_y: torch.Tensor, pre: torch.Tensor, dropout_p: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch ``_boom_bwd_kernel``. Returns ``(dU [M, F'] in pre's dtype, db [F'] in fp32)``."""
+    width = grad_y.shape[-1]
+    rows, hidden = pre.shape
+    chunks = hidden // width
+    dy = grad_y.reshape(rows, width)
+    du = _common.empty(rows, hidden, dtype=pre.dtype, device=pre.device)
+    if rows == 0:
+        return du, torch.zeros(hidden, dtype=torch.float32, device=pre.device)
+    if interpreter_enabled():
+        block_m, block_n, warps = 16, 16, 1
+    else:
+        # Memory-bound: 8 K elements per program and chunk, rows of 256 B of bf16.
+        block_n = min(128, triton.next_power_of_2(width))
+        block_m, warps = 8192 // block_n, 8
+    row_tiles = triton.cdiv(rows, block_m)
+    partial = _common.empty(row_tiles, hidden, dtype=torch.float32, device=pre.device)
+    _boom_bwd_kernel[(row_tiles, triton.cdiv(width, block_n))](
+        dy, pre, du, partial,
+        rows, width, chunks,
+        dy.stride(0), dy.stride(1), pre.stride(0), du.stride(0),
+        seed, dropout_p, _keep_scale(dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
+    return du, partial.sum(0)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration (autograd, fake tensors): torch.compile keeps these ops whole
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("sha_rnn_kernels::boom_fwd", mutates_args=())
+def _boom_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    seed: int,
+    save_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return boom_forward(x, weight, bias, dropout_p, seed, save_pre)
+
+
+@_boom_fwd_op.register_fake
+def _(x, weight, bias, dropout_p, seed, save_pre):
+    width = x.shape[-1]
+    rows = x.numel() // width
+    hidden = (weight.shape[0] // width) * width
+    pre_shape = (rows, hidden) if save_pre else (0, 0)
+    return x.new_empty(x.shape), x.new_empty(pre_shape)
+
+
+@torch.library.custom_op("sha_rnn_kernels::boom_bwd", mutates_args=())
+def _boom_bwd_op(
+    grad_y: torch.Tensor, pre: torch.Tensor, dropout_p: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return boom_backward(grad_y, pre, dropout_p, seed)
+
+
+@_boom_bwd_op.register_fake
+def _(grad_y, pre, dropout_p, seed):
+    return pre.new_empty(pre.shape), pre.new_empty((pre.shape[1],), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, dropout_p, seed, save_pre = inputs
+    _, pre = output
+    ctx.save_for_backward(x, weight, pre)
+    ctx.has_bias = bias is not None
+    ctx.saved_pre = save_pre
+    ctx.dropout_p = dropout_p
+    ctx.seed = seed
+
+
+def _backward(ctx, grad_y, grad_pre):
+    if not ctx.saved_pre:
+        raise RuntimeError(
+            "sha_rnn_kernels::boom_fwd was called with save_pre=False, so it cannot be "
+            "differentiated; call sha_rnn_kernels.ops.boom.boom instead"
+        )
+    x, weight, pre = ctx.saved_tensors
+    width = x.shape[-1]
+    features = weight.shape[0]
+    hidden = pre.shape[1]
+    du, db = _boom_bwd_op(grad_y, pre, ctx.dropout_p, ctx.seed)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.mm(du, weight[:hidden]).view(x.shape)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.mm(du.t(), x.reshape(-1, width))
+        if hidden < features:  # the dropped trailing columns get no gradient
+            grad_w = torch.nn.functional.pad(grad_w, (0, 0, 0, features - hidden))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = db.to(weight.dtype)
+        if hidden < features:
+            grad_b = torch.nn.functional.pad(grad_b, (0, features - hidden))
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+_boom_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points called by sha_rnn_kernels.functional
+# --------------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported_reason(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Optional[str]:
+    """Why the Triton Boom cannot take these (already validated) inputs, or None when it can."""
+    reason = triton_reason(x.device) or _common.dtype_reason(x, weight, bias)
+    if reason is not None:
+        return reason
+    if weight.numel() >= 2**31:
+        return f"weight has {weight.numel()} elements; the kernel indexes it with 32-bit offsets"
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and not interpreter_enabled():
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        capability = _cuda_capability(index)
+        if capability < (8, 0):
+            return (
+                f"bfloat16 tensor-core dots need compute capability >= 8.0; "
+                f"{x.device} has {capability[0]}.{capability[1]}"
+            )
+    return None
+
+
+def boom(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """The fused Boom: ``sum_k chunk_k(dropout(gelu(x W^T + b)))``, differentiable.
+
+    Args:
+        x: ``[..., E]``, any strides, float32/float16/bfloat16.
+        weight: ``[F, E]`` with ``F >= E``, same dtype and device.
+        bias: ``[F]`` or None.
+        dropout_p: drop probability (0 disables dropout).
+        seed: Philox seed of the dropout mask; the same seed gives the same mask.
+
+    Returns:
+        ``[..., E]`` in ``x.dtype``.
+
+    Example:
+        >>> x, w = torch.randn(7, 40, device="cuda"), torch.randn(130, 40, device="cuda")
+        >>> boom(x, w, None, dropout_p=0.1, seed=3).shape
+        torch.Size([7, 40])
+    """
+    # Store the pre-activation only when autograd will ask for it (inference writes only y).
+    save_pre = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    y, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre)
+    return y

@@ -1,0 +1,784 @@
+"""Train the SHA-RNN on bytes: ``python -m sha_rnn_kernels.train`` (or ``sha-rnn-train``).
+
+With no arguments it trains a small SHA-RNN on the Python standard library's source (no
+download) for about two minutes on a laptop CPU and prints the validation bpc as it falls.
+``--preset enwik8 --data enwik8.zip`` is the paper's recipe (E=1024, F=4096, 4 blocks, LAMB with
+minimum trust 0.25, lr 2e-3 with 800 warm-up steps, batch 16, bptt 1024 with jitter, clip 0.25,
+weight decay 1.2e-6, 32 epochs then 5 at lr 1e-3). Every hyperparameter is also a flag; flags
+given on the command line override the preset, and on ``--resume`` they override the
+checkpoint's own settings.
+
+Checkpoints (``--save``) are written atomically and hold everything a run needs to continue
+exactly where it stopped: weights, optimizer, grad scaler, step, data position, every RNG, the
+LSTM states and the attention memory. Ctrl-C or SIGTERM finishes the current step, saves, and
+exits with status 130; a second Ctrl-C stops at once. ``--resume PATH`` continues the run: on
+CPU the resumed losses equal those of an uninterrupted run bit for bit.
+
+Launched with ``torchrun --nproc_per_node N -m sha_rnn_kernels.train ...`` it trains with
+DistributedDataParallel: each rank takes its slice of the batch columns, and only rank 0 prints
+and writes checkpoints.
+
+Example:
+    >>> from sha_rnn_kernels.train import run
+    >>> result = run(["--max-steps", "20", "--emsize", "64", "--quiet", "--save", ""])
+    >>> result.valid_bpc[-1]            # (step, bpc)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import data as data_lib
+from .optim import Lamb
+
+LN2 = math.log(2.0)
+CHECKPOINT_FORMAT = 1
+
+# The paper's recipe (shared/SPEC.md, "Training recipe"); presets change only what they list.
+BASE_CONFIG: dict[str, Any] = {
+    "data": None,
+    "max_bytes": None,
+    "emsize": 1024,
+    "nhid": 4096,
+    "nlayers": 4,
+    "dropout": 0.1,
+    "dropouth": 0.1,
+    "dropouti": 0.1,
+    "max_positions": 5000,
+    "backend": None,
+    "lr": 2e-3,
+    "warmup": 800,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-6,
+    "min_trust": 0.25,
+    "wdecay": 1.2e-6,
+    "clip": 0.25,
+    "batch_size": 16,
+    "eval_batch_size": 16,
+    "bptt": 1024,
+    "epochs": 32,
+    "final_epochs": 5,
+    "final_lr": 1e-3,
+    "max_steps": None,
+    "eval_interval": 1000,
+    "save_interval": 1000,
+    "log_interval": 10,
+    # The original resets the LSTM state and the memory with probability 0.025 after a step.
+    "reset_prob": 0.025,
+    "seed": 1111,
+    "dtype": "fp32",
+    "save": "checkpoints/sha-rnn-enwik8.pt",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "enwik8": {},
+    # About two minutes on a 2-core CPU: 0.9M parameters, 500 steps of 16 x 64 bytes.
+    "default": {
+        "max_bytes": 1_000_000,
+        "emsize": 128,
+        "nhid": 512,
+        "max_positions": 320,
+        "lr": 6e-3,
+        "warmup": 50,
+        "bptt": 64,
+        "eval_batch_size": 16,
+        "epochs": 1,
+        "final_epochs": 0,
+        "max_steps": 500,
+        "eval_interval": 100,
+        "save_interval": 0,
+        "reset_prob": 0.0,
+        "save": "checkpoints/sha-rnn-default.pt",
+    },
+}
+
+# Settings that belong to the machine, not the run: never taken from a checkpoint.
+_MACHINE_KEYS = ("device", "quiet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Every option defaults to None: unset options come from the preset or,
+    on ``--resume``, from the checkpoint."""
+    p = argparse.ArgumentParser(
+        prog="sha-rnn-train",
+        description="Train the SHA-RNN byte-level language model (Merity 2019).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="hyperparameter set: 'default' (small, ~2 min on CPU) or 'enwik8' "
+                        "(the paper's); defaults to 'enwik8' when --data names enwik8")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="enwik8 (raw or .zip) or any file; none: the Python stdlib's source")
+    g.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes")
+    g = p.add_argument_group("model")
+    g.add_argument("--emsize", type=int, default=None, help="model width E")
+    g.add_argument("--nhid", type=int, default=None, help="Boom width F")
+    g.add_argument("--nlayers", type=int, default=None, help="number of blocks")
+    g.add_argument("--dropout", type=float, default=None, help="dropout after the last block")
+    g.add_argument("--dropouth", type=float, default=None, help="dropout inside the blocks")
+    g.add_argument("--dropouti", type=float, default=None, help="dropout on the embedding")
+    g.add_argument("--max-positions", type=int, default=None,
+                   help="attention keys at most (memory plus segment)")
+    g.add_argument("--backend", default=None,
+                   help="kernel backend passed to SHARNN (auto, reference, torch, triton, cuda)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    g.add_argument("--beta1", type=float, default=None)
+    g.add_argument("--beta2", type=float, default=None)
+    g.add_argument("--eps", type=float, default=None)
+    g.add_argument("--min-trust", type=float, default=None, help="LAMB's minimum trust ratio")
+    g.add_argument("--wdecay", type=float, default=None, help="weight decay")
+    g.add_argument("--clip", type=float, default=None, help="gradient norm clip (0: off)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
+    g.add_argument("--eval-batch-size", type=int, default=None)
+    g.add_argument("--bptt", type=int, default=None, help="segment length (jittered)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs at --lr")
+    g.add_argument("--final-epochs", type=int, default=None,
+                   help="further epochs at --final-lr (the paper: 5 at 1e-3)")
+    g.add_argument("--final-lr", type=float, default=None)
+    g.add_argument("--reset-prob", type=float, default=None,
+                   help="probability of dropping the LSTM state and memory after a step")
+    g = p.add_argument_group("run")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validate every N steps (0: only at epoch ends and the end)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="checkpoint every N steps (0: only at epoch ends, the end and Ctrl-C)")
+    g.add_argument("--log-interval", type=int, default=None, help="progress update every N steps")
+    g.add_argument("--save", default=None, help="checkpoint path ('' disables checkpoints)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="autocast dtype (fp16 adds a GradScaler)")
+    g.add_argument("--quiet", action="store_true", default=None, help="print nothing")
+    return p
+
+
+def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] = None) -> dict:
+    """Layer the settings: paper recipe < preset < checkpoint (on resume) < explicit flags."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.pop("preset", None)
+    given.pop("resume", None)
+    if preset is None:
+        if checkpoint_config is not None:
+            preset = checkpoint_config.get("preset", "default")
+        else:
+            data_path = given.get("data")
+            named_enwik8 = data_path is not None and data_lib.is_enwik8(data_path, -1)
+            preset = "enwik8" if named_enwik8 else "default"
+    config = dict(BASE_CONFIG)
+    config.update(PRESETS[preset])
+    config["preset"] = preset
+    if checkpoint_config is not None:
+        config.update({k: v for k, v in checkpoint_config.items() if k not in _MACHINE_KEYS})
+    config.update(given)
+    config.setdefault("device", None)
+    config["quiet"] = bool(given.get("quiet", False))
+    _validate_config(config)
+    return config
+
+
+def _validate_config(c: dict) -> None:
+    positive = ("emsize", "nhid", "nlayers", "max_positions", "batch_size", "eval_batch_size",
+                "bptt", "log_interval")
+    for key in positive:
+        if c[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {c[key]}")
+    for key in ("warmup", "epochs", "final_epochs", "eval_interval", "save_interval"):
+        if c[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0; got {c[key]}")
+    if c["max_steps"] is not None and c["max_steps"] < 0:
+        raise ValueError(f"--max-steps must be >= 0; got {c['max_steps']}")
+    if c["epochs"] + c["final_epochs"] < 1:
+        raise ValueError("--epochs plus --final-epochs must be at least 1")
+    if not 0.0 <= c["reset_prob"] <= 1.0:
+        raise ValueError(f"--reset-prob must lie in [0, 1]; got {c['reset_prob']}")
+    if c["bptt"] > c["max_positions"]:
+        raise ValueError(
+            f"--bptt {c['bptt']} exceeds --max-positions {c['max_positions']}: a segment must "
+            f"fit in the attention window"
+        )
+
+
+def learning_rate(config: dict, step: int, epoch: int) -> float:
+    """The rate for 1-based ``step`` in 0-based ``epoch``: linear warm-up to ``lr``, then
+    ``lr`` until ``epochs`` epochs are done, then ``final_lr``."""
+    if epoch >= config["epochs"]:
+        return config["final_lr"]
+    if config["warmup"] > 0:
+        return config["lr"] * min(step, config["warmup"]) / config["warmup"]
+    return config["lr"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly one-process) data-parallel job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _pick_device(requested: Optional[str], local_rank: int, world_size: int) -> torch.device:
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def _setup_distributed(requested_device: Optional[str]) -> tuple[Dist, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(), _pick_device(requested_device, 0, 1)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _pick_device(requested_device, local_rank, world_size)
+    initialized_here = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        initialized_here = True
+    return Dist(rank, world_size, local_rank, initialized_here), device
+
+
+def _any_rank(flag: bool, ddp: Dist, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (so all ranks stop at the same step)."""
+    if not ddp.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on Ctrl-C / SIGTERM
+
+
+class StopSignal:
+    """The first SIGINT/SIGTERM asks the loop to save and stop after the current step; a second
+    SIGINT raises KeyboardInterrupt at once. Handlers are restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping "
+              f"(Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignal:
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# State carried across segments
+
+
+def _detach_state(hidden: Optional[list], mems: Optional[list]) -> tuple:
+    if hidden is not None:
+        hidden = [tuple(t.detach() for t in state) for state in hidden]
+    if mems is not None:
+        mems = [None if m is None else m.detach() for m in mems]
+    return hidden, mems
+
+
+def _map_state(hidden: Optional[list], mems: Optional[list], fn: Callable) -> tuple:
+    """Apply ``fn`` to every tensor of the LSTM states and memories (batch is dim 1 in all)."""
+    if hidden is not None:
+        hidden = [tuple(fn(t) for t in state) for state in hidden]
+    if mems is not None:
+        mems = [None if m is None else fn(m) for m in mems]
+    return hidden, mems
+
+
+def _gather_state(hidden, mems, ddp: Dist) -> tuple:
+    """The full-batch (all ranks' columns) LSTM states and memories, on the CPU."""
+    hidden, mems = _map_state(hidden, mems, lambda t: t.detach().cpu())
+    if not ddp.enabled:
+        return hidden, mems
+    parts: list = [None] * ddp.world_size
+    dist.all_gather_object(parts, (hidden, mems))
+    if parts[0][0] is None:
+        return None, None
+    hidden = [
+        tuple(torch.cat([p[0][i][j] for p in parts], dim=1) for j in range(len(parts[0][0][i])))
+        for i in range(len(parts[0][0]))
+    ]
+    mems = [
+        None if parts[0][1][i] is None else torch.cat([p[1][i] for p in parts], dim=1)
+        for i in range(len(parts[0][1]))
+    ]
+    return hidden, mems
+
+
+def _shard_state(hidden, mems, ddp: Dist, device: torch.device) -> tuple:
+    def take(t: torch.Tensor) -> torch.Tensor:
+        per_rank = t.shape[1] // ddp.world_size
+        return t[:, ddp.rank * per_rank : (ddp.rank + 1) * per_rank].to(device)
+
+    return _map_state(hidden, mems, take)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync,
+    then ``os.replace``, so a crash never leaves a half-written checkpoint behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by this module (it holds RNG states, so it is unpickled in
+    full: load only checkpoints you trust)."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {path}: not a sha_rnn_kernels training checkpoint")
+    return payload
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class _LossModule(nn.Module):
+    """``model.loss`` as ``forward``, so DistributedDataParallel sees (and syncs) it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, targets, hidden, mems):
+        return self.model.loss(x, targets, hidden, mems)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`run` did. ``train_losses[i]`` is the loss (nats) of step ``start_step + i + 1``
+    on this process's batch columns."""
+
+    config: dict
+    start_step: int
+    step: int
+    epoch: int
+    train_losses: list = field(default_factory=list)
+    valid_bpc: list = field(default_factory=list)  # (step, bpc)
+    test_bpc: Optional[float] = None
+    interrupted: bool = False
+    checkpoint: Optional[str] = None
+    model: Optional[nn.Module] = None
+
+
+def _autocast(device: torch.device, dtype_name: str):
+    if dtype_name == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    source: torch.Tensor,
+    bptt: int,
+    device: torch.device,
+    dtype_name: str,
+    ddp: Dist,
+    stop: Optional[Callable[[], bool]] = None,
+) -> Optional[float]:
+    """Bits per byte of the whole ``source [rows, B]`` (this rank's columns; summed over ranks),
+    reading it in ``bptt`` segments with the state and memory carried along. Returns None when
+    ``stop()`` says so part way. The RNG is left exactly as it was."""
+    was_training = model.training
+    model.eval()
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
+    hidden = mems = None
+    forked = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=forked):
+            for start in range(0, source.shape[0] - 1, bptt):
+                if stop is not None and stop():
+                    return None
+                x, y = data_lib.get_batch(source, start, bptt, device)
+                with _autocast(device, dtype_name):
+                    loss, hidden, mems = model.loss(x, y, hidden, mems)
+                total_nats += loss.double() * y.numel()
+                total_tokens += y.numel()
+    finally:
+        model.train(was_training)
+    totals = torch.stack([total_nats, torch.tensor(float(total_tokens), device=device).double()])
+    if ddp.enabled:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) / LN2
+
+
+def run(
+    argv: Optional[Sequence[str]] = None,
+    step_callback: Optional[Callable[[int, float], None]] = None,
+) -> TrainResult:
+    """Parse ``argv`` (None: ``sys.argv[1:]``) and train. ``step_callback(step, loss)`` is
+    called after every step (the loss read back every ``log_interval`` steps, so a callback
+    forces a device sync; leave it None for speed)."""
+    args = build_parser().parse_args(argv)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    config = resolve_config(args, None if checkpoint is None else checkpoint["config"])
+    ddp, device = _setup_distributed(config["device"])
+    try:
+        return _train(config, checkpoint, ddp, device, args.resume, step_callback)
+    finally:
+        if ddp.initialized_here:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: dict,
+    checkpoint: Optional[dict],
+    ddp: Dist,
+    device: torch.device,
+    resume_path: Optional[str],
+    step_callback: Optional[Callable[[int, float], None]],
+) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    from . import SHARNN
+
+    verbose = ddp.is_main and not config["quiet"]
+
+    def say(message: str) -> None:
+        if verbose:
+            tqdm.write(message)
+
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % ddp.world_size != 0:
+            raise ValueError(
+                f"--{key.replace('_', '-')} {config[key]} must be a multiple of the world size "
+                f"{ddp.world_size}"
+            )
+
+    seed = config["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    # Segment lengths and state resets come from their own generator, identical on all ranks so
+    # they step through the data together.
+    data_rng = np.random.RandomState(seed)
+
+    corpus = data_lib.load_corpus(config["data"], config["max_bytes"])
+    train_src = data_lib.shard_columns(
+        data_lib.batchify(corpus.train, config["batch_size"]), ddp.rank, ddp.world_size
+    )
+    valid_src = data_lib.shard_columns(
+        data_lib.batchify(corpus.valid, config["eval_batch_size"]), ddp.rank, ddp.world_size
+    )
+    test_src = data_lib.shard_columns(
+        data_lib.batchify(corpus.test, config["eval_batch_size"]), ddp.rank, ddp.world_size
+    )
+    if device.type == "cuda":
+        train_src, valid_src, test_src = (t.pin_memory() for t in (train_src, valid_src, test_src))
+
+    model = SHARNN(
+        corpus.vocab_size,
+        ninp=config["emsize"],
+        nhid=config["nhid"],
+        nlayers=config["nlayers"],
+        dropout=config["dropout"],
+        dropouth=config["dropouth"],
+        dropouti=config["dropouti"],
+        max_positions=config["max_positions"],
+        backend=config["backend"],
+    ).to(device)
+    if ddp.rank > 0:
+        torch.manual_seed(seed + ddp.rank)  # different dropout masks on each rank
+    optimizer = Lamb(
+        model.parameters(),
+        lr=config["lr"],
+        betas=(config["beta1"], config["beta2"]),
+        eps=config["eps"],
+        weight_decay=config["wdecay"],
+        min_trust=config["min_trust"],
+    )
+    scaler = _grad_scaler(device, enabled=config["dtype"] == "fp16")
+
+    step, epoch, position = 0, 0, 0
+    hidden = mems = None
+    history_valid: list = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        step, epoch, position = checkpoint["step"], checkpoint["epoch"], checkpoint["position"]
+        history_valid = list(checkpoint.get("valid_bpc", []))
+        rng = checkpoint["rng"]
+        data_rng.set_state(rng["data"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if checkpoint["world_size"] == ddp.world_size:
+            _set_rng_state(rng["ranks"][ddp.rank], device)
+        else:
+            torch.manual_seed(seed + ddp.rank + 7919 * step)
+        hidden, mems = _shard_state(checkpoint["hidden"], checkpoint["mems"], ddp, device)
+        del checkpoint
+
+    wrapped: nn.Module = _LossModule(model)
+    if ddp.enabled:
+        # Some parameters (lnout, qkvs, r_gate, the LayerNorms of the attention-free blocks) never
+        # receive a gradient, as in the original model.
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    model.train()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(corpus.describe())
+    say(
+        f"SHARNN E={config['emsize']} F={config['nhid']} blocks={config['nlayers']}: "
+        f"{n_params / 1e6:.2f}M parameters | preset {config['preset']} | device {device} x"
+        f"{ddp.world_size} | {config['dtype']} | batch {config['batch_size']} x bptt "
+        f"{config['bptt']} | lr {config['lr']} warm-up {config['warmup']}"
+        + (f" | resumed from {resume_path} at step {step}" if resume_path else "")
+    )
+
+    rows = train_src.shape[0]
+    total_epochs = config["epochs"] + config["final_epochs"]
+    steps_per_epoch = max(1, (rows - 2) // config["bptt"])
+    max_steps = config["max_steps"]
+    total = max_steps if max_steps is not None else total_epochs * steps_per_epoch
+    save_path = config["save"] or None
+    result = TrainResult(config=config, start_step=step, step=step, epoch=epoch, model=model)
+    result.valid_bpc = history_valid
+
+    def checkpoint_now() -> None:
+        """Collective on every rank; rank 0 writes."""
+        full_hidden, full_mems = _gather_state(hidden, mems, ddp)
+        ranks_rng = [None] * ddp.world_size
+        if ddp.enabled:
+            dist.all_gather_object(ranks_rng, _rng_state(device))
+        else:
+            ranks_rng = [_rng_state(device)]
+        if not ddp.is_main or save_path is None:
+            return
+        save_checkpoint(save_path, {
+            "format": CHECKPOINT_FORMAT,
+            "config": config,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "hidden": full_hidden,
+            "mems": full_mems,
+            "world_size": ddp.world_size,
+            "rng": {
+                "data": data_rng.get_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "ranks": ranks_rng,
+            },
+            "valid_bpc": result.valid_bpc,
+        })  # fmt: skip
+        result.checkpoint = save_path
+
+    pending: list = []
+
+    def flush_losses() -> list:
+        if not pending:
+            return []
+        values = torch.stack(pending).tolist()
+        pending.clear()
+        result.train_losses.extend(values)
+        return values
+
+    def validate(label: str) -> Optional[float]:
+        bpc = evaluate(model, valid_src, config["bptt"], device, config["dtype"], ddp, stop)
+        if bpc is not None:
+            result.valid_bpc.append((step, bpc))
+            say(f"| {label} | step {step} | epoch {epoch + 1} | valid bpc {bpc:.4f}")
+        return bpc
+
+    progress = tqdm(total=total, initial=step, disable=not verbose, unit="step",
+                    dynamic_ncols=True, desc="train")
+    tokens_since, time_since = 0, time.perf_counter()
+
+    with StopSignal() as signals:
+
+        def stop() -> bool:
+            return _any_rank(signals.requested, ddp, device)
+
+        last_eval_step = -1
+        while True:
+            if stop():
+                result.interrupted = True
+                break
+            if max_steps is not None and step >= max_steps:
+                break
+            if position >= rows - 2:  # end of an epoch, as the original's `i < len - 2`
+                if validate(f"end of epoch {epoch + 1}") is None:
+                    continue  # stopped during validation: the next check saves
+                last_eval_step = step
+                epoch, position = epoch + 1, 0
+                hidden = mems = None
+                if epoch >= total_epochs:
+                    break
+                if config["save_interval"] and save_path:
+                    checkpoint_now()
+                continue
+
+            seq_len = data_lib.sample_seq_len(data_rng, config["bptt"])
+            lr = learning_rate(config, step + 1, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data_lib.get_batch(train_src, position, seq_len, device)
+            with _autocast(device, config["dtype"]):
+                loss, hidden, mems = wrapped(x, y, hidden, mems)
+            scaler.scale(loss).backward()
+            if config["clip"] > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config["clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            hidden, mems = _detach_state(hidden, mems)
+            # Two draws, as in the original: one for the LSTM state, one for the memory.
+            if config["reset_prob"] > 0:
+                if data_rng.random_sample() < config["reset_prob"]:
+                    hidden = None
+                if data_rng.random_sample() < config["reset_prob"]:
+                    mems = None
+            position += x.shape[0]
+            step += 1
+            tokens_since += x.numel() * ddp.world_size
+            pending.append(loss.detach().float())
+
+            if step_callback is not None:
+                step_callback(step, flush_losses()[-1])
+            if step % config["log_interval"] == 0:
+                values = flush_losses() or result.train_losses[-config["log_interval"]:]
+                elapsed = time.perf_counter() - time_since
+                mean = sum(values) / len(values)
+                progress.set_postfix(
+                    loss=f"{mean:.3f}", bpc=f"{mean / LN2:.3f}", lr=f"{lr:.2e}",
+                    tok_s=f"{tokens_since / max(elapsed, 1e-9):,.0f}", refresh=False,
+                )  # fmt: skip
+                tokens_since, time_since = 0, time.perf_counter()
+            progress.update(1)
+
+            if config["eval_interval"] and step % config["eval_interval"] == 0:
+                if validate("eval") is not None:
+                    last_eval_step = step
+            if config["save_interval"] and step % config["save_interval"] == 0 and save_path:
+                checkpoint_now()
+
+        flush_losses()
+        progress.close()
+        result.step, result.epoch = step, epoch
+        if not result.interrupted:
+            if last_eval_step != step:
+                validate("end")
+            test_bpc = evaluate(model, test_src, config["bptt"], device, config["dtype"], ddp,
+                                stop)
+            if test_bpc is not None:
+                result.test_bpc = test_bpc
+                say(f"| end | step {step} | test bpc {test_bpc:.4f}")
+        if save_path:
+            checkpoint_now()
+            say(f"checkpoint: {save_path} (step {step}"
+                + ("; interrupted, continue with --resume " + save_path if result.interrupted
+                   else "") + ")")
+    return result
+
+
+def _grad_scaler(device: torch.device, enabled: bool):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover - torch < 2.3
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: 0 when training finished, 130 when stopped by a signal (after
+    saving)."""
+    result = run(argv)
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

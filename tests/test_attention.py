@@ -1,0 +1,368 @@
+"""Tests of sha_rnn_kernels/ops/attention.py: the fused single-head attention over a memory cache.
+
+Parity against float64 (forward, dQ, dK, dV, d key_gate, d value_gate) on odd shapes, the causal
+mask with its memory offset, dropout masks recovered from the kernel and checked between forward
+and backward, and GPU-only checks at the paper's shape.
+"""
+
+import math
+
+import pytest
+import torch
+
+from sha_rnn_kernels.testing import assert_parity
+
+
+@pytest.fixture(scope="module")
+def ops():
+    # Imported here, not at collection: triton.jit reads TRITON_INTERPRET when kernels are defined.
+    from sha_rnn_kernels.ops import attention
+
+    return attention
+
+
+def _time_major(length: int, batch: int, width: int, dtype, device) -> torch.Tensor:
+    """A non-contiguous [length, batch, width] tensor (batch-major storage, padded rows)."""
+    storage = torch.randn(batch, length, width + 3, device=device).to(dtype)
+    return storage[..., :width].transpose(0, 1)
+
+
+def _visible(seq_len: int, key_len: int, device=None) -> torch.Tensor:
+    """[T, K] bool: query i sees key j iff j <= i + K - T."""
+    rows = torch.arange(seq_len, device=device)[:, None]
+    cols = torch.arange(key_len, device=device)[None, :]
+    return cols <= rows + (key_len - seq_len)
+
+
+def reference(q, k, v, key_gate=None, value_gate=None, attn_keep=None, value_keep=None,
+              dropout_p=0.0, value_dropout_p=0.0):
+    """The issue's formula in the inputs' dtype; attn_keep [B, T, K], value_keep [K, B, E]."""
+    seq_len, _, width = q.shape
+    key_len = k.shape[0]
+    k_eff = k * key_gate if key_gate is not None else k
+    v_eff = v * value_gate if value_gate is not None else v
+    if value_keep is not None:
+        v_eff = v_eff * value_keep.to(v_eff.dtype) / (1.0 - value_dropout_p)
+    scores = torch.einsum("tbe,kbe->btk", q, k_eff) / math.sqrt(width)
+    scores = scores.masked_fill(~_visible(seq_len, key_len, q.device), float("-inf"))
+    probs = scores.softmax(-1)
+    if attn_keep is not None:
+        probs = probs * attn_keep.to(probs.dtype) / (1.0 - dropout_p)
+    return torch.einsum("btk,kbe->tbe", probs, v_eff)
+
+
+def _kernel_and_grads(ops, inputs, grad_out, **kwargs):
+    q, k, v, key_gate, value_gate = inputs
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    out = ops.attention(*leaves[:3], key_gate=leaves[3], value_gate=leaves[4], **kwargs)
+    wrt = [t for t in leaves if t is not None]
+    return out.detach(), torch.autograd.grad(out, wrt, grad_out)
+
+
+def _reference_and_grads(inputs, grad_out, dtype, **kwargs):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in inputs]
+    out = reference(*leaves, **kwargs)
+    wrt = [t for t in leaves if t is not None]
+    return out.detach(), torch.autograd.grad(out, wrt, grad_out.to(dtype))
+
+
+def _grad_names(key_gate, value_gate):
+    return ["dq", "dk", "dv"] + (["d key_gate"] if key_gate is not None else []) + (
+        ["d value_gate"] if value_gate is not None else []
+    )
+
+
+PARITY_CASES = [
+    # (T, memory, E, B, gates, dtype)
+    (7, 0, 32, 1, False, torch.float32),
+    (7, 5, 48, 2, True, torch.float32),
+    (7, 13, 80, 3, True, torch.float32),
+    (7, 13, 48, 2, False, torch.float32),
+    (1, 0, 40, 2, True, torch.float32),
+    (1, 6, 24, 1, True, torch.float32),
+    (7, 5, 80, 2, True, torch.bfloat16),
+    (7, 0, 32, 2, False, torch.bfloat16),
+    (7, 13, 48, 3, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("seq_len,memory_len,width,batch,gates,dtype", PARITY_CASES)
+def test_parity(ops, device, seq_len, memory_len, width, batch, gates, dtype):
+    key_len = seq_len + memory_len
+    q = _time_major(seq_len, batch, width, dtype, device)
+    k = _time_major(key_len, batch, width, dtype, device)
+    v = _time_major(key_len, batch, width, dtype, device)
+    key_gate = torch.sigmoid(torch.randn(width, device=device)).to(dtype) if gates else None
+    value_gate = torch.sigmoid(torch.randn(width, device=device)).to(dtype) if gates else None
+    assert not q.is_contiguous() and not k.is_contiguous()
+    inputs = (q, k, v, key_gate, value_gate)
+    grad_out = torch.randn(seq_len, batch, width, device=device).to(dtype)
+    kwargs = dict(dropout_p=0.0, value_dropout_p=0.0, seed=0)
+
+    out, grads = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
+    out64, grads64 = _reference_and_grads(inputs, grad_out, torch.float64)
+    lowp_out, lowp_grads = (None, [None] * len(grads))
+    if dtype != torch.float32:
+        lowp_out, lowp_grads = _reference_and_grads(inputs, grad_out, dtype)
+
+    assert_parity("out", out, out64, lowp=lowp_out, dtype=dtype)
+    for name, got, want, lowp in zip(_grad_names(key_gate, value_gate), grads, grads64, lowp_grads):
+        assert_parity(name, got, want, lowp=lowp, dtype=dtype)
+
+
+def test_reachable_keys_never_zero():
+    """With K >= T, query i sees keys 0..i+K-T: at least one key per row (no fully masked row)."""
+    for seq_len in range(1, 41):
+        for key_len in range(seq_len, seq_len + 41):
+            counts = _visible(seq_len, key_len).sum(1)
+            expected = torch.arange(seq_len) + (key_len - seq_len) + 1
+            assert torch.equal(counts, expected), (seq_len, key_len)
+            assert int(counts.min()) >= 1, (seq_len, key_len)
+
+
+def _attention_weights(ops, q, k, **kwargs):
+    """Read the kernel's (dropped) attention weights [B, T, K]: values are one-hot keys."""
+    key_len, batch, _ = k.shape
+    width = q.shape[2]
+    v = torch.zeros(key_len, batch, width, dtype=q.dtype, device=q.device)
+    v[torch.arange(key_len), :, torch.arange(key_len)] = 1.0
+    out = ops.attention(q, k, v, key_gate=None, value_gate=None, value_dropout_p=0.0, **kwargs)
+    return out[:, :, :key_len].permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("seq_len,key_len", [(1, 1), (7, 7), (5, 9), (3, 20), (16, 17)])
+def test_weights_follow_causal_mask(ops, device, seq_len, key_len):
+    width = max(16, 8 * math.ceil(key_len / 8))
+    q = torch.randn(seq_len, 2, width, device=device)
+    k = torch.randn(key_len, 2, width, device=device)
+    weights = _attention_weights(ops, q, k, dropout_p=0.0, seed=0)
+    assert torch.isfinite(weights).all()
+    visible = _visible(seq_len, key_len, device).expand_as(weights)
+    assert torch.equal(weights != 0, visible), "non-zero weights must be exactly the visible keys"
+    assert_parity("row sums", weights.sum(-1), torch.ones(2, seq_len, dtype=torch.float64))
+    probs64 = reference(q.double(), k.double(), torch.eye(key_len, width, dtype=torch.float64,
+                        device=device)[:, None, :].expand(key_len, 2, width))
+    assert_parity("weights", weights, probs64[:, :, :key_len].permute(1, 0, 2))
+
+
+def test_first_row_sees_only_its_own_key(ops, device):
+    """memory 0: query 0 sees key 0 alone, so its output is exactly the gated value 0."""
+    seq_len, batch, width = 7, 3, 40
+    q = torch.randn(seq_len, batch, width, device=device)
+    k = torch.randn(seq_len, batch, width, device=device)
+    v = torch.randn(seq_len, batch, width, device=device)
+    value_gate = torch.rand(width, device=device)
+    out = ops.attention(q, k, v, key_gate=torch.rand(width, device=device), value_gate=value_gate,
+                        dropout_p=0.0, value_dropout_p=0.0, seed=0)
+    assert torch.isfinite(out).all()
+    assert_parity("out[0]", out[0], (v[0] * value_gate).double())
+
+
+def _recover_attention_keep(ops, seq_len, key_len, batch, dropout_p, seed, device):
+    """The attention-weight keep mask [B, T, K] of ``seed``, read from the forward pass."""
+    width = max(16, 8 * math.ceil(key_len / 8))
+    q = torch.randn(seq_len, batch, width, device=device)
+    k = torch.randn(key_len, batch, width, device=device)
+    weights = _attention_weights(ops, q, k, dropout_p=dropout_p, seed=seed)
+    keep = weights != 0
+    eye = torch.eye(key_len, width, dtype=torch.float64, device=device)
+    probs64 = reference(q.double(), k.double(), eye[:, None, :].expand(key_len, batch, width))
+    expected = probs64[:, :, :key_len].permute(1, 0, 2) * keep / (1.0 - dropout_p)
+    assert_parity("dropped weights", weights, expected)
+    return keep
+
+
+def _recover_value_keep(ops, seq_len, key_len, batch, width, value_dropout_p, seed, device):
+    """The value keep mask [K, B, E] of ``seed``, read from dV of the backward pass (dO = 1)."""
+    q = torch.randn(seq_len, batch, width, device=device)
+    k = torch.randn(key_len, batch, width, device=device)
+    v = torch.randn(key_len, batch, width, device=device, requires_grad=True)
+    out = ops.attention(q, k, v, key_gate=None, value_gate=None, dropout_p=0.0,
+                        value_dropout_p=value_dropout_p, seed=seed)
+    (dv,) = torch.autograd.grad(out.sum(), v)
+    keep = dv != 0
+    # Every key is visible to the last query, so its probability column sum is positive.
+    probs = reference(q.double(), k.double(),
+                      torch.eye(key_len, dtype=torch.float64, device=device)[:, None, :]
+                      .expand(key_len, batch, key_len))
+    column_sums = probs.sum(0).transpose(0, 1)[:, :, None]  # [K, B, 1]
+    assert_parity("dv", dv, column_sums * keep / (1.0 - value_dropout_p))
+    return keep
+
+
+def test_dropout_masks_shared_by_forward_and_backward(ops, device):
+    """Masks read from the forward (attention) and the backward (values) reproduce, through the
+    float64 formula, both the output and every gradient of a run with both dropouts and gates."""
+    seq_len, memory_len, batch, width = 7, 5, 2, 24
+    key_len = seq_len + memory_len
+    dropout_p, value_dropout_p, seed = 0.3, 0.25, 1234
+    attn_keep = _recover_attention_keep(ops, seq_len, key_len, batch, dropout_p, seed, device)
+    value_keep = _recover_value_keep(
+        ops, seq_len, key_len, batch, width, value_dropout_p, seed, device
+    )
+    visible = _visible(seq_len, key_len, device).expand_as(attn_keep)
+    assert 0 < int((attn_keep & visible).sum()) < int(visible.sum())
+    assert 0 < int(value_keep.sum()) < value_keep.numel()
+
+    inputs = (
+        _time_major(seq_len, batch, width, torch.float32, device),
+        _time_major(key_len, batch, width, torch.float32, device),
+        _time_major(key_len, batch, width, torch.float32, device),
+        torch.sigmoid(torch.randn(width, device=device)),
+        torch.sigmoid(torch.randn(width, device=device)),
+    )
+    grad_out = torch.randn(seq_len, batch, width, device=device)
+    out, grads = _kernel_and_grads(ops, inputs, grad_out, dropout_p=dropout_p,
+                                   value_dropout_p=value_dropout_p, seed=seed)
+    out64, grads64 = _reference_and_grads(
+        inputs, grad_out, torch.float64, attn_keep=attn_keep, value_keep=value_keep,
+        dropout_p=dropout_p, value_dropout_p=value_dropout_p,
+    )
+    assert_parity("out", out, out64)
+    for name, got, want in zip(_grad_names(*inputs[3:]), grads, grads64):
+        assert_parity(name, got, want)
+
+
+def _binomial_ok(kept: int, total: int, keep_prob: float) -> bool:
+    sigma = math.sqrt(total * keep_prob * (1.0 - keep_prob))
+    return abs(kept - total * keep_prob) <= 5.0 * sigma
+
+
+def test_dropout_statistics(ops, device):
+    seq_len, memory_len, batch, width = 16, 48, 4, 64
+    key_len = seq_len + memory_len
+    dropout_p, value_dropout_p = 0.3, 0.2
+    keep_a = _recover_attention_keep(ops, seq_len, key_len, batch, dropout_p, 7, device)
+    keep_b = _recover_attention_keep(ops, seq_len, key_len, batch, dropout_p, 8, device)
+    visible = _visible(seq_len, key_len, device).expand_as(keep_a)
+    total = int(visible.sum())
+    for keep in (keep_a, keep_b):
+        assert _binomial_ok(int((keep & visible).sum()), total, 1.0 - dropout_p)
+    # Two seeds agree on a kept/dropped decision with probability p^2 + (1-p)^2 = 0.58.
+    agree = int(((keep_a == keep_b) & visible).sum())
+    assert _binomial_ok(agree, total, dropout_p**2 + (1 - dropout_p) ** 2)
+
+    value_keep = _recover_value_keep(
+        ops, seq_len, key_len, batch, width, value_dropout_p, 7, device
+    )
+    assert _binomial_ok(int(value_keep.sum()), value_keep.numel(), 1.0 - value_dropout_p)
+    # Neighbouring elements along E and along B are independent draws, not copies.
+    assert not torch.equal(value_keep[:, :, 1:], value_keep[:, :, :-1])
+    assert not torch.equal(value_keep[:, 1:], value_keep[:, :-1])
+
+
+def test_seed_reproducibility(ops, device):
+    seq_len, memory_len, batch, width = 7, 13, 2, 48
+    key_len = seq_len + memory_len
+    inputs = (
+        torch.randn(seq_len, batch, width, device=device),
+        torch.randn(key_len, batch, width, device=device),
+        torch.randn(key_len, batch, width, device=device),
+        torch.rand(width, device=device),
+        torch.rand(width, device=device),
+    )
+    grad_out = torch.randn(seq_len, batch, width, device=device)
+    runs = [
+        _kernel_and_grads(ops, inputs, grad_out, dropout_p=0.2, value_dropout_p=0.1, seed=seed)
+        for seed in (11, 11, 12)
+    ]
+    (out_a, grads_a), (out_b, grads_b), (out_c, _) = runs
+    assert torch.equal(out_a, out_b)
+    for name, a, b in zip(_grad_names(*inputs[3:]), grads_a, grads_b):
+        if name == "dq":  # accumulated with atomics: the order may differ on a GPU
+            assert_parity(name, a, b.double(), atol=1e-6)
+        else:
+            assert torch.equal(a, b), name
+    assert not torch.equal(out_a, out_c)
+
+
+def test_unsupported_reason(ops, device):
+    q = torch.randn(3, 2, 16, device=device)
+    k = torch.randn(5, 2, 16, device=device)
+    assert ops.unsupported_reason(q, k, k) is None
+    reason = ops.unsupported_reason(q.double(), k.double(), k.double())
+    assert reason is not None and "float64" in reason
+
+
+def test_custom_op_registration(ops, device):
+    """Schema, fake (meta) kernel and autograd registration agree with the real kernel."""
+    q = torch.randn(5, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(9, 2, 16, device=device, requires_grad=True)
+    v = torch.randn(9, 2, 16, device=device, requires_grad=True)
+    gate = torch.rand(16, device=device, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.sha_rnn_kernels.attention_fwd.default,
+        (q, k, v, gate, None, 0.1, 0.1, 3),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+def _chunked_reference(inputs, grad_out, dtype):
+    """The formula batch by batch in ``dtype`` (a full-batch score tensor would not fit)."""
+    outs, grads = [], []
+    for b in range(inputs[0].shape[1]):
+        chunk = [t[:, b : b + 1] for t in inputs[:3]] + list(inputs[3:])
+        out, grad = _reference_and_grads(chunk, grad_out[:, b : b + 1], dtype)
+        outs.append(out)
+        grads.append(grad)
+    gate_grads = [sum(g[i] for g in grads) for i in range(3, len(grads[0]))]
+    return (
+        torch.cat(outs, 1),
+        [torch.cat([g[i] for g in grads], 1) for i in range(3)] + gate_grads,
+    )
+
+
+@pytest.mark.gpu
+def test_paper_shape_parity_bf16(ops, cuda):
+    seq_len, memory_len, batch, width = 1024, 3976, 16, 1024
+    key_len = seq_len + memory_len
+    dtype = torch.bfloat16
+    inputs = (
+        torch.randn(seq_len, batch, width, device=cuda, dtype=dtype),
+        torch.randn(key_len, batch, width, device=cuda, dtype=dtype),
+        torch.randn(key_len, batch, width, device=cuda, dtype=dtype),
+        torch.sigmoid(torch.randn(width, device=cuda)).to(dtype),
+        torch.sigmoid(torch.randn(width, device=cuda)).to(dtype),
+    )
+    grad_out = torch.randn(seq_len, batch, width, device=cuda, dtype=dtype)
+    out, grads = _kernel_and_grads(ops, inputs, grad_out, dropout_p=0.0, value_dropout_p=0.0,
+                                   seed=0)
+    out32, grads32 = _chunked_reference(inputs, grad_out, torch.float32)
+    lowp_out, lowp_grads = _chunked_reference(inputs, grad_out, dtype)
+    assert_parity("out", out, out32, lowp=lowp_out)
+    for name, got, want, lowp in zip(_grad_names(*inputs[3:]), grads, grads32, lowp_grads):
+        assert_parity(name, got, want, lowp=lowp)
+
+
+@pytest.mark.gpu
+def test_peak_memory_does_not_scale_with_scores(ops, cuda):
+    """Forward + backward allocate O(B (T + K) E), far below one B x T x K score tensor."""
+    seq_len, memory_len, batch, width = 1024, 3976, 8, 32
+    key_len = seq_len + memory_len
+    dtype = torch.bfloat16
+    leaves = [
+        torch.randn(n, batch, width, device=cuda, dtype=dtype, requires_grad=True)
+        for n in (seq_len, key_len, key_len)
+    ]
+    gates = [torch.rand(width, device=cuda, dtype=dtype, requires_grad=True) for _ in range(2)]
+    grad_out = torch.randn(seq_len, batch, width, device=cuda, dtype=dtype)
+    run = lambda: torch.autograd.grad(
+        ops.attention(*leaves, key_gate=gates[0], value_gate=gates[1], dropout_p=0.1,
+                      value_dropout_p=0.1, seed=0),
+        leaves + gates, grad_out,
+    )
+    run()  # compile and autotune outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = run()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    score_bytes = batch * seq_len * key_len * 2
+    # out, dq (+ its fp32 buffer), dk, dv, lse, delta and gate partials: about 3.3x the inputs.
+    input_bytes = sum(t.numel() * t.element_size() for t in leaves)
+    assert extra < 4 * input_bytes < score_bytes / 2, (extra, input_bytes, score_bytes)
+    del grads

@@ -1,0 +1,347 @@
+"""The fused Triton Boom (sha_rnn_kernels/ops/boom.py) against a float64 formula.
+
+Under ``TRITON_INTERPRET=1`` (the default, see conftest.py) the kernels run on CPU tensors;
+with ``TRITON_INTERPRET=0`` on a GPU machine the same parity tests run on CUDA tensors, and the
+``cuda`` tests (paper shape, torch.compile with Inductor) run too.
+"""
+
+import pytest
+import torch
+import triton
+
+from sha_rnn_kernels.ops import boom as boom_ops
+from sha_rnn_kernels.testing import assert_parity
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# --------------------------------------------------------------------------------------------
+# the formula the kernels must compute, in any dtype (float64 for the expected values)
+# --------------------------------------------------------------------------------------------
+def boom_formula(x, weight, bias, keep_scale=None):
+    """``sum_c chunk_c(keep_scale * gelu(x W^T + b))`` with ``gelu(h) = h sigmoid(1.702 h)``.
+
+    ``keep_scale``: None (no dropout) or ``[*x.shape[:-1], C, E]``, 0 for a dropped element and
+    ``1 / (1 - p)`` for a kept one.
+    """
+    width = x.shape[-1]
+    chunks = weight.shape[0] // width
+    pre = x @ weight.t()
+    if bias is not None:
+        pre = pre + bias
+    act = pre * torch.sigmoid(1.702 * pre)
+    act = act[..., : chunks * width].unflatten(-1, (chunks, width))
+    if keep_scale is not None:
+        act = act * keep_scale.to(act.dtype)
+    return act.sum(-2)
+
+
+def forward_backward(fn, x, weight, bias, grad_y):
+    """``fn``'s output and the gradients of ``<fn(x, weight, bias), grad_y>``."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    y = fn(*leaves)
+    y.backward(grad_y.to(y.dtype))
+    grads = [t.grad if t is not None else None for t in leaves]
+    return (y.detach(), *grads)
+
+
+def kernel(dropout_p=0.0, seed=0):
+    return lambda x, w, b: boom_ops.boom(x, w, b, dropout_p=dropout_p, seed=seed)
+
+
+def make_inputs(lead, width, features, dtype, device, bias=True, layout="contiguous"):
+    """x ``[*lead, E]`` (unit scale, as after a LayerNorm), weight ``[F, E]`` scaled so that the
+    pre-activations are O(1), so the GELU is exercised away from its linear part."""
+    if layout == "contiguous":
+        x = torch.randn(*lead, width, device=device)
+    elif layout == "transposed":  # leading dims swapped: rows are not evenly strided
+        x = torch.randn(*reversed(lead), width, device=device).transpose(0, 1)
+    elif layout == "strided":  # every other element of the last dim
+        x = torch.randn(*lead, 2 * width, device=device)[..., ::2]
+    else:
+        raise ValueError(layout)
+    weight = torch.randn(features, width, device=device) / width**0.5
+    b = 0.5 * torch.randn(features, device=device) if bias else None
+    cast = [t.to(dtype) if t is not None else None for t in (x, weight, b)]
+    if layout != "contiguous":
+        assert not cast[0].is_contiguous()
+    return cast
+
+
+def check_parity(got, x, weight, bias, grad_y, keep_scale=None, dtype=None):
+    """Compare ``got = (y, dx, dw, db)`` with the float64 formula, and the tolerance with the
+    same formula run by PyTorch in the inputs' dtype."""
+    dtype = dtype or x.dtype
+    to64 = [t.double() if t is not None else None for t in (x, weight, bias)]
+    expected = forward_backward(
+        lambda *a: boom_formula(*a, keep_scale=keep_scale), *to64, grad_y.double()
+    )
+    lowp = forward_backward(
+        lambda *a: boom_formula(*a, keep_scale=keep_scale), x, weight, bias, grad_y
+    )
+    for name, actual, want, low in zip(("y", "dX", "dW", "db"), got, expected, lowp):
+        if want is None:
+            assert actual is None, name
+            continue
+        assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+        assert actual.shape == want.shape, name
+        assert_parity(name, actual, want, lowp=low, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# parity without dropout
+# --------------------------------------------------------------------------------------------
+CASES = [
+    # (leading shape, E, F, layout)
+    ((13,), 40, 130, "contiguous"),  # 3 chunks + 10 dropped columns, 13 rows
+    ((1,), 40, 130, "contiguous"),  # a single row
+    ((3, 5), 24, 96, "contiguous"),  # 3-D input, exactly 4 chunks
+    ((3, 5), 24, 130, "transposed"),  # 5 chunks (two Philox groups), non-contiguous rows
+    ((7,), 40, 130, "strided"),  # last-dim stride 2
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("lead,width,features,layout", CASES)
+def test_parity(lead, width, features, layout, dtype, device):
+    x, weight, bias = make_inputs(lead, width, features, dtype, device, layout=layout)
+    grad_y = torch.randn(*lead, width, device=device).to(dtype)
+    got = forward_backward(kernel(), x, weight, bias, grad_y)
+    assert got[0].shape == (*lead, width)
+    check_parity(got, x, weight, bias, grad_y)
+
+
+def test_parity_without_bias(device):
+    x, weight, _ = make_inputs((13,), 40, 130, torch.float32, device, bias=False)
+    grad_y = torch.randn(13, 40, device=device)
+    check_parity(forward_backward(kernel(), x, weight, None, grad_y), x, weight, None, grad_y)
+
+
+def test_only_some_gradients(device):
+    """A frozen weight and bias: the backward returns only dX, and it still matches."""
+    x, weight, bias = make_inputs((13,), 40, 130, torch.float32, device)
+    x = x.detach().requires_grad_()
+    boom_ops.boom(x, weight, bias, dropout_p=0.0, seed=0).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    boom_formula(x64, weight.double(), bias.double()).sum().backward()
+    assert weight.grad is None and bias.grad is None
+    assert_parity("dX", x.grad, x64.grad)
+
+
+def test_no_rows(device):
+    x = torch.randn(0, 3, 24, device=device, requires_grad=True)
+    weight = torch.randn(96, 24, device=device, requires_grad=True)
+    bias = torch.randn(96, device=device, requires_grad=True)
+    y = boom_ops.boom(x, weight, bias, dropout_p=0.1, seed=1)
+    assert y.shape == (0, 3, 24)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_inference_saves_nothing(device):
+    """Without autograd the forward op writes no pre-activation."""
+    x, weight, bias = make_inputs((13,), 40, 130, torch.float32, device)
+    y, pre = torch.ops.sha_rnn_kernels.boom_fwd(x, weight, bias, 0.0, 0, False)
+    assert pre.numel() == 0
+    assert_parity("y", y, boom_formula(x.double(), weight.double(), bias.double()))
+
+
+# --------------------------------------------------------------------------------------------
+# dropout
+# --------------------------------------------------------------------------------------------
+def recover_keep_scale(run, x, weight, bias, dropout_p, seed):
+    """The forward's per-element factor ``mask / (1 - p)`` as ``[*lead, C, E]``.
+
+    The mask depends only on the seed and the element's (row, chunk, column), so running the
+    forward once per chunk with every other chunk's weight rows and bias zeroed (their GELU is
+    then 0) shows chunk c's mask as the zeros of the output. The pre-activations are random, so
+    a kept element is never exactly 0.
+    """
+    width = x.shape[-1]
+    chunks = weight.shape[0] // width
+    keep = []
+    for c in range(chunks):
+        only = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        only[c * width : (c + 1) * width] = 1
+        b = bias * only[:, 0] if bias is not None else None
+        y = run(x, weight * only, b)
+        keep.append(y != 0)
+    keep = torch.stack(keep, dim=-2)
+    return keep.double() / (1.0 - dropout_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_dropout_parity_with_recovered_mask(dtype, device):
+    """Forward and backward with dropout equal the float64 formula with the forward's own mask:
+    the backward regenerates exactly the mask that the forward used."""
+    lead, width, features, p, seed = (3, 5), 24, 130, 0.3, 1234
+    x, weight, bias = make_inputs(lead, width, features, dtype, device, layout="transposed")
+    grad_y = torch.randn(*lead, width, device=device).to(dtype)
+    with torch.no_grad():
+        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
+    assert keep_scale.shape == (*lead, 5, width)
+    assert 0 < (keep_scale == 0).double().mean().item() < 0.6  # some, not all, dropped
+    got = forward_backward(kernel(p, seed), x, weight, bias, grad_y)
+    check_parity(got, x, weight, bias, grad_y, keep_scale=keep_scale)
+
+
+def test_dropout_statistics(device):
+    """Kept fraction ~ 1 - p in every chunk (each Philox lane), kept values scaled by 1/(1-p)
+    exactly, and the masks of different chunks uncorrelated."""
+    rows, width, features, p, seed = 256, 32, 128, 0.25, 77
+    x, weight, bias = make_inputs((rows,), width, features, torch.float32, device)
+    chunks = features // width
+    with torch.no_grad():
+        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
+        kept = keep_scale != 0
+        n = rows * width
+        sigma = (p * (1 - p) / n) ** 0.5
+        for c in range(chunks):
+            fraction = kept[:, c].double().mean().item()
+            assert abs(fraction - (1 - p)) < 5 * sigma, f"chunk {c}: kept {fraction:.4f}"
+        flat = kept.transpose(0, 1).reshape(chunks, -1).double()
+        corr = torch.corrcoef(flat)
+        off_diagonal = corr - torch.eye(chunks, dtype=corr.dtype, device=corr.device)
+        assert off_diagonal.abs().max().item() < 5 / n**0.5, corr
+
+        # Scaling: one chunk at a time, the dropout output is the no-dropout output times
+        # 1 / (1 - p) where kept and exactly 0 where dropped.
+        only = torch.zeros(features, 1, device=device)
+        only[width : 2 * width] = 1
+        dropped_run = boom_ops.boom(x, weight * only, bias * only[:, 0], dropout_p=p, seed=seed)
+        plain_run = boom_ops.boom(x, weight * only, bias * only[:, 0], dropout_p=0.0, seed=seed)
+        mask = kept[:, 1]
+        assert torch.equal(dropped_run == 0, ~mask)
+        torch.testing.assert_close(
+            dropped_run[mask], plain_run[mask] / (1 - p), rtol=2e-6, atol=0.0
+        )
+
+
+def test_dropout_seed_reproducible(device):
+    x, weight, bias = make_inputs((13,), 40, 130, torch.bfloat16, device)
+    grad_y = torch.randn(13, 40, device=device).to(torch.bfloat16)
+    first = forward_backward(kernel(0.5, 99), x, weight, bias, grad_y)
+    again = forward_backward(kernel(0.5, 99), x, weight, bias, grad_y)
+    other = forward_backward(kernel(0.5, 100), x, weight, bias, grad_y)
+    for name, a, b in zip(("y", "dX", "dW", "db"), first, again):
+        assert torch.equal(a, b), f"{name} differs between two runs with one seed"
+    for name, a, b in zip(("y", "dX", "dW", "db"), first, other):
+        assert not torch.equal(a, b), f"{name} is the same for seeds 99 and 100"
+    assert (first[0] != other[0]).double().mean().item() > 0.5
+
+
+def test_dropout_mask_independent_of_tiling(device):
+    """Launching the forward kernel with other tile sizes (and no grouping) gives the same
+    mask: the Philox counters name elements, not tiles."""
+    lead, width, features, p, seed = (20,), 40, 130, 0.5, 5
+
+    def retiled(x, weight, bias):
+        x2d = x.reshape(-1, width)
+        rows = x2d.shape[0]
+        y = torch.empty_like(x2d)
+        grid = (triton.cdiv(rows, 32) * triton.cdiv(width, 32),)
+        boom_ops._boom_fwd_kernel.fn[grid](
+            x2d, weight, bias, y, y, rows, width, features // width,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), 0,
+            seed, p, 1 / (1 - p),
+            HAS_BIAS=True, HAS_DROPOUT=True, SAVE_PRE=False, DOT_IEEE=True, DOT_UPCAST=False,
+            BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=1,
+        )
+        return y.view(x.shape)
+
+    x, weight, bias = make_inputs(lead, width, features, torch.float32, device)
+    with torch.no_grad():
+        default = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
+        other = recover_keep_scale(retiled, x, weight, bias, p, seed)
+    assert torch.equal(default, other)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------
+class TinyBoom(torch.nn.Module):
+    def __init__(self, width, features, dropout_p, seed):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(features, width) / width**0.5)
+        self.bias = torch.nn.Parameter(0.5 * torch.randn(features))
+        self.dropout_p, self.seed = dropout_p, seed
+
+    def forward(self, x):
+        y = boom_ops.boom(x, self.weight, self.bias, dropout_p=self.dropout_p, seed=self.seed)
+        return torch.tanh(y) + x
+
+
+def check_compiled(module, x, **compile_kwargs):
+    compiled = torch.compile(module, fullgraph=True, **compile_kwargs)
+    results = []
+    for fn in (module, compiled):
+        module.zero_grad()
+        xi = x.detach().requires_grad_()
+        y = fn(xi)
+        y.square().sum().backward()
+        results.append((y.detach(), xi.grad, module.weight.grad.clone(), module.bias.grad.clone()))
+    for name, eager, comp in zip(("y", "dX", "dW", "db"), *results):
+        torch.testing.assert_close(comp, eager, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compile_fullgraph_traces_op(device):
+    """torch.compile(fullgraph=True) keeps the op whole through dynamo and AOTAutograd (the
+    aot_eager backend: no code generation, so this stays quick on CPU)."""
+    module = TinyBoom(24, 96, 0.2, 7).to(device)
+    check_compiled(module, torch.randn(3, 5, 24, device=device), backend="aot_eager")
+
+
+def test_opcheck(device):
+    x, weight, bias = make_inputs((13,), 24, 96, torch.float32, device)
+    x.requires_grad_()
+    weight.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.sha_rnn_kernels.boom_fwd.default, (x, weight, bias, 0.3, 11, True),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+def test_unsupported_reason(device, monkeypatch):
+    x, weight, bias = make_inputs((13,), 40, 130, torch.float32, device)
+    assert boom_ops.unsupported_reason(x, weight, bias) is None
+    reason = boom_ops.unsupported_reason(x.double(), weight.double(), None)
+    assert reason is not None and "float64" in reason
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        reason = boom_ops.unsupported_reason(x, weight, bias)
+        assert reason is not None and "CUDA" in reason
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_paper_shape_parity(dtype, cuda):
+    """16384 rows (T=1024 x B=16), E=1024 -> F=4096, forward and backward."""
+    x, weight, bias = make_inputs((1024, 16), 1024, 4096, dtype, cuda)
+    grad_y = torch.randn(1024, 16, 1024, device=cuda).to(dtype)
+    got = forward_backward(kernel(), x, weight, bias, grad_y)
+    check_parity(got, x, weight, bias, grad_y)
+
+
+@pytest.mark.gpu
+def test_paper_shape_dropout_parity(cuda):
+    """With dropout at the paper's shape (the GPU tiles differ between the forward and the
+    backward kernel): the backward uses the forward's mask."""
+    lead, width, features, p, seed = (256, 16), 1024, 4096, 0.1, 2024
+    x, weight, bias = make_inputs(lead, width, features, torch.bfloat16, cuda)
+    grad_y = torch.randn(*lead, width, device=cuda).to(torch.bfloat16)
+    with torch.no_grad():
+        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
+    got = forward_backward(kernel(p, seed), x, weight, bias, grad_y)
+    check_parity(got, x, weight, bias, grad_y, keep_scale=keep_scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_compile_fullgraph_inductor(dtype, cuda):
+    module = TinyBoom(64, 256, 0.1, 3).to(device=cuda, dtype=dtype)
+    check_compiled(module, torch.randn(7, 3, 64, device=cuda, dtype=dtype))

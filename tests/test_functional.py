@@ -1,0 +1,141 @@
+"""Argument validation and backend dispatch of sha_rnn_kernels.functional."""
+
+import pytest
+import torch
+
+import sha_rnn_kernels.functional as SF
+from sha_rnn_kernels import BackendUnavailableError, _backend, reference
+
+
+def test_boom_validation_names_the_argument():
+    x, w = torch.randn(3, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="weight must be \\[F, E\\] with E = x.shape\\[-1\\] = 8"):
+        SF.boom(x, torch.randn(16, 7))
+    with pytest.raises(ValueError, match="F = 4 must be >= E = 8"):
+        SF.boom(x, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="bias must be \\[F\\] = \\[16\\]"):
+        SF.boom(x, w, torch.randn(15))
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64"):
+        SF.boom(x.long(), w)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has torch.float32"):
+        SF.boom(x, w.double())
+    with pytest.raises(ValueError, match="dropout must be a float in \\[0, 1\\)"):
+        SF.boom(x, w, dropout=1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SF.boom(x, w, backend="fastest")
+    with pytest.raises(ValueError, match="backend='cuda' does not exist for this op"):
+        SF.boom(x, w, backend="cuda")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        SF.boom([1.0], w)
+    with pytest.raises(ValueError, match="on meta but x is on cpu"):
+        SF.boom(x, w.to("meta"))
+
+
+def test_attention_validation_names_the_argument():
+    q, kv = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
+    with pytest.raises(ValueError, match="K >= T"):
+        SF.single_head_attention(q, kv[:3], kv[:3])
+    with pytest.raises(ValueError, match="k and v must have one shape"):
+        SF.single_head_attention(q, kv, kv[:5])
+    with pytest.raises(ValueError, match="k must be \\[K, B, E\\] with B = 2, E = 8"):
+        SF.single_head_attention(q, torch.randn(6, 3, 8), torch.randn(6, 3, 8))
+    with pytest.raises(ValueError, match="k must be \\[B, K, E\\]"):
+        SF.single_head_attention(q, torch.randn(3, 6, 8), torch.randn(3, 6, 8), batch_first=True)
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        SF.single_head_attention(q[0], kv, kv)
+    with pytest.raises(ValueError, match="key_gate must have E = 8 elements"):
+        SF.single_head_attention(q, kv, kv, key_gate=torch.rand(7))
+    with pytest.raises(ValueError, match="value_dropout"):
+        SF.single_head_attention(q, kv, kv, value_dropout=-0.1)
+    with pytest.raises(TypeError, match="v has dtype torch.float16"):
+        SF.single_head_attention(q, kv, kv.half())
+
+
+def test_lstm_validation_names_the_argument():
+    x, wi, wh = torch.randn(5, 2, 3), torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(ValueError, match="weight_hh must be \\[4H, H\\]"):
+        SF.lstm(x, wi, torch.randn(15, 4))
+    with pytest.raises(ValueError, match="weight_ih must be \\[4H, I\\] = \\[16, 3\\]"):
+        SF.lstm(x, torch.randn(16, 5), wh)
+    with pytest.raises(ValueError, match="bias_hh must be \\[4H\\] = \\[16\\]"):
+        SF.lstm(x, wi, wh, torch.randn(16), torch.randn(12))
+    with pytest.raises(ValueError, match="h0\\) must be \\[B, H\\] or \\[1, B, H\\] with B = 2, H = 4"):
+        SF.lstm(x, wi, wh, state=(torch.randn(3, 4), torch.randn(2, 4)))
+    with pytest.raises(TypeError, match="state must be a pair"):
+        SF.lstm(x, wi, wh, state=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="T >= 1 and B >= 1"):
+        SF.lstm(x[:0], wi, wh)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        SF.lstm(x[0], wi, wh)
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    x, wi, wh = torch.randn(5, 2, 3), torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' cannot run"):
+        SF.lstm(x, wi, wh, backend="cuda")
+    # float64 is never a kernel dtype
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        SF.boom(torch.randn(3, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64),
+                backend="triton")  # fmt: skip
+
+
+def test_auto_falls_back_to_the_reference_and_warns_once():
+    _backend._warned.clear()
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    reasons = {"triton": lambda: "E=13 is not a multiple of 8"}
+    with pytest.warns(RuntimeWarning, match="E=13 is not a multiple of 8"):
+        assert _backend.resolve("boom", "auto", cuda, reasons, ("triton",)) == "reference"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("boom", "auto", cuda, reasons, ("triton",)) == "reference"
+    ok = {"triton": lambda: None}
+    assert _backend.resolve("boom", "auto", cuda, ok, ("triton",)) == "triton"
+    assert _backend.resolve("boom", "auto", torch.device("cpu"), ok, ("triton",)) == "reference"
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("SHA_RNN_KERNELS_BACKEND", "reference")
+    assert _backend.default_backend() == "reference"
+    monkeypatch.setenv("SHA_RNN_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SHA_RNN_KERNELS_BACKEND must be one of"):
+        SF.boom(torch.randn(2, 4), torch.randn(8, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_lstm_backends_agree_and_return_torch_shapes(backend):
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    wi, wh = torch.randn(28, 5, dtype=torch.float64), torch.randn(28, 7, dtype=torch.float64)
+    b1, b2 = torch.randn(28, dtype=torch.float64), torch.randn(28, dtype=torch.float64)
+    h0, c0 = torch.randn(3, 7, dtype=torch.float64), torch.randn(1, 3, 7, dtype=torch.float64)
+    out, (h, c) = SF.lstm(x, wi, wh, b1, b2, (h0, c0), backend=backend)
+    ref, rh, rc = reference.lstm(x, wi, wh, b1, b2, h0, c0[0])
+    assert out.shape == (6, 3, 7) and h.shape == c.shape == (1, 3, 7)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(h[0], rh)
+    torch.testing.assert_close(c[0], rc)
+    out_bf, _ = SF.lstm(x.transpose(0, 1), wi, wh, b1, b2, (h0, c0), batch_first=True,
+                        backend=backend)  # fmt: skip
+    torch.testing.assert_close(out_bf.transpose(0, 1), ref)
+    # one bias only
+    out1, _ = SF.lstm(x, wi, wh, b1, None, backend=backend)
+    torch.testing.assert_close(out1, reference.lstm(x, wi, wh, b1, None)[0])
+
+
+def test_autocast_runs_the_ops_in_the_autocast_dtype():
+    x, w = torch.randn(3, 8), torch.randn(16, 8)
+    q, kv = torch.randn(4, 2, 8), torch.randn(6, 2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SF.boom(x, w).dtype == torch.bfloat16
+        assert SF.single_head_attention(q, kv, kv, key_gate=torch.rand(8)).dtype == torch.bfloat16
+        out, (h, c) = SF.lstm(torch.randn(5, 2, 3), torch.randn(16, 3), torch.randn(16, 4))
+        assert out.dtype == h.dtype == torch.bfloat16
+
+
+def test_attention_batch_first_equals_time_major():
+    q, k, v = torch.randn(4, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    a = SF.single_head_attention(q, k, v, backend="reference")
+    b = SF.single_head_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                 batch_first=True, backend="reference")  # fmt: skip
+    torch.testing.assert_close(b.transpose(0, 1), a)
