@@ -28,8 +28,7 @@ from .harness import (
     Unavailable,
     cuda_kernel_names,
     randn,
-    rotation_count,
-    tensor_bytes,
+    rotated,
 )
 
 OP = "attention"
@@ -130,8 +129,7 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
     def build() -> Bench:
         device, grad = opts.device, pass_ == "fwd+bwd"
         make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad)
-        count = rotation_count(tensor_bytes(*make().values()), device) if device.type == "cuda" else 1
-        rotation = Rotation(make, count)
+        rotation = rotated(make, device)
         extra: dict = {"note": None}
         if impl in ("sha_rnn_kernels", "triton", "eager"):
             import sha_rnn_kernels.functional as SF

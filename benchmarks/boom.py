@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from .harness import DTYPES, Bench, Case, Options, Rotation, randn, rotation_count, tensor_bytes
+from .harness import DTYPES, Bench, Case, Options, randn, rotated
 
 OP = "boom"
 IMPLS = ("sha_rnn_kernels", "triton", "eager", "compile", "compile-max-autotune")
@@ -58,8 +58,9 @@ def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bo
     T, B, E, F = shape["T"], shape["B"], shape["E"], shape["F"]
     return {
         "x": randn(T, B, E, dtype=dtype, device=device, requires_grad=grad),
-        "weight": randn(F, E, dtype=dtype, device=device, scale=1 / math.sqrt(E),
-                        requires_grad=grad),
+        "weight": randn(
+            F, E, dtype=dtype, device=device, scale=1 / math.sqrt(E), requires_grad=grad
+        ),
         "bias": randn(F, dtype=dtype, device=device, scale=0.1, requires_grad=grad),
     }
 
@@ -68,8 +69,7 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
     def build() -> Bench:
         device, grad = opts.device, pass_ == "fwd+bwd"
         make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad)
-        count = rotation_count(tensor_bytes(*make().values()), device) if device.type == "cuda" else 1
-        rotation = Rotation(make, count)
+        rotation = rotated(make, device)
         if impl in ("sha_rnn_kernels", "triton", "eager"):
             import sha_rnn_kernels.functional as SF
 

@@ -97,6 +97,7 @@ class Case:
     paper_shape: bool  # the paper's shape (False for every --small case)
     case: str  # "paper" (the paper case, scaled down under --small) or "sweep"
     build: Callable[[], Bench]
+    dtype_fixed: bool = False  # a baseline with its own recipe's dtype, run whatever --dtypes says
 
     @property
     def label(self) -> str:
@@ -107,15 +108,21 @@ class Case:
 # ------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------
-def randn(*shape, dtype: torch.dtype, device: torch.device, scale: float = 1.0,
-          requires_grad: bool = False) -> torch.Tensor:
+def randn(
+    *shape,
+    dtype: torch.dtype,
+    device: torch.device,
+    scale: float = 1.0,
+    requires_grad: bool = False,
+) -> torch.Tensor:
     """Fresh normal noise (never zeros: a kernel may shortcut zeros or denormals)."""
     t = torch.randn(*shape, device=device, dtype=torch.float32).mul_(scale).to(dtype)
     return t.requires_grad_(requires_grad)
 
 
-def uniform(*shape, bound: float, dtype: torch.dtype, device: torch.device,
-            requires_grad: bool = False) -> torch.Tensor:
+def uniform(
+    *shape, bound: float, dtype: torch.dtype, device: torch.device, requires_grad: bool = False
+) -> torch.Tensor:
     t = torch.empty(*shape, device=device, dtype=torch.float32).uniform_(-bound, bound).to(dtype)
     return t.requires_grad_(requires_grad)
 
@@ -143,8 +150,8 @@ def rotation_count(bytes_per_set: int, device: torch.device, cap_bytes: int = 2 
 class Rotation:
     """Cycles through pre-built input sets: ``rotation.next()`` returns the next one."""
 
-    def __init__(self, make: Callable[[], Any], count: int) -> None:
-        self.sets = [make() for _ in range(max(1, count))]
+    def __init__(self, sets: list) -> None:
+        self.sets = list(sets)
         self._index = -1
 
     def next(self):
@@ -154,6 +161,26 @@ class Rotation:
     @property
     def first(self):
         return self.sets[0]
+
+
+def rotated(make: Callable[[], dict], device: torch.device) -> Rotation:
+    """A :class:`Rotation` of ``make()`` sets, as many as :func:`rotation_count` asks for."""
+    sets = [make()]
+    if device.type == "cuda":
+        count = rotation_count(set_bytes(sets[0]), device)
+        sets += [make() for _ in range(count - 1)]
+    return Rotation(sets)
+
+
+def set_bytes(inputs: dict) -> int:
+    """Bytes of the tensors (and modules' parameters) of one input set."""
+    total = 0
+    for value in inputs.values():
+        if isinstance(value, torch.nn.Module):
+            total += tensor_bytes(*value.parameters())
+        elif isinstance(value, torch.Tensor):
+            total += tensor_bytes(value)
+    return total
 
 
 def tensor_bytes(*tensors) -> int:
@@ -233,6 +260,11 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
+def _spread_pct(a: float, b: float) -> float:
+    """The gap between two runs' medians, in percent of the smaller."""
+    return round(100.0 * abs(a - b) / max(min(a, b), 1e-9), 2)
+
+
 def _time_fn(fn: Callable[[], Any], opts: Options) -> tuple:
     timer = time_cuda if opts.device.type == "cuda" else time_cpu
     return timer(fn, opts)
@@ -267,7 +299,7 @@ def measure(bench: Bench, opts: Options) -> dict:
         ms_p20=round(first[1], 4),
         ms_p80=round(first[2], 4),
         ms_median_run2=round(second[0], 4),
-        spread_pct=round(100.0 * abs(first[0] - second[0]) / max(min(first[0], second[0]), 1e-9), 2),
+        spread_pct=_spread_pct(first[0], second[0]),
         peak_mem_mb=peak_memory_mb(fn, opts.device),
         timer="triton.testing.do_bench" if opts.device.type == "cuda" else "time.perf_counter",
     )
@@ -362,5 +394,6 @@ def row_key(row: dict) -> tuple:
 
 def iter_selected(cases: Iterator[Case], opts: Options) -> Iterator[Case]:
     for case in cases:
-        if opts.wants(case.impl) and case.dtype in opts.dtypes and case.pass_ in opts.passes:
+        dtype_ok = case.dtype_fixed or case.dtype in opts.dtypes
+        if opts.wants(case.impl) and dtype_ok and case.pass_ in opts.passes:
             yield case

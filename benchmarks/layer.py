@@ -88,7 +88,7 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
                           for _ in range(2))  # fmt: skip
             return {"h": h, "mem": mem, "hidden": state}
 
-        rotation = Rotation(make, 1)
+        rotation = Rotation([make()])
         params = [p for p in layer.parameters() if p.requires_grad]
 
         def forward(p):
@@ -105,7 +105,10 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
             def fn():
                 p = rotation.next()
                 out = forward(p)
-                return torch.autograd.grad(out, [p["h"], *params], grad_out.to(out.dtype))
+                # lnout, qkvs and r_gate exist for state-dict compatibility and get no gradient
+                return torch.autograd.grad(
+                    out, [p["h"], *params], grad_out.to(out.dtype), allow_unused=True
+                )
 
         else:
 

@@ -26,8 +26,7 @@ from .harness import (
     Rotation,
     Unavailable,
     cuda_kernel_names,
-    rotation_count,
-    tensor_bytes,
+    rotated,
     uniform,
 )
 
@@ -143,13 +142,12 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
     def build() -> Bench:
         device, torch_dtype, grad = opts.device, DTYPES[dtype], pass_ == "fwd+bwd"
         make = lambda: _make_inputs(shape, torch_dtype, device, grad)
-        count = rotation_count(tensor_bytes(*make().values()), device) if device.type == "cuda" else 1
         extra = {"note": None}
         if impl in ("sha_rnn_kernels", "triton", "cuda", "eager"):
             import sha_rnn_kernels.functional as SF
 
             backend = {"sha_rnn_kernels": "auto", "eager": "reference"}.get(impl, impl)
-            rotation = Rotation(make, count)
+            rotation = rotated(make, device)
 
             def forward(p):
                 state = (p["h0"], p["c0"])
@@ -165,13 +163,13 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
             leaves = lambda p: list(p.values())
             extra["note"] = f'functional.lstm(backend="{backend}")'
         elif impl == "cudnn":
-            rotation = Rotation(lambda: _cudnn_inputs(make(), shape, torch_dtype, device), count)
+            rotation = rotated(lambda: _cudnn_inputs(make(), shape, torch_dtype, device), device)
             forward = lambda p: p["module"](p["x"], (p["h0"], p["c0"]))[0]
             leaves = lambda p: [p["x"], p["h0"], p["c0"], *p["module"].parameters()]
             extra["cudnn_algo_expected"] = expected_cudnn_algo(dtype, shape, device)
             extra["note"] = "torch.nn.LSTM; cudnn_algo_expected follows torch's heuristic"
         elif impl == "flashrnn":
-            forward, leaves, rotation, note = _flashrnn(make, count, dtype, shape, device, grad)
+            forward, leaves, rotation, note = _flashrnn(make, dtype, shape, device, grad)
             extra["note"] = note
         else:
             raise ValueError(f"unknown lstm impl {impl!r}")
@@ -206,7 +204,7 @@ def _cudnn_inputs(p: dict, shape: dict, dtype: torch.dtype, device: torch.device
     return {"module": module, "x": p["x"], "h0": h0, "c0": c0}
 
 
-def _flashrnn(make, count: int, dtype: str, shape: dict, device: torch.device, grad: bool):
+def _flashrnn(make, dtype: str, shape: dict, device: torch.device, grad: bool):
     """flashrnn's fused LSTM with one head of width H. Its gates come pre-projected
     (``Wx [B, T, 4, 1, H]``), so the projection ``x W_ih^T + b_ih`` is part of the timed region
     like in every other impl. Its gate order differs from torch's; with random weights that
@@ -228,7 +226,7 @@ def _flashrnn(make, count: int, dtype: str, shape: dict, device: torch.device, g
         states = torch.stack([p["h0"].detach(), p["c0"].detach()])[:, None, :, None, :]
         return dict(p, R=recurrent, b=bias, states=states.contiguous().requires_grad_(grad))
 
-    rotation = Rotation(prepare, count)
+    rotation = rotated(prepare, device)
 
     def forward(p):
         gates_x = torch.nn.functional.linear(p["x"], p["weight_ih"], p["bias_ih"])

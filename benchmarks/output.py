@@ -53,7 +53,8 @@ def ratios(rows: list) -> dict:
             for other in groups[_group(row)]:
                 if other["impl"] != baseline or other is row:
                     continue
-                label = baseline if other["dtype"] == row["dtype"] else f"{baseline} {other['dtype']}"
+                same = other["dtype"] == row["dtype"]
+                label = baseline if same else f"{baseline} {other['dtype']}"
                 found[label] = other["ms_median"] / row["ms_median"]
         out[id(row)] = found
     return out
@@ -147,9 +148,8 @@ def table_lines(rows: list, markdown: bool = False) -> list:
             lines += ["| " + " | ".join(cells) + " |" for cells in body]
         else:
             widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-            fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-            lines.append(fmt(head))
-            lines += [fmt(cells) for cells in body]
+            for cells in [head, *body]:
+                lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
     return lines
 
 
@@ -187,8 +187,12 @@ def plot(directory: str, stem: str, rows: list) -> list:
         module = modules[op]
         op_rows = [r for r in rows if r["op"] == op]
         panels = list(dict.fromkeys((r["dtype"], r["pass"]) for r in sort_rows(op_rows)))
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-        for ax, (dtype, pass_) in zip(axes[0], panels):
+        ncols = min(2, len(panels))
+        nrows = -(-len(panels) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (dtype, pass_) in zip(axes.flat, panels):
             for impl in module.IMPLS:
                 points = sorted(
                     (module.size(r["shape"]), r["ms_median"]) for r in op_rows

@@ -8,6 +8,12 @@
 
 #include <cstddef>
 
+#if defined(__CUDACC__)
+#define SHA_RNN_HOST_DEVICE __host__ __device__
+#else
+#define SHA_RNN_HOST_DEVICE
+#endif
+
 namespace sha_rnn {
 
 // Element type of every tensor the kernels read or write in the model's precision.
@@ -23,7 +29,7 @@ constexpr int kLstmUnitChoices[] = {8, 16, 24, 32};  // hidden units a block may
 // Row stride (in elements) of a weight slice with `k` columns in shared memory: the smallest
 // value >= k that is 32 modulo 64. A warp's 16-byte loads then touch rows g and g + 1 in
 // different halves of the 32 banks, so the 8 lanes of each load phase never conflict.
-constexpr int lstm_smem_row_stride(int k) { return ((k + 31) / 64) * 64 + 32; }
+SHA_RNN_HOST_DEVICE constexpr int lstm_smem_row_stride(int k) { return ((k + 31) / 64) * 64 + 32; }
 
 // Dynamic shared memory of the forward kernel for `units` hidden units per block:
 //   W_hh slice   4*units rows x stride(H) x 2 bytes

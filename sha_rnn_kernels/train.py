@@ -109,7 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Settings that belong to the machine, not the run: never taken from a checkpoint.
-_MACHINE_KEYS = ("device", "quiet")
+_MACHINE_KEYS = ("device", "quiet", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,13 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the SHA-RNN byte-level language model (Merity 2019).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="hyperparameter set: 'default' (small, ~2 min on CPU) or 'enwik8' "
-                        "(the paper's); defaults to 'enwik8' when --data names enwik8")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="hyperparameter set: 'default' (small, ~2 min on CPU) or 'enwik8' "
+        "(the paper's); defaults to 'enwik8' when --data names enwik8",
+    )
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="enwik8 (raw or .zip) or any file; none: the Python stdlib's source")
+    g.add_argument(
+        "--data",
+        default=None,
+        help="enwik8 (raw or .zip) or any file; none: the Python stdlib's source",
+    )
     g.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes")
     g = p.add_argument_group("model")
     g.add_argument("--emsize", type=int, default=None, help="model width E")
@@ -135,10 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="dropout after the last block")
     g.add_argument("--dropouth", type=float, default=None, help="dropout inside the blocks")
     g.add_argument("--dropouti", type=float, default=None, help="dropout on the embedding")
-    g.add_argument("--max-positions", type=int, default=None,
-                   help="attention keys at most (memory plus segment)")
-    g.add_argument("--backend", default=None,
-                   help="kernel backend passed to SHARNN (auto, reference, torch, triton, cuda)")
+    g.add_argument(
+        "--max-positions",
+        type=int,
+        default=None,
+        help="attention keys at most (memory plus segment)",
+    )
+    g.add_argument(
+        "--backend",
+        default=None,
+        help="kernel backend passed to SHARNN (auto, reference, torch, triton, cuda)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
@@ -152,23 +166,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=None)
     g.add_argument("--bptt", type=int, default=None, help="segment length (jittered)")
     g.add_argument("--epochs", type=int, default=None, help="epochs at --lr")
-    g.add_argument("--final-epochs", type=int, default=None,
-                   help="further epochs at --final-lr (the paper: 5 at 1e-3)")
+    g.add_argument(
+        "--final-epochs",
+        type=int,
+        default=None,
+        help="further epochs at --final-lr (the paper: 5 at 1e-3)",
+    )
     g.add_argument("--final-lr", type=float, default=None)
-    g.add_argument("--reset-prob", type=float, default=None,
-                   help="probability of dropping the LSTM state and memory after a step")
+    g.add_argument(
+        "--reset-prob",
+        type=float,
+        default=None,
+        help="probability of dropping the LSTM state and memory after a step",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    g.add_argument("--eval-interval", type=int, default=None,
-                   help="validate every N steps (0: only at epoch ends and the end)")
-    g.add_argument("--save-interval", type=int, default=None,
-                   help="checkpoint every N steps (0: only at epoch ends, the end and Ctrl-C)")
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        default=None,
+        help="validate every N steps (0: only at epoch ends and the end)",
+    )
+    g.add_argument(
+        "--save-interval",
+        type=int,
+        default=None,
+        help="checkpoint every N steps (0: only at epoch ends, the end and Ctrl-C)",
+    )
     g.add_argument("--log-interval", type=int, default=None, help="progress update every N steps")
     g.add_argument("--save", default=None, help="checkpoint path ('' disables checkpoints)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="autocast dtype (fp16 adds a GradScaler)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: PyTorch's choice)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="autocast dtype (fp16 adds a GradScaler)",
+    )
     g.add_argument("--quiet", action="store_true", default=None, help="print nothing")
     return p
 
@@ -192,20 +232,31 @@ def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] =
         config.update({k: v for k, v in checkpoint_config.items() if k not in _MACHINE_KEYS})
     config.update(given)
     config.setdefault("device", None)
+    config.setdefault("threads", None)
     config["quiet"] = bool(given.get("quiet", False))
     _validate_config(config)
     return config
 
 
 def _validate_config(c: dict) -> None:
-    positive = ("emsize", "nhid", "nlayers", "max_positions", "batch_size", "eval_batch_size",
-                "bptt", "log_interval")
+    positive = (
+        "emsize",
+        "nhid",
+        "nlayers",
+        "max_positions",
+        "batch_size",
+        "eval_batch_size",
+        "bptt",
+        "log_interval",
+    )
     for key in positive:
         if c[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {c[key]}")
     for key in ("warmup", "epochs", "final_epochs", "eval_interval", "save_interval"):
         if c[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0; got {c[key]}")
+    if c["threads"] is not None and c["threads"] < 1:
+        raise ValueError(f"--threads must be >= 1; got {c['threads']}")
     if c["max_steps"] is not None and c["max_steps"] < 0:
         raise ValueError(f"--max-steps must be >= 0; got {c['max_steps']}")
     if c["epochs"] + c["final_epochs"] < 1:
@@ -306,8 +357,12 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = True
         name = signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping "
-              f"(Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: finishing this step, saving a checkpoint, then stopping "
+            f"(Ctrl-C again to stop without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopSignal:
         # Signal handlers can only be installed from the main thread.
@@ -500,9 +555,13 @@ def run(
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     config = resolve_config(args, None if checkpoint is None else checkpoint["config"])
     ddp, device = _setup_distributed(config["device"])
+    threads = torch.get_num_threads()
+    if config["threads"] is not None:
+        torch.set_num_threads(config["threads"])
     try:
         return _train(config, checkpoint, ddp, device, args.resume, step_callback)
     finally:
+        torch.set_num_threads(threads)
         if ddp.initialized_here:
             dist.destroy_process_group()
 
@@ -675,8 +734,14 @@ def _train(
             say(f"| {label} | step {step} | epoch {epoch + 1} | valid bpc {bpc:.4f}")
         return bpc
 
-    progress = tqdm(total=total, initial=step, disable=not verbose, unit="step",
-                    dynamic_ncols=True, desc="train")
+    progress = tqdm(
+        total=total,
+        initial=step,
+        disable=not verbose,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+    )
     tokens_since, time_since = 0, time.perf_counter()
 
     with StopSignal() as signals:
@@ -732,7 +797,7 @@ def _train(
             if step_callback is not None:
                 step_callback(step, flush_losses()[-1])
             if step % config["log_interval"] == 0:
-                values = flush_losses() or result.train_losses[-config["log_interval"]:]
+                values = flush_losses() or result.train_losses[-config["log_interval"] :]
                 elapsed = time.perf_counter() - time_since
                 mean = sum(values) / len(values)
                 progress.set_postfix(
@@ -754,16 +819,21 @@ def _train(
         if not result.interrupted:
             if last_eval_step != step:
                 validate("end")
-            test_bpc = evaluate(model, test_src, config["bptt"], device, config["dtype"], ddp,
-                                stop)
+            test_bpc = evaluate(model, test_src, config["bptt"], device, config["dtype"], ddp, stop)
             if test_bpc is not None:
                 result.test_bpc = test_bpc
                 say(f"| end | step {step} | test bpc {test_bpc:.4f}")
         if save_path:
             checkpoint_now()
-            say(f"checkpoint: {save_path} (step {step}"
-                + ("; interrupted, continue with --resume " + save_path if result.interrupted
-                   else "") + ")")
+            say(
+                f"checkpoint: {save_path} (step {step}"
+                + (
+                    "; interrupted, continue with --resume " + save_path
+                    if result.interrupted
+                    else ""
+                )
+                + ")"
+            )
     return result
 
 

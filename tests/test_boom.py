@@ -32,7 +32,8 @@ def boom_formula(x, weight, bias, keep_scale=None):
     act = pre * torch.sigmoid(1.702 * pre)
     act = act[..., : chunks * width].unflatten(-1, (chunks, width))
     if keep_scale is not None:
-        act = act * keep_scale.to(act.dtype)
+        # As torch's dropout does: scale in (at least) fp32, round once to the input dtype.
+        act = (act * keep_scale.to(torch.promote_types(act.dtype, torch.float32))).to(act.dtype)
     return act.sum(-2)
 
 
@@ -53,19 +54,17 @@ def make_inputs(lead, width, features, dtype, device, bias=True, layout="contigu
     """x ``[*lead, E]`` (unit scale, as after a LayerNorm), weight ``[F, E]`` scaled so that the
     pre-activations are O(1), so the GELU is exercised away from its linear part."""
     if layout == "contiguous":
-        x = torch.randn(*lead, width, device=device)
+        x = torch.randn(*lead, width, device=device).to(dtype)
     elif layout == "transposed":  # leading dims swapped: rows are not evenly strided
-        x = torch.randn(*reversed(lead), width, device=device).transpose(0, 1)
+        x = torch.randn(*reversed(lead), width, device=device).to(dtype).transpose(0, 1)
     elif layout == "strided":  # every other element of the last dim
-        x = torch.randn(*lead, 2 * width, device=device)[..., ::2]
+        x = torch.randn(*lead, 2 * width, device=device).to(dtype)[..., ::2]
     else:
         raise ValueError(layout)
-    weight = torch.randn(features, width, device=device) / width**0.5
-    b = 0.5 * torch.randn(features, device=device) if bias else None
-    cast = [t.to(dtype) if t is not None else None for t in (x, weight, b)]
-    if layout != "contiguous":
-        assert not cast[0].is_contiguous()
-    return cast
+    assert x.is_contiguous() == (layout == "contiguous")
+    weight = (torch.randn(features, width, device=device) / width**0.5).to(dtype)
+    b = (0.5 * torch.randn(features, device=device)).to(dtype) if bias else None
+    return x, weight, b
 
 
 def check_parity(got, x, weight, bias, grad_y, keep_scale=None, dtype=None):
@@ -97,7 +96,7 @@ CASES = [
     ((1,), 40, 130, "contiguous"),  # a single row
     ((3, 5), 24, 96, "contiguous"),  # 3-D input, exactly 4 chunks
     ((3, 5), 24, 130, "transposed"),  # 5 chunks (two Philox groups), non-contiguous rows
-    ((7,), 40, 130, "strided"),  # last-dim stride 2
+    ((20,), 40, 130, "strided"),  # last-dim stride 2, two row tiles
 ]
 
 
@@ -188,35 +187,32 @@ def test_dropout_parity_with_recovered_mask(dtype, device):
 
 
 def test_dropout_statistics(device):
-    """Kept fraction ~ 1 - p in every chunk (each Philox lane), kept values scaled by 1/(1-p)
-    exactly, and the masks of different chunks uncorrelated."""
-    rows, width, features, p, seed = 256, 32, 128, 0.25, 77
-    x, weight, bias = make_inputs((rows,), width, features, torch.float32, device)
-    chunks = features // width
-    with torch.no_grad():
-        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
-        kept = keep_scale != 0
-        n = rows * width
-        sigma = (p * (1 - p) / n) ** 0.5
-        for c in range(chunks):
-            fraction = kept[:, c].double().mean().item()
-            assert abs(fraction - (1 - p)) < 5 * sigma, f"chunk {c}: kept {fraction:.4f}"
-        flat = kept.transpose(0, 1).reshape(chunks, -1).double()
-        corr = torch.corrcoef(flat)
-        off_diagonal = corr - torch.eye(chunks, dtype=corr.dtype, device=corr.device)
-        assert off_diagonal.abs().max().item() < 5 / n**0.5, corr
+    """Kept fraction ~ 1 - p for every chunk and every lane of a Philox call (column % 4), kept
+    values scaled by exactly 1/(1-p), and the masks of different chunks and lanes uncorrelated.
 
-        # Scaling: one chunk at a time, the dropout output is the no-dropout output times
-        # 1 / (1 - p) where kept and exactly 0 where dropped.
-        only = torch.zeros(features, 1, device=device)
-        only[width : 2 * width] = 1
-        dropped_run = boom_ops.boom(x, weight * only, bias * only[:, 0], dropout_p=p, seed=seed)
-        plain_run = boom_ops.boom(x, weight * only, bias * only[:, 0], dropout_p=0.0, seed=seed)
-        mask = kept[:, 1]
-        assert torch.equal(dropped_run == 0, ~mask)
-        torch.testing.assert_close(
-            dropped_run[mask], plain_run[mask] / (1 - p), rtol=2e-6, atol=0.0
-        )
+    Read off the backward kernel with dY = 1: dU is ``mask / (1 - p) * gelu'(h)`` for all chunks
+    in one launch (the forward uses the same mask: see the recovered-mask test above).
+    """
+    rows, width, chunks, p, seed = 128, 64, 5, 0.25, 77
+    pre = torch.randn(rows, chunks * width, device=device)
+    grad_y = torch.ones(rows, width, device=device)
+    dropped, _ = boom_ops.boom_backward(grad_y, pre, p, seed)
+    plain, _ = boom_ops.boom_backward(grad_y, pre, 0.0, seed)
+    assert not torch.any(plain == 0)
+    kept = dropped != 0
+    # One series per (chunk, lane): [chunks * 4, rows * width // 4].
+    series = kept.view(rows, chunks, width // 4, 4).permute(1, 3, 0, 2).reshape(chunks * 4, -1)
+    n = series.shape[1]
+    fractions = series.double().mean(1)
+    sigma = (p * (1 - p) / n) ** 0.5
+    worst = (fractions - (1 - p)).abs().argmax().item()
+    assert (fractions - (1 - p)).abs().max().item() < 5 * sigma, (
+        f"chunk {worst // 4}, lane {worst % 4}: kept {fractions[worst].item():.4f}"
+    )
+    corr = torch.corrcoef(series.double())
+    off_diagonal = corr - torch.eye(len(corr), dtype=corr.dtype, device=corr.device)
+    assert off_diagonal.abs().max().item() < 5 / n**0.5, corr
+    torch.testing.assert_close(dropped[kept], plain[kept] / (1 - p), rtol=2e-6, atol=0.0)
 
 
 def test_dropout_seed_reproducible(device):
@@ -299,7 +295,12 @@ def test_opcheck(device):
     weight.requires_grad_()
     torch.library.opcheck(
         torch.ops.sha_rnn_kernels.boom_fwd.default, (x, weight, bias, 0.3, 11, True),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        test_utils=(
+            "test_schema",
+            "test_faketensor",
+            "test_autograd_registration",
+            "test_aot_dispatch_dynamic",
+        ),
     )
 
 

@@ -120,4 +120,3 @@ def test_seq_len_jitter_bounds(bptt):
         assert 0.42 < np.mean(lengths == bptt) < 0.53
         near_half = lengths[lengths < 0.75 * bptt]
         assert abs(near_half.mean() - bptt / 2) < 2.0
-

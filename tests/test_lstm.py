@@ -172,7 +172,7 @@ def check_all(actual, expected64, lowp=None, dtype=None) -> None:
 
 @pytest.mark.parametrize(
     "T, B, input_size, hidden",
-    [(1, 1, 16, 20), (6, 3, 24, 40), (11, 2, 40, 24), (6, 2, 20, 16)],
+    [(1, 1, 16, 20), (6, 3, 24, 40), (11, 2, 40, 24), (6, 2, 20, 16), (2, 67, 16, 20)],
 )
 def test_lstm_fp32_matches_torch_lstm(device, T, B, input_size, hidden):
     case = make_case(T, B, input_size, hidden)

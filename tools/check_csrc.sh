@@ -7,7 +7,8 @@
 # CPU-only torch wheel is enough; the JIT build on a GPU machine is sha_rnn_kernels/_cuda.py.
 #
 # Usage: bash tools/check_csrc.sh        (exit status != 0 when any file fails to compile)
-# Env:   NVCC (default: nvcc on PATH), PYTHON (default: python), CSRC_ARCHS (default "80 90a").
+# Env:   NVCC (default: nvcc on PATH), PYTHON (default: python), CSRC_ARCHS (default "80 90a"),
+#        CSRC_OBJ_DIR (keep the objects and logs there; default: a temporary directory).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,8 +45,14 @@ done
 COMMON=(-c -O3 -DTORCH_EXTENSION_NAME=sha_rnn_lstm_check -DTORCH_API_INCLUDE_EXTENSION_H
         -I"$ROOT/csrc" "${TORCH_INFO[@]}")
 
-OUT="$(mktemp -d)"
-trap 'rm -rf "$OUT"' EXIT
+# Object files and logs go to CSRC_OBJ_DIR when set (kept), else to a temporary directory.
+if [ -n "${CSRC_OBJ_DIR:-}" ]; then
+  OUT="$CSRC_OBJ_DIR"
+  mkdir -p "$OUT"
+else
+  OUT="$(mktemp -d)"
+  trap 'rm -rf "$OUT"' EXIT
+fi
 
 shopt -s nullglob
 CU=("$ROOT"/csrc/*.cu)
@@ -67,7 +74,7 @@ for src in "${CU[@]}"; do
   "$NVCC" "${COMMON[@]}" "${GENCODE[@]}" -Xptxas=-warn-spills "$src" -o "$OUT/$name.o" \
     >"$OUT/$name.log" 2>&1 &
   pids+=($!)
-  names+=("$name [nvcc ${ARCHS// /, sm_}]")
+  names+=("$name [nvcc sm_${ARCHS// /, sm_}]")
 done
 for src in "${CPP[@]}"; do
   name="$(basename "$src")"

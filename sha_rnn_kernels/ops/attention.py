@@ -33,7 +33,7 @@ The minimum is 2G forward (QK^T, PV) and 5G backward (S, dP, dV, dK, dQ).
   (deterministic) would recompute S and dP once more: (4 E/BLOCK_D + 3)G = 19G; the atomics cost
   B*T*E*K_visible/BLOCK_N = 588M fp32 adds (2.4 GB to L2) at BLOCK_N=128, judged cheaper.
   dQ is therefore not bitwise deterministic on a GPU.
-The autotune list holds BLOCK_D in {128, 256}; on small E the launcher prunes chunks wider than E.
+The autotune list holds BLOCK_D in {64, 128, 256}; configs with chunks wider than E are pruned.
 """
 
 import math
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_reason
+from .._backend import interpreter_enabled, triton_reason
 from ._common import autotune_configs, dtype_reason, empty
 
 # Largest element offset the kernels address with 32-bit arithmetic.
@@ -80,6 +80,16 @@ _BWD_CONFIGS = autotune_configs(
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
 )
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b``. PRECISION "upcast" multiplies fp32 copies of the (already rounded)
+    operands: Triton's interpreter multiplies the raw bits of bfloat16 operands in tl.dot."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["head_dim"], prune_configs_by={"early_config_prune": _prune_wide_chunks})
@@ -140,7 +150,7 @@ def _attention_fwd_kernel(
                 K + b * stride_kb + offs_n[None, :] * stride_kt + offs_e[:, None] * stride_ke,
                 mask=n_valid[None, :] & e_valid[:, None], other=0.0,
             )
-            s = tl.dot(q, kt, s, input_precision=DOT_PRECISION)
+            s = _dot(q, kt, s, DOT_PRECISION)
         visible = (offs_n[None, :] <= offs_m[:, None] + memory_len) & n_valid[None, :]
         s = tl.where(visible, s * qk_scale, float("-inf"))
         # Key 0 is visible to every row (K >= T), so m_new is finite from the first block on.
@@ -159,7 +169,7 @@ def _attention_fwd_kernel(
         if VALUE_DROPOUT:
             elems = (offs_n.to(tl.int64) * batch + b)[:, None] * head_dim + offs_d[None, :]
             v = tl.where(tl.rand(value_seed, elems) >= value_dropout_p, v, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=DOT_PRECISION)
+        acc = _dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
     out = acc * (out_scale / l_i)[:, None]
@@ -268,7 +278,7 @@ def _attention_bwd_kernel(
             if HAS_KEY_GATE:
                 gate = tl.load(KEY_GATE + offs_e, mask=e_valid, other=0.0).to(tl.float32)
                 qt = (qt.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
-            st = tl.dot(k, qt, st, input_precision=DOT_PRECISION)
+            st = _dot(k, qt, st, DOT_PRECISION)
             v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + offs_e[None, :] * stride_ve, mask=ne_mask, other=0.0)
             if VALUE_DROPOUT:
                 elems = (offs_n.to(tl.int64) * batch + b)[:, None] * head_dim + offs_e[None, :]
@@ -277,7 +287,7 @@ def _attention_bwd_kernel(
             if HAS_VALUE_GATE:
                 gate = tl.load(VALUE_GATE + offs_e, mask=e_valid, other=0.0).to(tl.float32)
                 dot_t = (dot_t.to(tl.float32) * gate[:, None]).to(DO.dtype.element_ty)
-            dpt = tl.dot(v.to(DO.dtype.element_ty), dot_t, dpt, input_precision=DOT_PRECISION)
+            dpt = _dot(v.to(DO.dtype.element_ty), dot_t, dpt, DOT_PRECISION)
 
         lse = tl.load(LSE + b * seq_len + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + b * seq_len + offs_m, mask=m_valid, other=0.0)
@@ -295,11 +305,12 @@ def _attention_bwd_kernel(
 
         md_mask = m_valid[:, None] & d_valid[None, :]
         do_d = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_doe, mask=md_mask, other=0.0)
-        dv_acc = tl.dot(pdt.to(DO.dtype.element_ty), do_d, dv_acc, input_precision=DOT_PRECISION)
+        dv_acc = _dot(pdt.to(DO.dtype.element_ty), do_d, dv_acc, DOT_PRECISION)
         q_d = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qe, mask=md_mask, other=0.0)
         dst_lowp = dst.to(Q.dtype.element_ty)
-        dk_acc = tl.dot(dst_lowp, q_d, dk_acc, input_precision=DOT_PRECISION)
-        dq = tl.dot(tl.trans(dst_lowp), k_d, input_precision=DOT_PRECISION) * sm_scale
+        dk_acc = _dot(dst_lowp, q_d, dk_acc, DOT_PRECISION)
+        dq = _dot(tl.trans(dst_lowp), k_d, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), DOT_PRECISION)
+        dq = dq * sm_scale
         if HAS_KEY_GATE:
             dq = dq * key_gate_d[None, :]
         tl.atomic_add(DQ + (offs_m[:, None] * batch + b) * head_dim + offs_d[None, :], dq, mask=md_mask)
@@ -330,7 +341,9 @@ def _keep_scale(p: float) -> float:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not be rounded to tf32: the parity tests compare against fp32 torch.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if dtype == torch.bfloat16 and interpreter_enabled() else "tf32"
 
 
 def attention_forward(

@@ -21,14 +21,14 @@ memory-bound pass; the two GEMMs are ``torch.mm`` (cuBLAS on a GPU).
 
 Design decisions, reasoned at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, bf16, an
 H100 taken as ~990 TFLOP/s dense bf16 and ~3.3 TB/s HBM, 132 SMs at ~1.75 GHz). These numbers
-are estimates; none of them has been measured (the session that wrote this had no GPU).
+are estimates from FLOP and byte counts; none of them has been measured on a GPU yet.
 
 * Save ``h`` rather than recompute it. Each of the three GEMMs (forward, dX, dW) is
   2 M E F = 137 GFLOP = 139 us at peak. ``h`` in bf16 is M F 2 B = 134 MB: writing it in the
   forward and reading it once in the backward moves 268 MB = 81 us, while recomputing it in the
   backward is another 137-GFLOP GEMM (>= 139 us, more at a realistic 70 % of peak). Saving costs
-  134 MB of activation memory per Boom call (PyTorch's eager Boom keeps more: the linear output
-  and the dropout mask).
+  134 MB of activation memory per Boom call (PyTorch's eager Boom keeps more: the linear output,
+  the sigmoid and the dropout mask). Without autograd (inference) ``h`` is not written.
 * Materialise ``dU`` once instead of fusing ``gelu'``, the mask and the broadcast into the
   prologue of both backward GEMMs. A fused prologue recomputes each ``dU`` element once per
   output column tile, ``E / BLOCK_K = 8`` times per GEMM at ``BLOCK_K = 128``, and one element
@@ -39,6 +39,12 @@ are estimates; none of them has been measured (the session that wrote this had n
   pass of ~300 MB (read ``h`` and ``dY``, write ``dU``) = ~0.1 ms and 134 MB of transient
   memory, and the GEMMs then read ``dU`` where they would have read ``h``. Once ``dU`` exists
   the backward GEMMs are plain GEMMs, which cuBLAS runs better than a hand-written Triton GEMM.
+* The forward epilogue is not free: per element of ``h`` it costs ~0.35 SM-cycles (sigmoid,
+  a quarter of a Philox call) against ``E / 2048 = 0.5`` cycles of tensor-core work at E = 1024,
+  and it does not overlap the GEMM loop of its own program. Compiled offline for sm_90 (triton
+  3.9, no GPU), the K loop is software-pipelined (async copies, wgmma); 128x128 tiles use all
+  255 registers and spill a few hundred bytes with dropout, 128x64 and 64x128 do not, which is
+  why the autotune list has both kinds.
 * Precision: bf16/fp16 operands, fp32 accumulation and epilogue, one rounding of ``y``. fp32
   inputs: the forward kernel uses IEEE fp32 products (``input_precision="ieee"``, no TF32), so
   fp32 parity is tight; the backward ``torch.mm`` calls follow
@@ -46,16 +52,19 @@ are estimates; none of them has been measured (the session that wrote this had n
 
 Dropout: element ``(row, chunk c, column n)`` is kept when its uniform number is ``>= p``, and
 kept values are scaled by ``1 / (1 - p)``. The numbers come from Triton's Philox
-(``tl.rand4x``): one call with counter ``(row * ceil(C / 4) + c // 4) * E + n`` yields the four
-numbers for chunks ``4 (c // 4) .. 4 (c // 4) + 3``, so each Philox call serves four chunks
-instead of one. The mask depends only on ``(seed, row, c, n)``, never on the tiling, so the
-backward regenerates exactly the forward's mask; it is never stored.
+(``tl.rand4x``): one call with counter ``(row * C + c) * cdiv(E, 4) + n // 4`` yields the numbers
+of four neighbouring columns, so each call serves four elements (``tl.rand`` would throw three of
+its four numbers away), and nothing is carried from one chunk to the next (keeping four fp32
+tiles of numbers alive across chunks spilled registers). The mask depends only on
+``(seed, row, c, n)``, never on the tiling, so the backward regenerates exactly the forward's
+mask; it is never stored.
 
 Under ``TRITON_INTERPRET=1`` (triton 3.9) ``tl.dot`` on bfloat16 tiles multiplies their raw
 16-bit patterns, so there (and only there) bf16 tiles are widened to fp32 before the dot, which
 forms the same products with the same fp32 accumulation.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -67,27 +76,39 @@ from . import _common
 
 __all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward"]
 
-GELU_SIGMOID_SCALE = 1.702
-
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _pick_uniform(r0, r1, r2, r3, chunk):
-    """The Philox output of ``chunk`` among the four numbers made for its group of four."""
-    lane = chunk % 4
-    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+def _dropout_keep(seed, rows64, chunk, chunks, col0, width, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags ``[BLOCK_M, BLOCK_N]`` for rows ``rows64`` and columns ``col0 + [0, BLOCK_N)``
+    of ``chunk`` (``col0 % 4 == 0``).
+
+    One Philox call (``tl.rand4x``) per (row, chunk, group of four columns), counter
+    ``(row * chunks + chunk) * cdiv(width, 4) + column // 4``; its four numbers go to the four
+    columns of the group. The flags depend only on the element, never on the tiling.
+    """
+    quads = tl.cdiv(width, 4)
+    quad = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = (rows64[:, None] * chunks + chunk) * quads + quad[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, counters)
+    # join(join(a, b), join(c, d)) is [BLOCK_M, BLOCK_N // 4, 2, 2] with r_(2i+j) at [..., i, j],
+    # so the row-major reshape puts lane l of group q at column 4q + l.
+    keep = tl.join(tl.join(r0 >= dropout_p, r1 >= dropout_p), tl.join(r2 >= dropout_p, r3 >= dropout_p))
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 def _fwd_configs():
+    # Two fp32 tiles (the chunk's accumulator and the running sum) stay in registers, so the
+    # tiles are smaller than a plain GEMM's; 128x128 spills a little with dropout on sm_90.
     configs = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
     # Small tiles under the interpreter so that the odd test shapes cross tile edges in every
     # dimension (rows, output columns and the reduction).
@@ -115,7 +136,7 @@ def _boom_fwd_kernel(
     Each program owns output tile ``Y[m0:m0+BLOCK_M, n0:n0+BLOCK_N]``. For every chunk ``c`` it
     accumulates ``X[m-tile, :] @ W[c*E + n-tile, :]^T`` over ``E`` in fp32 (the columns
     ``n, n+E, n+2E, ...`` of the F-wide activation), adds the bias, applies
-    ``h * sigmoid(1.702 h)`` and dropout (Philox, one ``tl.rand4x`` call per four chunks), and
+    ``h * sigmoid(1.702 h)`` and dropout (Philox, one ``tl.rand4x`` call per four columns), and
     adds the result into an fp32 sum that is stored once, after the last chunk.
 
     Saved for backward (``SAVE_PRE``): the pre-activation ``PRE = X W[:F']^T + b`` in the input
@@ -145,17 +166,13 @@ def _boom_fwd_kernel(
     x_rows = X + rows64[:, None] * stride_xm
     out_ok = row_ok[:, None] & col_ok[None, :]
 
-    if HAS_DROPOUT:
-        groups = (C + 3) // 4
-        rng_base = rows64[:, None] * groups * E + cols[None, :]
-    r0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    r1 = r0
-    r2 = r0
-    r3 = r0
-
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(C):
         w_cols = W + (c * E + cols)[None, :] * stride_wf
+        if HAS_DROPOUT:
+            # Before the GEMM loop, while the accumulator is not live: the Philox state then
+            # does not compete with two fp32 tiles for registers (fewer spills on sm_90).
+            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, E, dropout_p, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, E, BLOCK_K):
             k = k0 + ks
@@ -176,9 +193,6 @@ def _boom_fwd_kernel(
                      acc.to(PRE.dtype.element_ty), mask=out_ok)
         act = acc * tl.sigmoid(1.702 * acc)
         if HAS_DROPOUT:
-            if c % 4 == 0:
-                r0, r1, r2, r3 = tl.rand4x(seed, rng_base + (c // 4) * E)
-            keep = _pick_uniform(r0, r1, r2, r3, c) >= dropout_p
             act = tl.where(keep, act * keep_scale, 0.0)
         y += act
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
@@ -201,9 +215,9 @@ def _boom_bwd_kernel(
     Grid: ``(cdiv(M, BLOCK_M), cdiv(E, BLOCK_N))``. Each program owns rows ``m0:m0+BLOCK_M`` and
     columns ``n0:n0+BLOCK_N`` of every chunk: it loads its ``dY`` tile once, then for each chunk
     ``c`` reads ``PRE`` (saved by the forward), regenerates the dropout mask from ``seed`` with
-    the forward's Philox counters (one ``tl.rand4x`` call per four chunks), writes the ``dU``
-    tile in the input dtype and the tile's fp32 column sums to ``DB_PARTIAL[pid_m, cE + n]``
-    (summed over row tiles by the launcher: ``db = sum_rows dU``).
+    the forward's Philox counters (``_dropout_keep``), writes the ``dU`` tile in the input dtype
+    and the tile's fp32 column sums to ``DB_PARTIAL[pid_m, cE + n]`` (summed over row tiles by
+    the launcher: ``db = sum_rows dU``).
 
     Recomputed: ``gelu'`` and the mask. The caller then forms ``dX = dU W[:F']`` and
     ``dW[:F'] = dU^T X`` with two GEMMs (see the module docstring for why ``dU`` is written).
@@ -219,23 +233,13 @@ def _boom_bwd_kernel(
 
     # Rows past M read dY = 0, so their dU is 0 and the column sums need no extra mask.
     dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        groups = (C + 3) // 4
-        rng_base = rows64[:, None] * groups * E + cols[None, :]
-    r0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    r1 = r0
-    r2 = r0
-    r3 = r0
-
     for c in range(C):
         hidden_cols = (c * E + cols)[None, :]
         h = tl.load(PRE + rows64[:, None] * stride_pm + hidden_cols, mask=tile_ok, other=0.0).to(tl.float32)
         s = tl.sigmoid(1.702 * h)
         du = dy * (s + 1.702 * h * s * (1.0 - s))
         if HAS_DROPOUT:
-            if c % 4 == 0:
-                r0, r1, r2, r3 = tl.rand4x(seed, rng_base + (c // 4) * E)
-            keep = _pick_uniform(r0, r1, r2, r3, c) >= dropout_p
+            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, E, dropout_p, BLOCK_M, BLOCK_N)
             du = tl.where(keep, du * keep_scale, 0.0)
         tl.store(DU + rows64[:, None] * stride_um + hidden_cols, du.to(DU.dtype.element_ty), mask=tile_ok)
         tl.store(DB_PARTIAL + pid_m * C * E + c * E + cols, tl.sum(du, axis=0), mask=col_ok)
@@ -244,6 +248,11 @@ def _boom_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device, which need not be the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _keep_scale(dropout_p: float) -> float:
     # p = 1 drops everything; the scale is then irrelevant and must not divide by zero.
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
@@ -266,12 +275,15 @@ def boom_forward(
     y = _common.empty(rows, width, dtype=x.dtype, device=x.device)
     pre = _common.empty(rows if save_pre else 0, chunks * width if save_pre else 0,
                         dtype=x.dtype, device=x.device)
-    if rows > 0:
-        upcast = interpreter_enabled() and x.dtype == torch.bfloat16
+    if rows == 0:
+        return y.view(x.shape), pre
+    upcast = interpreter_enabled() and x.dtype == torch.bfloat16
+    bias = bias.contiguous() if bias is not None else None
 
-        def grid(meta):
-            return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
+    with _on_device(x.device):
         _boom_fwd_kernel[grid](
             x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
             rows, width, chunks,
@@ -296,21 +308,22 @@ def boom_backward(
     if rows == 0:
         return du, torch.zeros(hidden, dtype=torch.float32, device=pre.device)
     if interpreter_enabled():
-        block_m, block_n, warps = 16, 16, 1
+        block_m, block_n, warps = 16, 32, 1
     else:
         # Memory-bound: 8 K elements per program and chunk, rows of 256 B of bf16.
         block_n = min(128, triton.next_power_of_2(width))
         block_m, warps = 8192 // block_n, 8
     row_tiles = triton.cdiv(rows, block_m)
     partial = _common.empty(row_tiles, hidden, dtype=torch.float32, device=pre.device)
-    _boom_bwd_kernel[(row_tiles, triton.cdiv(width, block_n))](
-        dy, pre, du, partial,
-        rows, width, chunks,
-        dy.stride(0), dy.stride(1), pre.stride(0), du.stride(0),
-        seed, dropout_p, _keep_scale(dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-    )
+    with _on_device(pre.device):
+        _boom_bwd_kernel[(row_tiles, triton.cdiv(width, block_n))](
+            dy, pre, du, partial,
+            rows, width, chunks,
+            dy.stride(0), dy.stride(1), pre.stride(0), du.stride(0),
+            seed, dropout_p, _keep_scale(dropout_p),
+            HAS_DROPOUT=dropout_p > 0.0,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )
     return du, partial.sum(0)
 
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_reason
+from .._backend import interpreter_enabled, triton_reason
 from ._common import dtype_reason, empty
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +60,16 @@ from ._common import dtype_reason, empty
 def _tanh(x):
     # tanh through sigmoid: the same formula on every backend and under the interpreter.
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter computes bf16 x bf16 dots wrongly (triton 3.9), so there the
+    # tiles go through float32, which is exact for bf16 products, as on tensor cores.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -89,6 +99,7 @@ def _lstm_fwd_kernel(
     HAS_C0: tl.constexpr,
     FIRST_STEP: tl.constexpr,
     LAST_STEP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -145,10 +156,10 @@ def _lstm_fwd_kernel(
             w_f = tl.load(w_ptrs + H * stride_w_row, mask=w_mask, other=0.0)
             w_g = tl.load(w_ptrs + 2 * H * stride_w_row, mask=w_mask, other=0.0)
             w_o = tl.load(w_ptrs + 3 * H * stride_w_row, mask=w_mask, other=0.0)
-            acc_i = tl.dot(h_prev, w_i, acc_i, input_precision="ieee")
-            acc_f = tl.dot(h_prev, w_f, acc_f, input_precision="ieee")
-            acc_g = tl.dot(h_prev, w_g, acc_g, input_precision="ieee")
-            acc_o = tl.dot(h_prev, w_o, acc_o, input_precision="ieee")
+            acc_i = _dot(h_prev, w_i, acc_i, UPCAST_DOT)
+            acc_f = _dot(h_prev, w_f, acc_f, UPCAST_DOT)
+            acc_g = _dot(h_prev, w_g, acc_g, UPCAST_DOT)
+            acc_o = _dot(h_prev, w_o, acc_o, UPCAST_DOT)
 
     gate_offs = offs_b[:, None] * (4 * H) + offs_h[None, :]
     xw_step = xw_ptr + step * B * 4 * H + gate_offs
@@ -224,6 +235,7 @@ def _lstm_bwd_kernel(
     HAS_C0: tl.constexpr,
     FIRST_STEP: tl.constexpr,
     LAST_STEP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -280,7 +292,7 @@ def _lstm_bwd_kernel(
                 mask=mask_k[:, None] & mask_h[None, :],
                 other=0.0,
             )
-            acc = tl.dot(dpre_next, w, acc, input_precision="ieee")
+            acc = _dot(dpre_next, w, acc, UPCAST_DOT)
         dh += acc
 
     state_offs = offs_b[:, None] * H + offs_h[None, :]
@@ -399,7 +411,9 @@ def _launch_key(values: Sequence) -> Tuple[tuple, tuple]:
     signature, addresses = [], []
     for value in values:
         if isinstance(value, torch.Tensor):
-            signature.append((tuple(value.shape), value.stride(), value.dtype))
+            # Triton specializes on 16-byte alignment: it picks the compiled variant too.
+            aligned = value.data_ptr() % 16 == 0
+            signature.append((tuple(value.shape), value.stride(), value.dtype, aligned))
             addresses.append(value.data_ptr())
         else:
             signature.append(value)
@@ -474,6 +488,10 @@ def _blocks(B: int) -> Tuple[int, int, int, int]:
     return block_b, 16, 64, 4
 
 
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
 def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -516,6 +534,7 @@ def lstm_forward(
     h0_arg = h0 if h0 is not None else out  # never read without HAS_H_PREV at the first step
     c0_arg = c0 if c0 is not None else c_state  # never read without HAS_C0
     block_b, block_h, block_k, num_warps = _blocks(B)
+    upcast_dot = _upcast_dot(dtype)
     grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
     w_strides = (weight_hh.stride(0), weight_hh.stride(1))
     h0_strides, c0_strides = _strides2(h0), _strides2(c0)
@@ -536,14 +555,16 @@ def lstm_forward(
                 HAS_C0=c0 is not None,
                 FIRST_STEP=t == 0,
                 LAST_STEP=t == T - 1,
+                UPCAST_DOT=upcast_dot,
                 BLOCK_B=block_b,
                 BLOCK_H=block_h,
                 BLOCK_K=block_k,
                 num_warps=num_warps,
             )
 
-    key = ("fwd", *tensors, *w_strides, *h0_strides, *c0_strides, has_bias, h0 is not None,
-           c0 is not None, block_b, block_h, block_k, num_warps)
+    switches = (has_bias, h0 is not None, c0 is not None, upcast_dot)
+    key = ("fwd", *tensors, *w_strides, *h0_strides, *c0_strides, *switches, block_b, block_h,
+           block_k, num_warps)
     with _device_guard(device):
         _run_steps(launch_all, device, key)
     return out, h_n, c_n, gates, cells
@@ -575,6 +596,7 @@ def lstm_backward(
     dc0 = empty(B, H, dtype=dtype, device=device)
     c0_arg = c0 if c0 is not None else dc_state  # never read without HAS_C0
     block_b, block_h, block_k, num_warps = _blocks(B)
+    upcast_dot = _upcast_dot(dtype)
     grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
     tensors = (dpre, weight_hh, grad_out, grad_h_n, grad_c_n, gates, cells, c0_arg, dc_state, dc0)
     strides = (
@@ -597,13 +619,15 @@ def lstm_backward(
                 HAS_C0=c0 is not None,
                 FIRST_STEP=t == 0,
                 LAST_STEP=t == T - 1,
+                UPCAST_DOT=upcast_dot,
                 BLOCK_B=block_b,
                 BLOCK_H=block_h,
                 BLOCK_K=block_k,
                 num_warps=num_warps,
             )
 
-    key = ("bwd", *tensors, *strides, c0 is not None, block_b, block_h, block_k, num_warps)
+    switches = (c0 is not None, upcast_dot)
+    key = ("bwd", *tensors, *strides, *switches, block_b, block_h, block_k, num_warps)
     with _device_guard(device):
         _run_steps(launch_all, device, key)
 

@@ -1,0 +1,169 @@
+"""Print the README's "Performance" section from ``benchmarks/results/*.json``.
+
+Usage (from the repository root)::
+
+    python benchmarks/report.py                 # GPU result files only
+    python benchmarks/report.py --include-smoke # also cpu-smoke / *-small files (marked so)
+
+Every figure printed is a measured row of a result file: the speedups compare rows of one file
+(one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as BENCHMARKS.md says
+the project is judged. A baseline that was not measured leaves its column empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import output  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def is_smoke(stem: str, rows: list) -> bool:
+    return stem.startswith("cpu") or stem.endswith("-small") or any(r.get("small") for r in rows)
+
+
+def _ms(value) -> str:
+    return "-" if value is None else (f"{value:.2f}" if value < 100 else f"{value:.0f}")
+
+
+def _speedup(rows: list, row: dict, baseline: str, dtype_free: bool = False):
+    for other in rows:
+        if (other["impl"] == baseline and other["op"] == row["op"] and other["pass"] == row["pass"]
+                and other["shape"] == row["shape"]
+                and (dtype_free or other["dtype"] == row["dtype"])):  # fmt: skip
+            return other["ms_median"] / row["ms_median"], other
+    return None, None
+
+
+def judged_table(rows: list) -> list:
+    """sha_rnn_kernels against each baseline, fwd+bwd, the paper's shapes (op by op)."""
+    modules = output.op_modules()
+    lines = [
+        "| op | dtype | sha_rnn_kernels ms | baseline | baseline ms | speedup |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    count = 0
+    for row in output.sort_rows(rows):
+        if row["impl"] != "sha_rnn_kernels" or row["pass"] != "fwd+bwd":
+            continue
+        if not (row.get("paper_shape") or row.get("case") == "paper"):
+            continue
+        module = modules[row["op"]]
+        across = getattr(module, "RATIOS_ACROSS_DTYPES", False)
+        for baseline in module.BASELINES:
+            speedup, other = _speedup(rows, row, baseline, across)
+            if other is None:
+                continue
+            label = baseline if other["dtype"] == row["dtype"] else f"{baseline} ({other['dtype']})"
+            lines.append(
+                f"| {row['op']} | {row['dtype']} | {_ms(row['ms_median'])} | {label} | "
+                f"{_ms(other['ms_median'])} | {speedup:.2f}x |"
+            )
+            count += 1
+    return lines if count else ["No sha_rnn_kernels fwd+bwd row at the paper's shapes yet."]
+
+
+def epoch_table(rows: list) -> list:
+    epoch_rows = [r for r in output.sort_rows(rows) if r["op"] == "epoch"]
+    if not epoch_rows:
+        return []
+    lines = [
+        "",
+        "Whole-model training step (forward, backward, clip, LAMB) and the enwik8 epoch it "
+        "implies (90M tokens):",
+        "",
+        "| impl | dtype | step ms | epoch s | tokens/s | peak MB | losses vs fp32 | recipe |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in epoch_rows:
+        check = r.get("loss_check")
+        verdict = "-" if check is None else (
+            f"{'agree' if check['agree'] else 'DISAGREE'} (max diff {check['max_abs_diff']:.1e}, "
+            f"tol {check['tolerance']:.1e}, {check['steps']} steps)"
+        )  # fmt: skip
+        peak = "-" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(
+            f"| {r['impl']} | {r['dtype']} | {_ms(r['ms_median'])} | {r['epoch_s']:.0f} | "
+            f"{r['tokens_per_s']:.0f} | {peak} | {verdict} | {r.get('note', '')} |"
+        )
+    return lines
+
+
+def notes(rows: list) -> list:
+    out = []
+    for r in output.sort_rows(rows):
+        if not (r.get("paper_shape") or r.get("case") == "paper"):
+            continue
+        if r["impl"] == "cudnn" and r["pass"] == "fwd+bwd":
+            seen = ", ".join(r.get("cudnn_kernels", [])[:2]) or "not profiled"
+            out.append(f"- cuDNN LSTM {r['dtype']}: {r.get('cudnn_algo_expected')} expected by "
+                       f"torch's heuristic; kernels seen: {seen}")  # fmt: skip
+        if r["impl"] == "sdpa" and r["pass"] == "fwd+bwd":
+            rejected = ", ".join(sorted(r.get("sdpa_rejected", {}))) or "none"
+            out.append(f"- SDPA {r['dtype']}: fastest backend {r.get('sdpa_backend')}, default "
+                       f"dispatch {r.get('sdpa_default_backend', 'not profiled')}; rejected E="
+                       f"{r['shape']['E']}: {rejected}")  # fmt: skip
+    return out
+
+
+def section(paths: list, include_smoke: bool) -> str:
+    lines = ["## Performance", ""]
+    shown = 0
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        rows = output.load(path)
+        if not rows:
+            continue
+        smoke = is_smoke(stem, rows)
+        if smoke and not include_smoke:
+            continue
+        shown += 1
+        first = rows[0]
+        marker = " (smoke test, not a product figure)" if smoke else ""
+        lines.append(f"### {first['device']}{marker}")
+        lines.append("")
+        lines.append(
+            f"torch {first.get('torch')}, triton {first.get('triton')}, CUDA {first.get('cuda')}, "
+            f"commit {first.get('commit')}. Medians of `triton.testing.do_bench` after warm-up; "
+            f"each configuration ran twice (full table: [{stem}.md](benchmarks/results/{stem}.md))."
+        )
+        lines.append("")
+        lines.append("Speedup = baseline time / sha_rnn_kernels time, fwd+bwd, paper shapes:")
+        lines.append("")
+        lines += judged_table(rows)
+        lines += epoch_table(rows)
+        extra = notes(rows)
+        if extra:
+            lines += ["", *extra]
+        plots = sorted(glob.glob(os.path.join(os.path.dirname(path), f"{stem}_*.png")))
+        if plots:
+            links = [f"[{os.path.basename(p)[len(stem) + 1:-4]}](benchmarks/results/"
+                     f"{os.path.basename(p)})" for p in plots]  # fmt: skip
+            lines += ["", "Time against size, one line per impl: " + ", ".join(links)]
+        lines.append("")
+    if not shown:
+        lines.append("No GPU measurement has been recorded yet (`python benchmarks/run.py` on a "
+                     "CUDA machine writes benchmarks/results/<device>.json).")  # fmt: skip
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Print the README's Performance section.")
+    p.add_argument("--results-dir", default=RESULTS)
+    p.add_argument("--include-smoke", action="store_true",
+                   help="also the CPU smoke and --small files (marked as such)")  # fmt: skip
+    args = p.parse_args(argv)
+    paths = sorted(glob.glob(os.path.join(args.results_dir, "*.json")))
+    sys.stdout.write(section(paths, args.include_smoke))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
