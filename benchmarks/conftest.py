@@ -17,6 +17,8 @@ from benchmarks import harness
 @pytest.fixture
 def bench_options() -> harness.Options:
     on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        torch.set_num_threads(1)  # as run.py: a shared CPU's load disturbs one thread the least
     return harness.Options(
         device=torch.device("cuda" if on_cuda else "cpu"),
         dtypes=("bf16",) if on_cuda else ("fp32",),

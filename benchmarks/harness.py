@@ -311,9 +311,12 @@ def cuda_kernel_names(fn: Callable[[], Any], limit: int = 6) -> list:
     CUDA. Used to record which cuDNN algorithm / SDPA backend actually ran."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    try:  # a diagnostic only: a profiler that cannot start must not cost the row its timing
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError as exc:
+        return [f"profiler failed: {exc}"]
     events = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None]
     cuda_events = [e for e in events if str(e.device_type).endswith("CUDA")]
     cuda_events.sort(key=lambda e: getattr(e, "device_time_total", 0), reverse=True)

@@ -131,7 +131,7 @@ def section(paths: list, include_smoke: bool) -> str:
         lines.append("")
         lines.append(
             f"torch {first.get('torch')}, triton {first.get('triton')}, CUDA {first.get('cuda')}, "
-            f"commit {first.get('commit')}. Medians of `triton.testing.do_bench` after warm-up; "
+            f"commit {first.get('commit')}. Medians of `{first.get('timer')}` after warm-up; "
             f"each configuration ran twice (full table: [{stem}.md](benchmarks/results/{stem}.md))."
         )
         lines.append("")

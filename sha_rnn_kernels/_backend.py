@@ -2,8 +2,8 @@
 
 Backends:
 - ``"reference"``: the pure-PyTorch code of :mod:`sha_rnn_kernels.reference` (any device).
-- ``"torch"``: PyTorch's own fused op where one exists (only the LSTM: ``torch.lstm``, which is
-  cuDNN on CUDA).
+- ``"torch"``: PyTorch's own fused op where one exists (the LSTM: ``torch.lstm``, which is cuDNN
+  on CUDA); for the other ops, which PyTorch has no single op for, the reference.
 - ``"triton"``: the Triton kernels of :mod:`sha_rnn_kernels.ops` (CUDA tensors, or CPU tensors
   when ``TRITON_INTERPRET=1`` was set before the ops were first imported).
 - ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (the persistent LSTM), built on first use.
@@ -102,8 +102,11 @@ def resolve(
         auto_order: the backends ``auto`` tries on CUDA tensors, fastest first.
         cpu_default: what ``auto`` uses on non-CUDA tensors.
     """
-    allowed = ("reference",) + tuple(reasons)
+    allowed = ("reference", "torch") + tuple(reasons)
     backend = normalize_backend(backend, allowed)
+    if backend == "torch" and "torch" not in reasons:
+        # For ops without a fused PyTorch op of their own, PyTorch's ops are the reference.
+        return "reference"
     if backend == "reference":
         return backend
     if backend != "auto":

@@ -8,6 +8,8 @@ was received), casts to the autocast dtype when autocast is on, resolves the bac
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -85,10 +87,13 @@ def _no_autocast(device: torch.device):
 def _triton_module(name: str):
     """Import ``sha_rnn_kernels.ops.<name>`` lazily (triton.jit fixes the interpreter mode when
     a kernel is defined). Returns (module, None) or (None, reason)."""
-    import importlib
-
+    full_name = f"sha_rnn_kernels.ops.{name}"
+    # A plain dict look-up first: torch.compile traces it, while it refuses importlib.
+    module = sys.modules.get(full_name)
+    if module is not None:
+        return module, None
     try:
-        return importlib.import_module(f"sha_rnn_kernels.ops.{name}"), None
+        return importlib.import_module(full_name), None
     except ImportError as exc:
         return None, f"the Triton {name} kernels cannot be imported ({exc})"
 
@@ -176,7 +181,7 @@ def boom(
         module, _ = _triton_module("boom")
         if p > 0 and seed is None:
             seed = _backend.draw_seed()
-        return module.boom(x, weight, bias, dropout_p=p, seed=seed or 0)
+        return module.boom(x, weight, bias, dropout_p=p, seed=0 if seed is None else seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +293,7 @@ def single_head_attention(
                 seed = _backend.draw_seed()
             out = module.attention(
                 q, k, v, key_gate=key_gate, value_gate=value_gate, dropout_p=p,
-                value_dropout_p=pv, seed=seed or 0,
+                value_dropout_p=pv, seed=0 if seed is None else seed,
             )  # fmt: skip
     return out.transpose(0, 1) if batch_first else out
 

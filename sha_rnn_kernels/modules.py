@@ -42,6 +42,13 @@ def _check_positive(name: str, value) -> int:
     return value
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(
+        compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+    )
+
+
 def _init_linear(linear: nn.Linear, width: int) -> None:
     """The SHA-RNN init: normal(0, 0.1 / sqrt(E)) weights, zero biases."""
     nn.init.normal_(linear.weight, mean=0.0, std=0.1 / math.sqrt(width))
@@ -515,6 +522,8 @@ class SHARNN(nn.Module):
             raise ValueError(
                 f"x has T = {x.shape[0]} positions > max_positions = {self.max_positions}"
             )
+        if _is_compiling():
+            return  # the range check below syncs with the device and would split the graph
         low, high = int(x.min()), int(x.max())
         if low < 0 or high >= self.ntoken:
             bad = low if low < 0 else high

@@ -127,7 +127,8 @@ def spec_block(h, p, i, mem, state, max_positions, has_attn):
         new_mem = big[-max_positions:]
         a = b + "attn."
         E = h.shape[-1]
-        q = torch.sigmoid(p[a + "qs"]) * ln(h @ p[a + "q.weight"].t() + p[a + "q.bias"], p, a + "qln")
+        q = h @ p[a + "q.weight"].t() + p[a + "q.bias"]
+        q = torch.sigmoid(p[a + "qs"]) * ln(q, p, a + "qln")
         k = torch.sigmoid(p[a + "ks"]) * big
         cf = torch.sigmoid(p[a + "vs"]) @ p[a + "vq.l1.weight"].t() + p[a + "vq.l1.bias"]
         v = torch.sigmoid(cf[..., E:]) * torch.tanh(cf[..., :E]) * big
