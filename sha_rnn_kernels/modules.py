@@ -448,7 +448,8 @@ class SHARNN(nn.Module):
     new_mems)``: ``new_hidden`` one ``(h_n, c_n)`` per block, ``new_mems`` one entry per block
     (``[M, B, E]`` for the attention block, None for the others). Pass both back in with the next
     segment; memories are cut to the last ``max_positions - T`` positions first. Use
-    :meth:`logits` or :meth:`loss` for the decoder.
+    :meth:`logits` or :meth:`loss` for the decoder. Token ids are checked against the vocabulary
+    on every call (one device sync); set ``model.check_token_ids = False`` to skip that.
 
     Example:
         >>> model = SHARNN(256, ninp=32, nhid=128, nlayers=2)
@@ -480,6 +481,10 @@ class SHARNN(nn.Module):
         self.dropouti = _check_dropout("dropouti", dropouti)
         self.max_positions = _check_positive("max_positions", max_positions)
         self.backend = _check_backend(backend)
+        # Check every call's token ids against the vocabulary. It reads the ids' range back to
+        # the host (one device sync per call); a caller whose ids are valid by construction may
+        # turn it off.
+        self.check_token_ids = True
         self.encoder = nn.Embedding(ntoken, ninp)
         self.blocks = nn.ModuleList(
             SHALayer(
@@ -522,7 +527,7 @@ class SHARNN(nn.Module):
             raise ValueError(
                 f"x has T = {x.shape[0]} positions > max_positions = {self.max_positions}"
             )
-        if _is_compiling():
+        if not self.check_token_ids or _is_compiling():
             return  # the range check below syncs with the device and would split the graph
         low, high = int(x.min()), int(x.max())
         if low < 0 or high >= self.ntoken:

@@ -560,7 +560,11 @@ def run(
     if config["threads"] is not None:
         torch.set_num_threads(config["threads"])
     try:
-        return _train(config, checkpoint, ddp, device, args.resume, step_callback)
+        # Handed over in a list so that _train can drop the only reference once it has copied
+        # the weights and optimizer state in (they are large for the paper's model).
+        loaded = [checkpoint] if checkpoint is not None else []
+        del checkpoint
+        return _train(config, loaded, ddp, device, args.resume, step_callback)
     finally:
         torch.set_num_threads(threads)
         if ddp.initialized_here:
@@ -569,7 +573,7 @@ def run(
 
 def _train(
     config: dict,
-    checkpoint: Optional[dict],
+    loaded: list,
     ddp: Dist,
     device: torch.device,
     resume_path: Optional[str],
@@ -624,6 +628,9 @@ def _train(
         max_positions=config["max_positions"],
         backend=config["backend"],
     ).to(device)
+    # Byte ids are below the 256-token vocabulary by construction; skip the per-step range check
+    # (a device sync) that SHARNN does for arbitrary callers.
+    model.check_token_ids = False
     if ddp.rank > 0:
         torch.manual_seed(seed + ddp.rank)  # different dropout masks on each rank
     optimizer = Lamb(
@@ -639,7 +646,8 @@ def _train(
     step, epoch, position = 0, 0, 0
     hidden = mems = None
     history_valid: list = []
-    if checkpoint is not None:
+    if loaded:
+        checkpoint = loaded.pop()
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])

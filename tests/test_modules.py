@@ -252,6 +252,10 @@ def test_model_errors_name_the_argument():
         model(torch.tensor([[1], [10]]))
     with pytest.raises(ValueError, match="token id -1"):
         model(torch.tensor([[-1], [2]]))
+    model.check_token_ids = False  # the caller vouches for the ids: no check, no sync
+    with pytest.raises(IndexError):  # torch's own error from the embedding on the CPU
+        model(torch.tensor([[1], [10]]))
+    model.check_token_ids = True
     with pytest.raises(TypeError, match="integer token ids"):
         model(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="max_positions"):
