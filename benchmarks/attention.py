@@ -27,8 +27,10 @@ from .harness import (
     Rotation,
     Unavailable,
     cuda_kernel_names,
+    expand_cases,
     randn,
     rotated,
+    sweep_shapes,
 )
 
 OP = "attention"
@@ -47,27 +49,11 @@ def size(shape: dict) -> float:
 
 
 def shapes(opts: Options) -> Iterator[tuple]:
-    base = SMALL if opts.small else PAPER
-    yield dict(base), True
-    if opts.sweep:
-        for key_len in SMALL_SWEEP_K if opts.small else SWEEP_K:
-            if key_len != base["K"]:
-                yield dict(base, K=key_len), False
+    return sweep_shapes(opts, PAPER, SMALL, {"K": (SWEEP_K, SMALL_SWEEP_K)})
 
 
 def cases(opts: Options) -> Iterator[Case]:
-    for shape, paper in shapes(opts):
-        for dtype in opts.dtypes:
-            for pass_ in opts.passes:
-                for impl in IMPLS:
-                    if impl == "compile-max-autotune" and not opts.max_autotune:
-                        continue
-                    yield Case(
-                        op=OP, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
-                        paper_shape=paper and not opts.small,
-                        case="paper" if paper else "sweep",
-                        build=_builder(impl, dtype, pass_, shape, opts),
-                    )  # fmt: skip
+    return expand_cases(OP, IMPLS, opts, shapes(opts), _builder)
 
 
 def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bool) -> dict:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from .harness import DTYPES, Bench, Case, Options, randn, rotated
+from .harness import DTYPES, Bench, Case, Options, expand_cases, randn, rotated, sweep_shapes
 
 OP = "boom"
 IMPLS = ("sha_rnn_kernels", "triton", "eager", "compile", "compile-max-autotune")
@@ -31,27 +31,11 @@ def size(shape: dict) -> float:
 
 
 def shapes(opts: Options) -> Iterator[tuple]:
-    base = SMALL if opts.small else PAPER
-    yield dict(base), True
-    if opts.sweep:
-        for steps in SMALL_SWEEP_T if opts.small else SWEEP_T:
-            if steps != base["T"]:
-                yield dict(base, T=steps), False
+    return sweep_shapes(opts, PAPER, SMALL, {"T": (SWEEP_T, SMALL_SWEEP_T)})
 
 
 def cases(opts: Options) -> Iterator[Case]:
-    for shape, paper in shapes(opts):
-        for dtype in opts.dtypes:
-            for pass_ in opts.passes:
-                for impl in IMPLS:
-                    if impl == "compile-max-autotune" and not opts.max_autotune:
-                        continue
-                    yield Case(
-                        op=OP, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
-                        paper_shape=paper and not opts.small,
-                        case="paper" if paper else "sweep",
-                        build=_builder(impl, dtype, pass_, shape, opts),
-                    )  # fmt: skip
+    return expand_cases(OP, IMPLS, opts, shapes(opts), _builder)
 
 
 def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bool) -> dict:

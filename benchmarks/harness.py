@@ -105,6 +105,45 @@ class Case:
         return f"{self.op}/{self.impl}/{self.dtype}/{self.pass_} [{dims}]"
 
 
+def sweep_shapes(opts: Options, paper: dict, small: dict, sweeps: dict) -> Iterator[tuple]:
+    """``(shape, is the paper case)``: the paper (or --small) shape, then with --sweep every
+    other point of ``sweeps``: ``{"K": ((paper values), (small values))}``; several entries sweep
+    their product (a value may be a dict of dims that change together)."""
+    base = small if opts.small else paper
+    yield dict(base), True
+    if not opts.sweep:
+        return
+    axes = [(key, values[1] if opts.small else values[0]) for key, values in sweeps.items()]
+    points = [dict(base)]
+    for key, values in axes:
+        points = [
+            dict(point, **(value if isinstance(value, dict) else {key: value}))
+            for point in points
+            for value in values
+        ]  # fmt: skip
+    for shape in points:
+        if shape != base:
+            yield shape, False
+
+
+def expand_cases(
+    op: str, impls: tuple, opts: Options, shapes: Iterator[tuple], builder: Callable
+) -> Iterator[Case]:
+    """One Case per (shape, dtype, pass, impl); ``builder(impl, dtype, pass_, shape, opts)``."""
+    for shape, paper in shapes:
+        for dtype in opts.dtypes:
+            for pass_ in opts.passes:
+                for impl in impls:
+                    if impl == "compile-max-autotune" and not opts.max_autotune:
+                        continue
+                    yield Case(
+                        op=op, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
+                        paper_shape=paper and not opts.small,
+                        case="paper" if paper else "sweep",
+                        build=builder(impl, dtype, pass_, shape, opts),
+                    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------

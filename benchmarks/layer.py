@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .harness import Bench, Case, Options, Rotation, autocast, randn
+from .harness import Bench, Case, Options, Rotation, autocast, expand_cases, randn
 
 OP = "layer"
 IMPLS = ("sha_rnn_kernels", "eager", "original", "compile")
@@ -37,14 +37,7 @@ def size(shape: dict) -> float:
 
 def cases(opts: Options) -> Iterator[Case]:
     shape = dict(SMALL if opts.small else PAPER)
-    for dtype in opts.dtypes:
-        for pass_ in opts.passes:
-            for impl in IMPLS:
-                yield Case(
-                    op=OP, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
-                    paper_shape=not opts.small, case="paper",
-                    build=_builder(impl, dtype, pass_, shape, opts),
-                )  # fmt: skip
+    return expand_cases(OP, IMPLS, opts, iter([(shape, True)]), _builder)
 
 
 def use_torch_lstm(model: torch.nn.Module) -> torch.nn.Module:

@@ -26,7 +26,9 @@ from .harness import (
     Rotation,
     Unavailable,
     cuda_kernel_names,
+    expand_cases,
     rotated,
+    sweep_shapes,
     uniform,
 )
 
@@ -49,29 +51,16 @@ def size(shape: dict) -> float:
 
 
 def shapes(opts: Options) -> Iterator[tuple]:
-    """(shape, is the paper case)."""
-    base = SMALL if opts.small else PAPER
-    yield dict(base), True
-    if opts.sweep:
-        bs, hs = (SMALL_SWEEP_B, SMALL_SWEEP_H) if opts.small else (SWEEP_B, SWEEP_H)
-        for batch in bs:
-            for hidden in hs:
-                shape = dict(base, B=batch, I=hidden, H=hidden)
-                if shape != base:
-                    yield shape, False
+    """(shape, is the paper case): batch x hidden (input size = hidden)."""
+    sizes = tuple({"I": h, "H": h} for h in SWEEP_H)
+    small_sizes = tuple({"I": h, "H": h} for h in SMALL_SWEEP_H)
+    return sweep_shapes(
+        opts, PAPER, SMALL, {"B": (SWEEP_B, SMALL_SWEEP_B), "H": (sizes, small_sizes)}
+    )
 
 
 def cases(opts: Options) -> Iterator[Case]:
-    for shape, paper in shapes(opts):
-        for dtype in opts.dtypes:
-            for pass_ in opts.passes:
-                for impl in IMPLS:
-                    yield Case(
-                        op=OP, impl=impl, dtype=dtype, pass_=pass_, shape=shape,
-                        paper_shape=paper and not opts.small,
-                        case="paper" if paper else "sweep",
-                        build=_builder(impl, dtype, pass_, shape, opts),
-                    )  # fmt: skip
+    return expand_cases(OP, IMPLS, opts, shapes(opts), _builder)
 
 
 def expected_cudnn_algo(dtype: str, shape: dict, device: torch.device) -> str:
