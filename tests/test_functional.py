@@ -181,3 +181,17 @@ def test_a_layer_on_the_triton_backend_matches_the_reference():
     (g_r,) = torch.autograd.grad(out_r.square().sum(), x)
     (g_t,) = torch.autograd.grad(out_t.square().sum(), x)
     torch.testing.assert_close(g_t, g_r, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_kernels_need_an_ampere_gpu(monkeypatch):
+    from sha_rnn_kernels.ops import _common
+
+    gpu = torch.device("cuda", 0)  # a device object only; the capability look-up is replaced
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "_cuda_capability", lambda index: (7, 5))
+    assert "compute capability >= 8.0; cuda:0 has 7.5" in _common.capability_reason(
+        gpu, torch.bfloat16
+    )
+    assert _common.capability_reason(gpu, torch.float16) is None
+    monkeypatch.setattr(_common, "_cuda_capability", lambda index: (9, 0))
+    assert _common.capability_reason(gpu, torch.bfloat16) is None

@@ -40,6 +40,29 @@ def dtype_reason(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def _cuda_capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    # A device property: torch.compile may fold it instead of tracing into torch.cuda.
+    _cuda_capability = torch.compiler.assume_constant_result(_cuda_capability)
+
+
+def capability_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a GPU cannot run the kernels' tensor-core dots in ``dtype``, or None.
+
+    Triton's bfloat16 dots need compute capability 8.0 (Ampere) or newer.
+    """
+    if device.type != "cuda" or dtype != torch.bfloat16 or interpreter_enabled():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = _cuda_capability(index)
+    if (major, minor) < (8, 0):
+        return f"bfloat16 tensor-core dots need compute capability >= 8.0; {device} has {major}.{minor}"
+    return None
+
+
 def tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 

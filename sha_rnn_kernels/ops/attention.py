@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreter_enabled, triton_reason
-from ._common import autotune_configs, dtype_reason, empty
+from ._common import autotune_configs, capability_reason, dtype_reason, empty
 
 # Largest element offset the kernels address with 32-bit arithmetic.
 _MAX_INT32 = 2**31 - 1
@@ -533,7 +533,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opt
         extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
         if max(extent, t.numel()) > _MAX_INT32:
             return f"{name} spans {extent} elements; the kernels address at most 2**31 - 1"
-    return None
+    return capability_reason(q.device, q.dtype)
 
 
 def attention(

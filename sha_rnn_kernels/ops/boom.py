@@ -404,11 +404,6 @@ _boom_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # entry points called by sha_rnn_kernels.functional
 # --------------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def unsupported_reason(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Optional[str]:
@@ -418,15 +413,7 @@ def unsupported_reason(
         return reason
     if weight.numel() >= 2**31:
         return f"weight has {weight.numel()} elements; the kernel indexes it with 32-bit offsets"
-    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and not interpreter_enabled():
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        capability = _cuda_capability(index)
-        if capability < (8, 0):
-            return (
-                f"bfloat16 tensor-core dots need compute capability >= 8.0; "
-                f"{x.device} has {capability[0]}.{capability[1]}"
-            )
-    return None
+    return _common.capability_reason(x.device, x.dtype)
 
 
 def boom(

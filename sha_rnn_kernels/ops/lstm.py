@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreter_enabled, triton_reason
-from ._common import dtype_reason, empty
+from ._common import capability_reason, dtype_reason, empty
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -753,7 +753,7 @@ def unsupported_reason(
             f"empty sizes are not supported (B={x.shape[1]}, input size {x.shape[2]}, "
             f"hidden size {weight_hh.shape[1]})"
         )
-    return None
+    return capability_reason(x.device, x.dtype)
 
 
 def lstm(
