@@ -98,6 +98,18 @@ def _triton_module(name: str):
         return None, f"the Triton {name} kernels cannot be imported ({exc})"
 
 
+def preload(*names: str) -> None:
+    """Import the Triton op files ``names`` (``"boom"``, ``"attention"``, ``"lstm"``) now.
+
+    The ops are imported on first use, which ``torch.compile(fullgraph=True)`` cannot trace;
+    the modules call this when they are built. Call it yourself before compiling a function
+    that uses :mod:`sha_rnn_kernels.functional` directly. A missing Triton is not an error here
+    (the backend then reports why it cannot run).
+    """
+    for name in names:
+        _triton_module(name)
+
+
 def _triton_reason(name: str, device: torch.device, *args) -> Optional[str]:
     reason = _backend.triton_reason(device)
     if reason is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as SF
-from ._backend import normalize_backend
+from ._backend import default_backend, normalize_backend
 from .reference import LAYER_NORM_EPS
 
 __all__ = ["Boom", "LSTM", "SingleHeadAttention", "SHALayer", "SHARNN", "Overparam"]
@@ -24,9 +24,13 @@ __all__ = ["Boom", "LSTM", "SingleHeadAttention", "SHALayer", "SHARNN", "Overpar
 HiddenState = tuple[Tensor, Tensor]
 
 
-def _check_backend(backend: Optional[str]) -> Optional[str]:
+def _check_backend(backend: Optional[str], *ops: str) -> Optional[str]:
+    """Validate ``backend`` and, unless it rules Triton out, import the Triton files of ``ops``
+    now: torch.compile(fullgraph=True) cannot trace that import at the first call."""
     if backend is not None:
         normalize_backend(backend, ("reference", "torch", "triton", "cuda"))
+    if ops and (backend or default_backend()) in ("auto", "triton"):
+        SF.preload(*ops)
     return backend
 
 
@@ -91,7 +95,7 @@ class Boom(nn.Module):
             raise ValueError(f"hidden_dim must be >= embed_dim = {embed_dim}; got {hidden_dim}")
         self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
         self.dropout = _check_dropout("dropout", dropout)
-        self.backend = _check_backend(backend)
+        self.backend = _check_backend(backend, "boom")
         self.linear1 = nn.Linear(embed_dim, hidden_dim)
         self.reset_parameters()
 
@@ -143,7 +147,7 @@ class LSTM(nn.Module):
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.dropout = 0.0
-        self.backend = _check_backend(backend)
+        self.backend = _check_backend(backend, "lstm")
         gates = 4 * hidden_size
         self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size))
@@ -236,7 +240,7 @@ class SingleHeadAttention(nn.Module):
         self.embed_dim = _check_positive("embed_dim", embed_dim)
         self.dropout = _check_dropout("dropout", dropout)
         self.batch_first = bool(batch_first)
-        self.backend = _check_backend(backend)
+        self.backend = _check_backend(backend, "attention")
         e = embed_dim
         self.qs = nn.Parameter(torch.zeros(1, 1, e))
         self.ks = nn.Parameter(torch.zeros(1, 1, e))

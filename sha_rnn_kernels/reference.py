@@ -8,6 +8,7 @@ clarity, not speed. Arguments are not validated here; :mod:`sha_rnn_kernels.func
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -141,5 +142,9 @@ def lstm_torch(
     if has_bias:
         zeros = weight_ih.new_zeros(weight_ih.shape[0])
         params += [zeros if bias_ih is None else bias_ih, zeros if bias_hh is None else bias_hh]
-    out, h_n, c_n = torch.lstm(x, (h, c), params, has_bias, 1, 0.0, training, False, False)
+    with warnings.catch_warnings():
+        # cuDNN copies separately stored weights into one buffer (a few MB, microseconds next to
+        # the recurrence) and says so on every call; the copy is expected here.
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+        out, h_n, c_n = torch.lstm(x, (h, c), params, has_bias, 1, 0.0, training, False, False)
     return out, h_n[0], c_n[0]
