@@ -33,7 +33,10 @@ The minimum is 2G forward (QK^T, PV) and 5G backward (S, dP, dV, dK, dQ).
   (deterministic) would recompute S and dP once more: (4 E/BLOCK_D + 3)G = 19G; the atomics cost
   B*T*E*K_visible/BLOCK_N = 588M fp32 adds (2.4 GB to L2) at BLOCK_N=128, judged cheaper.
   dQ is therefore not bitwise deterministic on a GPU.
-The autotune list holds BLOCK_D in {64, 128, 256}; configs with chunks wider than E are pruned.
+The autotune list holds BLOCK_D in {64, 128, 256}; configs with chunks wider than E are pruned, and
+so are the configs that spill registers for the inputs' dtype and dropout (``_prune_fwd``,
+``_prune_bwd``; compiled offline with tools/compile_triton.py). At the paper shape that leaves the
+forward's BLOCK_D=256 to inference without dropout and the backward at BLOCK_D <= 128.
 """
 
 import math
@@ -60,6 +63,43 @@ def _prune_wide_chunks(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
 
 
+def _per_thread(config, elements):
+    return elements / (32 * config.num_warps)
+
+
+# Register budgets, from tools/compile_triton.py (ptxas, sm_90 and sm_80, the paper's shape):
+# fp32 tiles (IEEE dots) and dropout (int64 Philox offsets over the P and V tiles) cost many
+# registers, and the configs past these budgets spill 0.7-77 KB per thread. Those kept spill at
+# most ~250 B on sm_90 and ~330 B on sm_80, except BLOCK_D=256 without gates (676 B on sm_80).
+def _prune_fwd(configs, named_args, **kwargs):
+    """Wide chunks, then configs that spill: fp32 keeps <= 32 accumulator elements per thread;
+    with dropout, low precision keeps <= 64 accumulator and <= 32 value elements per thread."""
+    configs = _prune_wide_chunks(configs, named_args)
+    fp32 = named_args["Q"].dtype == torch.float32
+    dropout = kwargs.get("ATTN_DROPOUT", False) or kwargs.get("VALUE_DROPOUT", False)
+
+    def fits(c):
+        m, n, d = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+        if fp32:
+            return _per_thread(c, m * d) <= 32
+        return not dropout or (_per_thread(c, m * d) <= 64 and _per_thread(c, n * d) <= 32)
+
+    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: _per_thread(c, c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_D"]))]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    """Wide chunks, then configs that spill: the dK, dV and dQ accumulators may hold at most
+    40 (fp32) or 96 (fp16/bf16) elements per thread."""
+    configs = _prune_wide_chunks(configs, named_args)
+    budget = 40 if named_args["Q"].dtype == torch.float32 else 96
+
+    def accumulators(c):
+        m, n, d = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+        return _per_thread(c, (2 * n + m) * d)
+
+    return [c for c in configs if accumulators(c) <= budget] or [min(configs, key=accumulators)]
+
+
 _FWD_CONFIGS = autotune_configs(
     [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 256}, num_warps=8, num_stages=2),
@@ -77,6 +117,8 @@ _BWD_CONFIGS = autotune_configs(
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 256}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
+        # The only one of these that does not spill in fp32.
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=8, num_stages=2),
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
 )
@@ -92,7 +134,8 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["head_dim"], prune_configs_by={"early_config_prune": _prune_wide_chunks})
+# The dropout switches are in the key: the pruning (hence the best config) depends on them.
+@triton.autotune(configs=_FWD_CONFIGS, key=["head_dim", "ATTN_DROPOUT", "VALUE_DROPOUT"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, KEY_GATE, VALUE_GATE, O, LSE,
@@ -213,7 +256,7 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.autotune(
     configs=_BWD_CONFIGS, key=["head_dim"], reset_to_zero=["DQ", "DKEY_GATE", "DVALUE_GATE"],
-    prune_configs_by={"early_config_prune": _prune_wide_chunks},
+    prune_configs_by={"early_config_prune": _prune_bwd},
 )
 @triton.jit
 def _attention_bwd_kernel(

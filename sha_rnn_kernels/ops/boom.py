@@ -44,7 +44,8 @@ are estimates from FLOP and byte counts; none of them has been measured on a GPU
   and it does not overlap the GEMM loop of its own program. Compiled offline for sm_90 (triton
   3.9, no GPU), the K loop is software-pipelined (async copies, wgmma); 128x128 tiles use all
   255 registers and spill a few hundred bytes with dropout, 128x64 and 64x128 do not, which is
-  why the autotune list has both kinds.
+  why the autotune list has both kinds; ``_prune_spilling`` drops the spilling ones (and in fp32
+  all but 64x64x32) before the autotuner times them.
 * Precision: bf16/fp16 operands, fp32 accumulation and epilogue, one rounding of ``y``. fp32
   inputs: the forward kernel uses IEEE fp32 products (``input_precision="ieee"``, no TF32), so
   fp32 parity is tight; the backward ``torch.mm`` calls follow
@@ -116,7 +117,23 @@ def _fwd_configs():
     return _common.autotune_configs(configs, interpreted)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["E", "C", "HAS_DROPOUT", "SAVE_PRE"])
+def _prune_spilling(configs, named_args, **kwargs):
+    """Drop the configs that spill registers (ptxas, sm_90 and sm_80, paper shape, compiled
+    offline with tools/compile_triton.py): with dropout, tiles over 32 elements per thread
+    (128x128 spills 300-650 B); in fp32 (IEEE dots), also BLOCK_K > 32 (0.8-1.6 KB on sm_80)."""
+    fp32 = named_args["X"].dtype == torch.float32
+
+    def fits(c):
+        per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+        if fp32:
+            return per_thread <= 32 and c.kwargs["BLOCK_K"] <= 32
+        return per_thread <= 32 or not kwargs.get("HAS_DROPOUT", False)
+
+    return [c for c in configs if fits(c)] or [configs[-1]]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["E", "C", "HAS_DROPOUT", "SAVE_PRE"],
+                 prune_configs_by={"early_config_prune": _prune_spilling})
 @triton.jit
 def _boom_fwd_kernel(
     X, W, B, Y, PRE,
