@@ -60,10 +60,17 @@ def _check_same(op: str, named: Sequence[tuple[str, Optional[Tensor]]], check_dt
             )
 
 
-def _check_probability(op: str, name: str, p) -> float:
+def check_probability(name: str, p, op: Optional[str] = None) -> float:
+    """``p`` as a float in [0, 1), else a ValueError naming ``name`` (and ``op``)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{op}: {name} must be a float in [0, 1); got {p!r}")
+        prefix = f"{op}: " if op else ""
+        raise ValueError(f"{prefix}{name} must be a float in [0, 1); got {p!r}")
     return float(p)
+
+
+def describe(t) -> str:
+    """A tensor's shape as ``[a, b, c]``, or the type name of anything else (for messages)."""
+    return _shape(t) if isinstance(t, Tensor) else type(t).__name__
 
 
 def _check_seed(op: str, seed) -> None:
@@ -174,7 +181,7 @@ def boom(
         raise ValueError(f"{op}: bias must be [F] = [{weight.shape[0]}]; got {_shape(bias)}")
     if width == 0:
         raise ValueError(f"{op}: x's last dimension E must be >= 1; got shape {_shape(x)}")
-    p = _check_probability(op, "dropout", dropout)
+    p = check_probability("dropout", dropout, op)
     _check_seed(op, seed)
     (x, weight, bias), autocast_on = _autocast([x, weight, bias])
     _check_same(op, [("x", x), ("weight", weight), ("bias", bias)], check_dtype=not autocast_on)
@@ -272,8 +279,8 @@ def single_head_attention(
         )
     key_gate = _gate(op, "key_gate", key_gate, width)
     value_gate = _gate(op, "value_gate", value_gate, width)
-    p = _check_probability(op, "dropout", dropout)
-    pv = _check_probability(op, "value_dropout", value_dropout)
+    p = check_probability("dropout", dropout, op)
+    pv = check_probability("value_dropout", value_dropout, op)
     _check_seed(op, seed)
     (q, k, v), autocast_on = _autocast([q, k, v])
     _check_same(op, [("q", q), ("k", k), ("v", v)], check_dtype=not autocast_on)

@@ -34,12 +34,6 @@ def _check_backend(backend: Optional[str], *ops: str) -> Optional[str]:
     return backend
 
 
-def _check_dropout(name: str, p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1); got {p!r}")
-    return float(p)
-
-
 def _check_positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -94,7 +88,7 @@ class Boom(nn.Module):
         if hidden_dim < embed_dim:
             raise ValueError(f"hidden_dim must be >= embed_dim = {embed_dim}; got {hidden_dim}")
         self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
-        self.dropout = _check_dropout("dropout", dropout)
+        self.dropout = SF.check_probability("dropout", dropout)
         self.backend = _check_backend(backend, "boom")
         self.linear1 = nn.Linear(embed_dim, hidden_dim)
         self.reset_parameters()
@@ -238,7 +232,7 @@ class SingleHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_dim = _check_positive("embed_dim", embed_dim)
-        self.dropout = _check_dropout("dropout", dropout)
+        self.dropout = SF.check_probability("dropout", dropout)
         self.batch_first = bool(batch_first)
         self.backend = _check_backend(backend, "attention")
         e = embed_dim
@@ -352,7 +346,7 @@ class SHALayer(nn.Module):
         super().__init__()
         e = self.embed_dim = _check_positive("embed_dim", embed_dim)
         self.max_positions = _check_positive("max_positions", max_positions)
-        self.dropout = _check_dropout("dropout", dropout)
+        self.dropout = SF.check_probability("dropout", dropout)
         self.batch_first = bool(batch_first)
         self.backend = _check_backend(backend)
         self.attn = SingleHeadAttention(e, dropout, backend=backend) if use_attn else None
@@ -373,15 +367,13 @@ class SHALayer(nn.Module):
         e = self.embed_dim
         if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[-1] != e:
             layout = "[B, T, E]" if self.batch_first else "[T, B, E]"
-            got = list(h.shape) if isinstance(h, Tensor) else type(h).__name__
-            raise ValueError(f"h must be {layout} with E = {e}; got {got}")
+            raise ValueError(f"h must be {layout} with E = {e}; got {SF.describe(h)}")
         if mem is None:
             return
         if self.attn is None:
             raise ValueError("mem was given but this layer has no attention (use_attn=False)")
         if not isinstance(mem, Tensor) or mem.dim() != 3:
-            got = list(mem.shape) if isinstance(mem, Tensor) else type(mem).__name__
-            raise ValueError(f"mem must be a 3-D tensor; got {got}")
+            raise ValueError(f"mem must be a 3-D tensor; got {SF.describe(mem)}")
         time_dim, batch_dim = (1, 0) if self.batch_first else (0, 1)
         if mem.shape[batch_dim] != h.shape[batch_dim] or mem.shape[-1] != e:
             raise ValueError(
@@ -480,9 +472,9 @@ class SHARNN(nn.Module):
         self.ninp = _check_positive("ninp", ninp)
         self.nhid = _check_positive("nhid", nhid)
         self.nlayers = _check_positive("nlayers", nlayers)
-        self.dropout = _check_dropout("dropout", dropout)
-        self.dropouth = _check_dropout("dropouth", dropouth)
-        self.dropouti = _check_dropout("dropouti", dropouti)
+        self.dropout = SF.check_probability("dropout", dropout)
+        self.dropouth = SF.check_probability("dropouth", dropouth)
+        self.dropouti = SF.check_probability("dropouti", dropouti)
         self.max_positions = _check_positive("max_positions", max_positions)
         self.backend = _check_backend(backend)
         # Check every call's token ids against the vocabulary. It reads the ids' range back to
@@ -521,8 +513,7 @@ class SHARNN(nn.Module):
 
     def _check_tokens(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 2:
-            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a [T, B] tensor of token ids; got {got}")
+            raise ValueError(f"x must be a [T, B] tensor of token ids; got {SF.describe(x)}")
         if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"x must hold integer token ids; got dtype {x.dtype}")
         if x.shape[0] < 1 or x.shape[1] < 1:
@@ -553,23 +544,25 @@ class SHARNN(nn.Module):
         if mems is not None:
             if len(mems) != self.nlayers:
                 raise ValueError(f"mems must hold {self.nlayers} entries; got {len(mems)}")
-            keep = self.max_positions - steps
-            mems = [
-                None if (m is None or isinstance(m, list) or m.shape[0] == 0)
-                else m[max(0, m.shape[0] - keep):]
-                for m in mems
-            ]  # fmt: skip
+            mems = [self._cut_memory(m, self.max_positions - steps) for m in mems]
         h = F.dropout(self.encoder(x.long()), self.dropouti, self.training)
         new_hidden, new_mems = [], []
         for i, block in enumerate(self.blocks):
             mem = mems[i] if mems is not None else None
-            if mem is not None and mem.shape[0] == 0:
-                mem = None
             h, m, nh = block(h, mem, None if hidden is None else hidden[i])
             new_hidden.append(nh)
             new_mems.append(m)
         h = F.dropout(h, self.dropout, self.training)
         return h, new_hidden, new_mems
+
+    @staticmethod
+    def _cut_memory(mem, keep: int) -> Optional[Tensor]:
+        """The last ``keep`` positions of a block's memory; None when there are none (the
+        original marked blocks without memory with ``[]``)."""
+        if mem is None or isinstance(mem, list):
+            return None
+        mem = mem[max(0, mem.shape[0] - keep) :]
+        return mem if mem.shape[0] > 0 else None
 
     def logits(
         self, x: Tensor, hidden: Optional[list] = None, mems: Optional[list] = None
@@ -587,8 +580,9 @@ class SHARNN(nn.Module):
     ) -> tuple[Tensor, list, list]:
         """Mean cross-entropy (nats) of ``targets [T, B]``: ``(loss, new_hidden, new_mems)``."""
         if not isinstance(targets, Tensor) or targets.shape != x.shape:
-            got = list(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(f"targets must have x's shape {list(x.shape)}; got {got}")
+            raise ValueError(
+                f"targets must have x's shape {SF.describe(x)}; got {SF.describe(targets)}"
+            )
         logits, new_hidden, new_mems = self.logits(x, hidden, mems)
         loss = F.cross_entropy(logits.float().reshape(-1, self.ntoken), targets.reshape(-1).long())
         return loss, new_hidden, new_mems

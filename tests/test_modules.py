@@ -289,3 +289,7 @@ def test_model_memory_is_truncated_not_rejected():
     assert mems[0].shape[0] == 6
     _, _, short = model(x, mems=[long_mem[0][-2:], None])
     assert torch.equal(mems[0], short[0])  # only the last max_positions - T positions count
+    full = torch.randint(0, 10, (6, 2))  # T = max_positions: no memory position is kept
+    _, _, with_mem = model(full, mems=long_mem)
+    _, _, without = model(full)
+    assert torch.equal(with_mem[0], without[0]) and with_mem[0].shape[0] == 6

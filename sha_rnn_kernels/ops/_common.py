@@ -28,10 +28,6 @@ def empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
-def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return empty(t.shape, dtype=dtype or t.dtype, device=t.device)
-
-
 def dtype_reason(*tensors: torch.Tensor) -> str | None:
     """Why the kernels cannot take these dtypes, or None."""
     for t in tensors:
@@ -61,14 +57,6 @@ def capability_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if (major, minor) < (8, 0):
         return f"bfloat16 tensor-core dots need compute capability >= 8.0; {device} has {major}.{minor}"
     return None
-
-
-def tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
-        dtype
-    ]
 
 
 def autotune_configs(configs, interpreter_config):
