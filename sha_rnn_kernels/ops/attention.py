@@ -287,20 +287,20 @@ def _attention_value_dropout_kernel(
     tl.store(OUT + elems, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-# Launch parameters. The row passes are memory-bound: one config, no autotuning (nothing to tune
-# for at this arithmetic intensity, and nothing to fail inside CUDA-graph capture). On a GPU a
-# row program holds BLOCK_M x BLOCK_N = 4096 fp32 lanes over 256 threads (16 per thread);
-# register counts from tools/compile_triton.py are in the module docstring's companion report.
+# Launch parameters. These passes are memory-bound: one config each, no autotuning (nothing to
+# gain at this arithmetic intensity, and nothing to fail inside CUDA-graph capture). Each thread
+# holds 8-16 elements of a tile; tools/compile_triton.py (sm_90 and sm_80, every dtype and
+# switch) reports 30-72 registers and no spills, so 7+ programs fit per SM.
 def _row_blocks() -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the row passes."""
-    return (8, 32, 4) if interpreter_enabled() else (4, 1024, 8)
+    """(BLOCK_M, BLOCK_N, num_warps) of the row passes over the scores."""
+    return (8, 32, 4) if interpreter_enabled() else (2, 512, 4)
 
 
-def _rows_blocks(width: int) -> Tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_E, num_warps) of the elementwise row kernels."""
+def _rows_blocks(width: int, block_r: int) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, num_warps) of the elementwise [rows, E] kernels."""
     if interpreter_enabled():
         return 16, max(16, min(128, triton.next_power_of_2(width))), 4
-    return 16, max(16, min(256, triton.next_power_of_2(width))), 4
+    return block_r, max(16, min(256, triton.next_power_of_2(width))), 4
 
 
 def _keep_scale(p: float) -> float:
@@ -315,6 +315,8 @@ def _device_guard(device: torch.device):
 
 def _no_autocast(device: torch.device):
     # The products must run in the inputs' dtype: autocast would change the GEMMs' output dtype.
+    if device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()  # meta tensors (tools/compile_triton.py)
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -356,7 +358,7 @@ def _gate_rows(
     ``sum_rows(a * x)`` [E] fp32 or None)."""
     length, batch, width = a.shape
     n_rows = length * batch
-    block_r, block_e, warps = _rows_blocks(width)
+    block_r, block_e, warps = _rows_blocks(width, 8)
     programs = triton.cdiv(n_rows, block_r)
     a_rows, a_stride_row, a_stride_col = _as_rows(a)
     if x is not None:
@@ -383,7 +385,7 @@ def _drop_values(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tenso
     x_rows, stride_row, stride_col = _as_rows(x)
     if out is None:
         out = empty(key_len, batch, width, dtype=x.dtype, device=x.device)
-    block_r, block_e, warps = _rows_blocks(width)
+    block_r, block_e, warps = _rows_blocks(width, 4)
     grid = (triton.cdiv(key_len * batch, block_r), triton.cdiv(width, block_e))
     _attention_value_dropout_kernel[grid](
         x_rows, out, key_len * batch, width, stride_row, stride_col, p, _keep_scale(p),
