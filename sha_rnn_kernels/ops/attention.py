@@ -15,8 +15,8 @@ GEMM each, fp32 accumulation) straight on the time-major tensors (``[T, B, E]`` 
 ``[B, T, E]`` with leading dimension B*E: no copies), and the small work runs in fused
 memory-bound Triton kernels:
 
-- forward: ``S = (q * gk) k^T`` (cuBLAS); ``_attention_fwd_kernel`` reads S once per row (fp32
-  max/sum, then the probabilities), applies 1/sqrt(E), the causal mask with the memory offset and
+- forward: ``S = (q * gk) k^T`` (cuBLAS); ``_attention_fwd_kernel`` reads each row of S twice
+  (fp32 max/sum, then the probabilities; the second read mostly from L2), applies 1/sqrt(E), the causal mask with the memory offset and
   attention dropout, and writes ``P`` (saved) and the dropped ``P_d`` (saved) in the compute
   dtype, plus the row log-sum-exp; ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v);
   ``O = O_u * gv``.
@@ -36,7 +36,8 @@ every output element is written by one program or one GEMM, so dq, dk and dv are
 
 Bounded memory. When one [B, T, K] buffer would exceed ``SCORE_BUDGET_BYTES`` (512 MiB; tests
 lower it), the queries are processed in chunks of ``Tc`` rows, each against the keys it can see
-(``K_c = t1 + K - T``), and forward saves only the row log-sum-exp: backward recomputes each
+(``K_c = t1 + K - T``; Tc a multiple of 64 when >= 128), and forward saves only the row
+log-sum-exp: backward recomputes each
 chunk's S (one extra product, the design's "one recompute") and accumulates dk, dv over chunks
 with ``baddbmm_`` in the compute dtype (one extra rounding per chunk in fp16/bf16).
 
@@ -55,23 +56,31 @@ K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 
 - GEMM time: these are large, well-shaped batched GEMMs (every dimension >= 1024, 16 batches,
   5120 tiles of 128x128 per product), but 5000 is not a multiple of 128 (2% padding) and the
   operands are strided (ld = B*E), so we assume 650-800 TFLOP/s: 1.26-1.55 ms for the six.
-- HBM bytes of the memory-bound passes (one [B, T, K] bf16 tensor = 163.8 MB; [T, B, E] =
-  33.6 MB; [K, B, E] = 163.8 MB): forward ``q*gk`` 67 MB, value dropout ``W`` 328 MB, row pass
-  (read S ~0.9x since masked scores are not read, write P and P_d) 475 MB, ``O_u*gv`` 67 MB:
-  ~0.94 GB, 0.31 ms. Backward preprocess 101 MB, ``q*gk`` again 67 MB, row pass (read P, dP;
-  write dS) 475 MB, dv dropout 328 MB, ``dq``/``dgk`` 101 MB: ~1.07 GB, 0.36 ms. The GEMMs' own
-  traffic (at most ~0.5 GB each) hides under their compute.
-- Estimated total, training config: forward ~0.42 + 0.31 = 0.7-0.8 ms, forward+backward
-  1.9-2.2 ms. The issue's 1.5 ms goal is NOT met by this estimate: the memory-bound passes
-  (~0.67 ms) would have to be fused into the GEMMs' prologues/epilogues (Triton GEMMs), which
-  this design leaves to cuBLAS. Eval config (no dropout): the value-dropout passes and P_d go,
-  forward ~0.42 + 0.15 = ~0.57 ms.
-- Peak memory above the inputs, training config, forward+backward: saved P, P_d, W (3 x 164 MB)
-  and O_u, O (2 x 34 MB), then in backward dP/dS (164 MB), dO_g, q*gk, dQ_g, dq (4 x 34 MB), dk,
-  dv (2 x 164 MB): ~1.2 GB. The eager reference saves k*gk, dropout(v*gv) and its mask, the fp32
-  softmax, the attention mask and the dropped bf16 weights (~1.0 GB) and peaks at ~1.6 GB in
-  forward (fp32 score temporaries) and ~2 GB in backward. Lower ``SCORE_BUDGET_BYTES`` to trade
-  the recompute of S (+168 GFLOP, ~0.22 ms) for ~0.5 GB.
+- HBM bytes of the memory-bound passes (one [B, T, K] bf16 tensor = 163.8 MB, of which 89.8%
+  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB): forward ``q*gk`` 67 MB, value dropout W
+  328 MB, row pass (read the visible S once, the second read assumed to hit L2; write P and P_d)
+  475 MB, ``O_u*gv`` 67 MB: ~0.94 GB, 0.31 ms. Backward preprocess 101 MB, ``q*gk`` again 67 MB,
+  row pass (read the visible P and dP, write dS) 458 MB, dv dropout 328 MB, ``dq``/``dgk``
+  101 MB: ~1.06 GB, 0.35 ms. The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under
+  their compute (0.21-0.26 ms each).
+- Estimated total, training config: forward 0.42-0.52 + 0.31 = 0.73-0.83 ms; forward+backward
+  1.26-1.55 + 0.66 = 1.9-2.2 ms: about 20x the previous flash-style kernels (~44 ms, the
+  issue's estimate), 2.4-2.8x its eager-reference estimate (5.3 ms) and only 1.2-1.35x its
+  torch.compile estimate (2.6 ms), which runs the same six cuBLAS products plus fused
+  elementwise kernels. The 1.5 ms goal is NOT met by this estimate: the memory-bound passes (~0.66 ms)
+  would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which this design
+  leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward ~0.42-0.52 + 0.15 =
+  0.57-0.67 ms.
+- Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
+  switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
+  autotuning (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
+- Peak memory above the inputs, training config, forward+backward: forward allocates W, P, P_d
+  (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all but q*gk; backward adds dP/dS,
+  dk, dv (3 x 164 MB) and dO_g, q*gk, dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager
+  reference keeps k*gk, dropout(v*gv) and its mask, the fp32 softmax, the dropped bf16 weights
+  and their mask (~0.98 GB), peaks at ~1.1 GB in forward (two fp32 score temporaries) and at
+  ~1.7-2 GB in backward (its fp32 score gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the
+  recompute of S (+168 GFLOP, ~0.22 ms) for ~0.5 GB.
 """
 
 import contextlib
@@ -290,7 +299,7 @@ def _attention_value_dropout_kernel(
 # Launch parameters. These passes are memory-bound: one config each, no autotuning (nothing to
 # gain at this arithmetic intensity, and nothing to fail inside CUDA-graph capture). Each thread
 # holds 8-16 elements of a tile; tools/compile_triton.py (sm_90 and sm_80, every dtype and
-# switch) reports 30-72 registers and no spills, so 7+ programs fit per SM.
+# switch) reports 32-96 registers and no spills, so 5+ programs of 4 warps fit per SM.
 def _row_blocks() -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the row passes over the scores."""
     return (8, 32, 4) if interpreter_enabled() else (2, 512, 4)
