@@ -523,8 +523,9 @@ def attention_backward(
     memory_len = key_len - seq_len
     device, dtype = q.device, q.dtype
     attn_dropout = dropout_p > 0.0
-    plan = _plan(batch, seq_len, key_len, dtype)
     saved = probs.numel() > 0
+    # Saved probabilities mean one chunk, whatever the budget says now.
+    plan = [(0, seq_len, key_len)] if saved else _plan(batch, seq_len, key_len, dtype)
     with _device_guard(device), _no_autocast(device):
         ou = out_ungated if value_gate is not None else out
         grad_gated, delta, dvg = _gate_rows(
