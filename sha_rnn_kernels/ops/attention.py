@@ -45,14 +45,15 @@ Estimates (no GPU here; figures are **estimated** by counting, not measured). Pa
 K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), H100 (about
 800 TFLOP/s measured bf16 GEMM on large square shapes, ~3 TB/s HBM).
 - One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP. Visible (query, key) pairs:
-  ``B (T M + T (T+1)/2)`` = 73.54M, so ``G = 2 E pairs`` = 150.6 GFLOP (the issue's G is right).
+  ``B (T M + T (T+1)/2)`` = 73.54M, so ``G = 2 E pairs`` = 150.6 GFLOP.
   cuBLAS cannot skip the masked triangle, so each product costs 167.8 GFLOP (1.114 G).
 - FLOPs run: forward 2 products (S, O) = 335.5 GFLOP; backward 4 (dP, dV, dQ, dK; P is saved,
   so S is not recomputed) = 671 GFLOP; total 1006.6 GFLOP = ``12 B T K E`` = 0.86x the
   ``14 B T K E`` budget (1174 GFLOP). The chunked path adds the recompute of S but each chunk
-  only sees ``t1 + M`` keys: at most ``14 B T K E`` (1.0x). The issue's "minimum 2G forward, 5G
-  backward" counts a recompute of S that saving P avoids (6G here, not 7G); its "floor ~1.1 ms"
-  is 7G at the 989 TFLOP/s datasheet peak, not at the 800 TFLOP/s measured rate (1.32 ms).
+  only sees ``t1 + M`` keys: at most ``14 B T K E`` (1.0x). A "minimum of 2G forward and 5G
+  backward" counts a recompute of S that saving P avoids (6G here, not 7G), and a "floor of
+  ~1.1 ms" for 7G holds at the 989 TFLOP/s datasheet peak, not at the 800 TFLOP/s measured rate
+  (1.32 ms).
 - GEMM time: these are large, well-shaped batched GEMMs (every dimension >= 1024, 16 batches,
   5120 tiles of 128x128 per product), but 5000 is not a multiple of 128 (2% padding) and the
   operands are strided (ld = B*E), so we assume 650-800 TFLOP/s: 1.26-1.55 ms for the six.
@@ -64,12 +65,12 @@ K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 
   101 MB: ~1.06 GB, 0.35 ms. The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under
   their compute (0.21-0.26 ms each).
 - Estimated total, training config: forward 0.42-0.52 + 0.31 = 0.73-0.83 ms; forward+backward
-  1.26-1.55 + 0.66 = 1.9-2.2 ms: about 20x the previous flash-style kernels (~44 ms, the
-  issue's estimate), 2.4-2.8x its eager-reference estimate (5.3 ms) and only 1.2-1.35x its
-  torch.compile estimate (2.6 ms), which runs the same six cuBLAS products plus fused
-  elementwise kernels. The 1.5 ms goal is NOT met by this estimate: the memory-bound passes (~0.66 ms)
-  would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which this design
-  leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward ~0.42-0.52 + 0.15 =
+  1.26-1.55 + 0.66 = 1.9-2.2 ms. Against earlier estimates by the same kind of analysis (the
+  previous flash-style kernels ~44 ms, the eager reference ~5.3 ms, torch.compile of it ~2.6 ms):
+  about 20x, 2.4-2.8x and only 1.2-1.35x, since torch.compile runs the same six cuBLAS products
+  plus fused elementwise kernels. A 1.5 ms target is NOT met by this estimate: the memory-bound
+  passes (~0.66 ms) would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which
+  this design leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward ~0.42-0.52 + 0.15 =
   0.57-0.67 ms.
 - Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
   switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
