@@ -16,9 +16,9 @@ GEMM each, fp32 accumulation) straight on the time-major tensors (``[T, B, E]`` 
 memory-bound Triton kernels:
 
 - forward: ``S = (q * gk) k^T`` (cuBLAS); ``_attention_fwd_kernel`` reads each row of S twice
-  (fp32 max/sum, then the probabilities; the second read mostly from L2), applies 1/sqrt(E), the causal mask with the memory offset and
-  attention dropout, and writes ``P`` (saved) and the dropped ``P_d`` (saved) in the compute
-  dtype, plus the row log-sum-exp; ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v);
+  (fp32 max/sum, then the probabilities; the second read mostly from L2), applies 1/sqrt(E),
+  the causal mask with the memory offset and attention dropout, and writes ``P`` (saved) and
+  the dropped ``P_d`` (saved) in the compute dtype, plus the row log-sum-exp; ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v);
   ``O = O_u * gv``.
 - backward: ``dO_g = dO * gv``, ``delta = rowsum(dO * O)``, ``dgv = sum_rows(dO * O_u)``
   (``_attention_bwd_preprocess_kernel``); ``dP = dO_g W^T`` (cuBLAS); ``_attention_bwd_kernel``
@@ -70,8 +70,8 @@ K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 
   about 20x, 2.4-2.8x and only 1.2-1.35x, since torch.compile runs the same six cuBLAS products
   plus fused elementwise kernels. A 1.5 ms target is NOT met by this estimate: the memory-bound
   passes (~0.66 ms) would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which
-  this design leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward ~0.42-0.52 + 0.15 =
-  0.57-0.67 ms.
+  this design leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward
+  ~0.42-0.52 + 0.15 = 0.57-0.67 ms.
 - Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
   switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
   autotuning (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
@@ -264,7 +264,8 @@ def _attention_bwd_preprocess_kernel(
         else:
             ag = a
         if WRITE_OUT:
-            tl.store(OUT + o_rows[:, None] + offs_e[None, :], ag.to(OUT.dtype.element_ty), mask=mask)
+            out_ptrs = OUT + o_rows[:, None] + offs_e[None, :]
+            tl.store(out_ptrs, ag.to(OUT.dtype.element_ty), mask=mask)
         if HAS_ROWSUM or HAS_PARTIAL:
             x = tl.load(X + x_rows[:, None] + offs_e[None, :] * stride_x_col, mask=mask, other=0.0)
             x = x.to(tl.float32)
@@ -290,7 +291,8 @@ def _attention_value_dropout_kernel(
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask = (offs_r < n_rows)[:, None] & (offs_e < width)[None, :]
     rows64 = offs_r.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x_row + offs_e[None, :] * stride_x_col, mask=mask, other=0.0)
+    x_ptrs = X + rows64[:, None] * stride_x_row + offs_e[None, :] * stride_x_col
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
     elems = rows64[:, None] * width + offs_e[None, :]
     keep = tl.rand(value_seed, elems) >= value_dropout_p
     out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
@@ -389,7 +391,9 @@ def _gate_rows(
     return out, sums, parts.sum(0) if parts is not None else None
 
 
-def _drop_values(x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _drop_values(
+    x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``dropout(x)`` with the value stream of ``seed`` into ``out`` (contiguous [K, B, E])."""
     key_len, batch, width = x.shape
     x_rows, stride_row, stride_col = _as_rows(x)
@@ -466,7 +470,8 @@ def attention_forward(
         for t0, t1, cols in plan:
             rows = t1 - t0
             s = scores[: batch * rows * cols].view(batch, rows, cols)
-            torch.bmm(_batch_major(q_gated)[:, t0:t1], _batch_major(k)[:, :cols].transpose(1, 2), out=s)
+            keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
+            torch.bmm(_batch_major(q_gated)[:, t0:t1], keys_t, out=s)
             p_drop = dropped[: s.numel()].view_as(s) if attn_dropout else s
             _launch_rows(
                 _attention_fwd_kernel, rows, batch,
@@ -555,7 +560,8 @@ def attention_backward(
                 p_drop = dropped if attn_dropout else probs
             else:
                 source = scratch[: ds.numel()].view_as(ds)
-                torch.bmm(_batch_major(q_gated)[:, t0:t1], _batch_major(k)[:, :cols].transpose(1, 2), out=source)
+                keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
+                torch.bmm(_batch_major(q_gated)[:, t0:t1], keys_t, out=source)
                 p_drop = source
             _launch_rows(
                 _attention_bwd_kernel, rows, batch,
@@ -566,7 +572,8 @@ def attention_backward(
             )
             first = index == 0
             _accumulate(_batch_major(dv)[:, :cols], p_drop.transpose(1, 2), grad_gated_c, first)
-            _accumulate(_batch_major(dk)[:, :cols], ds.transpose(1, 2), _batch_major(q_gated)[:, t0:t1], first)
+            queries = _batch_major(q_gated)[:, t0:t1]
+            _accumulate(_batch_major(dk)[:, :cols], ds.transpose(1, 2), queries, first)
             torch.bmm(ds, _batch_major(k)[:, :cols], out=_batch_major(dq_gated)[:, t0:t1])
         if value_dropout_p > 0.0:
             _drop_values(dv, value_dropout_p, seed, out=dv)
