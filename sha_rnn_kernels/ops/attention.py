@@ -18,8 +18,8 @@ memory-bound Triton kernels:
 - forward: ``S = (q * gk) k^T`` (cuBLAS); ``_attention_fwd_kernel`` reads each row of S twice
   (fp32 max/sum, then the probabilities; the second read mostly from L2), applies 1/sqrt(E),
   the causal mask with the memory offset and attention dropout, and writes ``P`` (saved) and
-  the dropped ``P_d`` (saved) in the compute dtype, plus the row log-sum-exp; ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v);
-  ``O = O_u * gv``.
+  the dropped ``P_d`` (saved) in the compute dtype, plus the row log-sum-exp;
+  ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v); ``O = O_u * gv``.
 - backward: ``dO_g = dO * gv``, ``delta = rowsum(dO * O)``, ``dgv = sum_rows(dO * O_u)``
   (``_attention_bwd_preprocess_kernel``); ``dP = dO_g W^T`` (cuBLAS); ``_attention_bwd_kernel``
   turns it in place into ``dS = P * (keep/(1-p) * dP - delta) / sqrt(E)``; then ``dW = P_d^T dO_g``,
