@@ -1,5 +1,9 @@
 """Single-head attention: T queries over K keys (memory then segment), B, width E, one head of
-width E, causal with the memory fully visible, no dropout.
+width E, causal with the memory fully visible, key and value gates ``[E]``.
+
+Two configurations, as the model runs them: ``fwd`` rows are inference (``"config": "eval"``:
+gates on, no dropout, ``no_grad``); ``fwd+bwd`` rows are training (``"config": "train"``: gates
+on, attention-weight dropout and value dropout both 0.1, gradients of q, k, v and both gates).
 
 Impls: ``sha_rnn_kernels`` (``functional.single_head_attention``, ``backend="auto"``),
 ``triton``, ``sdpa``, ``eager`` (the reference), ``compile`` (``torch.compile`` of the
@@ -7,9 +11,10 @@ reference; ``compile-max-autotune`` too with ``--max-autotune``).
 
 ``sdpa`` tries every backend of ``torch.nn.attention.sdpa_kernel`` plus the default dispatch on
 the same q, k, v (as ``[B, 1, T, E]`` views) with the bottom-right causal mask
-(``causal_lower_right``: query i sees keys up to i + K - T). Backends that reject the shape
-(FlashAttention stops at head dim 256) are listed in ``sdpa_rejected``; the row is the fastest
-that ran (``sdpa_backend``), each one's median is in ``sdpa_backends_ms``, and
+(``causal_lower_right``: query i sees keys up to i + K - T); the gates and the value dropout are
+applied in PyTorch before it, the attention dropout by SDPA's ``dropout_p``. Backends that
+reject the shape (FlashAttention stops at head dim 256) are listed in ``sdpa_rejected``; the row
+is the fastest that ran (``sdpa_backend``), each one's median is in ``sdpa_backends_ms``, and
 ``sdpa_default_kernels`` names the kernels the default dispatch launched.
 """
 
@@ -41,6 +46,10 @@ SIZE_LABEL = "GFLOP per call (4 B T K E, forward, mask ignored)"
 PAPER = {"T": 1024, "K": 5000, "B": 16, "E": 1024}
 SMALL = {"T": 32, "K": 128, "B": 2, "E": 64}
 SWEEP_K = (1024, 5000, 8192)
+# The configuration each pass measures, and the training dropout (both dropouts, as SHA-RNN).
+CONFIGS = {"fwd": "eval", "fwd+bwd": "train"}
+DROPOUT = 0.1
+GRAD_INPUTS = ("q", "k", "v", "key_gate", "value_gate")
 SMALL_SWEEP_K = (32, 128, 256)
 
 
@@ -58,10 +67,13 @@ def cases(opts: Options) -> Iterator[Case]:
 
 def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bool) -> dict:
     T, K, B, E = shape["T"], shape["K"], shape["B"], shape["E"]
+    gate = lambda: torch.sigmoid(randn(E, dtype=torch.float32, device=device)).to(dtype)
     return {
         "q": randn(T, B, E, dtype=dtype, device=device, requires_grad=grad),
         "k": randn(K, B, E, dtype=dtype, device=device, requires_grad=grad),
         "v": randn(K, B, E, dtype=dtype, device=device, requires_grad=grad),
+        "key_gate": gate().requires_grad_(grad),
+        "value_gate": gate().requires_grad_(grad),
     }
 
 
@@ -78,12 +90,12 @@ def _timed(forward, pass_: str, rotation: Rotation):
     def fwd_bwd():
         p = rotation.next()
         out = forward(p)
-        return torch.autograd.grad(out, [p["q"], p["k"], p["v"]], grad_out)
+        return torch.autograd.grad(out, [p[name] for name in GRAD_INPUTS], grad_out)
 
     return fwd_bwd
 
 
-def _sdpa_variants(shape: dict, opts: Options):
+def _sdpa_variants(shape: dict, opts: Options, training: bool):
     """{name: forward} for the default dispatch and each SDPA backend, with the backends that
     rejected the shape and why."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -91,11 +103,16 @@ def _sdpa_variants(shape: dict, opts: Options):
 
     mask = causal_lower_right(shape["T"], shape["K"])
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    dropout = DROPOUT if training else 0.0
 
     def forward(p):
+        # The gates and the value dropout in PyTorch, as a user of SDPA would write them.
+        k = p["k"] * p["key_gate"]
+        v = torch.nn.functional.dropout(p["v"] * p["value_gate"], dropout, training)
         # [T, B, E] -> [B, 1, T, E] views; the result goes back to [T, B, E] like the others.
-        q, k, v = (p[n].permute(1, 0, 2).unsqueeze(1) for n in ("q", "k", "v"))
-        return sdpa(q, k, v, attn_mask=mask).squeeze(1).permute(1, 0, 2)
+        q, k, v = (t.permute(1, 0, 2).unsqueeze(1) for t in (p["q"], k, v))
+        out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return out.squeeze(1).permute(1, 0, 2)
 
     def pinned(backend):
         def run(p):
@@ -114,14 +131,21 @@ def _sdpa_variants(shape: dict, opts: Options):
 def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
     def build() -> Bench:
         device, grad = opts.device, pass_ == "fwd+bwd"
+        config = CONFIGS[pass_]
+        training = config == "train"
+        dropout = DROPOUT if training else 0.0
         make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad)
         rotation = rotated(make, device)
-        extra: dict = {"note": None}
+        extra: dict = {"note": None, "config": config}
         if impl in ("sha_rnn_kernels", "triton", "eager"):
             import sha_rnn_kernels.functional as SF
 
             backend = {"sha_rnn_kernels": "auto", "eager": "reference"}.get(impl, impl)
-            forward = lambda p: SF.single_head_attention(p["q"], p["k"], p["v"], backend=backend)
+            forward = lambda p: SF.single_head_attention(
+                p["q"], p["k"], p["v"], backend=backend, key_gate=p["key_gate"],
+                value_gate=p["value_gate"], dropout=dropout, value_dropout=dropout,
+                training=training,
+            )  # fmt: skip
             with torch.no_grad():  # raises BackendUnavailableError when the backend cannot run
                 forward(rotation.first)
             extra["note"] = f'functional.single_head_attention(backend="{backend}")'
@@ -130,10 +154,13 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
 
             mode = "max-autotune" if impl == "compile-max-autotune" else None
             compiled = torch.compile(reference.single_head_attention, mode=mode)
-            forward = lambda p: compiled(p["q"], p["k"], p["v"])
+            forward = lambda p: compiled(
+                p["q"], p["k"], p["v"], key_gate=p["key_gate"], value_gate=p["value_gate"],
+                dropout_p=dropout, value_dropout_p=dropout, training=training,
+            )  # fmt: skip
             extra["note"] = f"torch.compile(reference.single_head_attention, mode={mode!r})"
         elif impl == "sdpa":
-            return _sdpa_bench(shape, pass_, rotation, opts)
+            return _sdpa_bench(shape, pass_, rotation, opts, training)
         else:
             raise ValueError(f"unknown attention impl {impl!r}")
         return Bench(fn=_timed(forward, pass_, rotation), extra=extra)
@@ -141,9 +168,11 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
     return build
 
 
-def _sdpa_bench(shape: dict, pass_: str, rotation: Rotation, opts: Options) -> Bench:
+def _sdpa_bench(
+    shape: dict, pass_: str, rotation: Rotation, opts: Options, training: bool
+) -> Bench:
     variants, rejected = {}, {}
-    for name, forward in _sdpa_variants(shape, opts).items():
+    for name, forward in _sdpa_variants(shape, opts, training).items():
         try:  # finding out which backends accept d = E is the point of this row
             with torch.enable_grad() if pass_ == "fwd+bwd" else torch.no_grad():
                 out = forward(rotation.first)
@@ -159,7 +188,10 @@ def _sdpa_bench(shape: dict, pass_: str, rotation: Rotation, opts: Options) -> B
             tensor.grad = None
     if not variants:
         raise Unavailable(f"no SDPA backend accepted this shape: {rejected}")
-    extra = {"sdpa_rejected": rejected, "note": "fastest SDPA backend that ran"}
+    extra = {
+        "sdpa_rejected": rejected, "note": "fastest SDPA backend that ran",
+        "config": CONFIGS[pass_],
+    }  # fmt: skip
     bench = Bench(variants=variants, variant_field="sdpa_backend", extra=extra)
     if opts.device.type == "cuda" and "default" in variants:
         default = variants["default"]

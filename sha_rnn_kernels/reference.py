@@ -85,7 +85,10 @@ def single_head_attention(
     # otherwise, so the float64 reference stays float64.
     soft_dtype = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(qb, kb.transpose(1, 2)).to(soft_dtype) / math.sqrt(width)
-    scores = scores + causal_memory_mask(query_len, key_len, q.device, soft_dtype)
+    # masked_fill, not an additive mask: a NaN or inf in a future key must not reach the rows
+    # that cannot see it (NaN + -inf is NaN).
+    hidden = causal_memory_mask(query_len, key_len, q.device, soft_dtype) != 0
+    scores = scores.masked_fill(hidden, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(q.dtype)
     weights = F.dropout(weights, dropout_p, training)
     return torch.matmul(weights, vb).transpose(0, 1)

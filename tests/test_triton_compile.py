@@ -59,6 +59,7 @@ def test_every_kernel_compiles_for_gpu_targets():
         "_attention_fwd_kernel",
         "_attention_bwd_preprocess_kernel",
         "_attention_bwd_kernel",
+        "_attention_value_dropout_kernel",
         "_lstm_fwd_kernel",
         "_lstm_bwd_kernel",
     ):

@@ -113,14 +113,27 @@ def _scenarios(op: str, dtype_name: str) -> Iterator[tuple[str, Callable[[], Non
             meta(key_len, batch, width),
         )
         gate = meta(width)
-        out, lse = meta(seq_len, batch, width), meta(batch, seq_len, dt=torch.float32)
-        # The model always passes both gates; the functional API allows none.
-        for name, gates, p in (("train", True, 0.1), ("eval", True, 0.0), ("no gates", False, 0.0)):
+        grad_out = meta(seq_len, batch, width)
+        # The model always passes both gates; the functional API allows none. "chunked" lowers
+        # the score budget so backward recomputes the scores (the RECOMPUTE row pass).
+        for name, gates, p, budget in (
+            ("train", True, 0.1, None),
+            ("eval", True, 0.0, None),
+            ("no gates", False, 0.0, None),
+            ("train chunked", True, 0.1, 1 << 27),
+        ):
 
-            def call(gates=gates, p=p):
+            def call(gates=gates, p=p, budget=budget):
                 key_gate = gate if gates else None
-                attention.attention_forward(q, k, v, key_gate, key_gate, p, p, SEED)
-                attention.attention_backward(out, q, k, v, key_gate, key_gate, out, lse, p, p, SEED)
+                previous = attention.SCORE_BUDGET_BYTES
+                attention.SCORE_BUDGET_BYTES = budget or previous
+                try:
+                    saved = attention.attention_forward(q, k, v, key_gate, key_gate, p, p, SEED)
+                    attention.attention_backward(
+                        grad_out, q, k, v, key_gate, key_gate, *saved, p, p, SEED
+                    )
+                finally:
+                    attention.SCORE_BUDGET_BYTES = previous
 
             yield name, call
     elif op == "lstm":

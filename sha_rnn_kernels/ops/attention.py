@@ -1,380 +1,318 @@
-"""Single-head attention over a memory cache: fused Triton forward and backward.
+"""Single-head attention over a memory cache: cuBLAS products, fused Triton row passes.
 
-One head whose dimension is the model width E (1024 in the paper, far past FlashAttention's 256),
-queries ``q [T, B, E]`` against keys and values ``[K, B, E]`` (memory followed by the segment,
-K >= T). Query i sees key j iff ``j <= i + K - T``: every memory key and the segment up to itself.
-Since K >= T, key 0 is visible to every query, so no row is ever fully masked.
+One head whose dimension is the model width E (1024 in the paper), queries ``q [T, B, E]``
+against keys and values ``[K, B, E]`` (memory followed by the segment, K >= T). Query i sees key
+j iff ``j <= i + K - T``: every memory key and the segment up to itself. Since K >= T, key 0 is
+visible to every query, so no row is ever fully masked.
 
-Gates are folded instead of materialised: ``q.(gk*k) = (gk*q).k`` and ``P(gv*v) = gv*(Pv)``, so the
-long key/value memory is read as it is. Value dropout (elementwise on ``v*gv``) is drawn on the fly
-while a value tile is loaded; attention-weight dropout is drawn per score. Both use Philox on the
-logical element index, from two different keys (``seed`` and ``seed + 2**32``), and are regenerated
-in backward; no mask, score or probability matrix ever reaches memory.
+Design: materialise the scores, run every large product once on tensor cores.
+At E = 1024 the flash design (never write the scores) must split the head dimension across
+programs and recompute ``Q K^T`` once per split: the earlier kernels did ~9x the forward's and
+~4x the backward's minimum FLOPs. A [B, T, K] score tensor in bf16 is 164 MB at the paper shape,
+~0.05 ms of HBM traffic per write or read, far cheaper than one extra 168 GFLOP product (~0.2 ms).
+So the big products go to cuBLAS (``torch.bmm`` / ``baddbmm_``, tensor cores in bf16/fp16, one
+GEMM each, fp32 accumulation) straight on the time-major tensors (``[T, B, E]`` viewed as
+``[B, T, E]`` with leading dimension B*E: no copies), and the small work runs in fused
+memory-bound Triton kernels:
 
-Head-dimension split (the design decision; by reasoning, unmeasured: no GPU this session).
-Paper shape T=1024, K=5000 (3976 memory), B=16, E=1024, bf16, H100. Visible (query, key) pairs:
-B * sum_i (i + 3977) = 73.5M, so one pass "pairs x E" costs G = 2 * 73.5M * 1024 = 150.6 GFLOP.
-The minimum is 2G forward (QK^T, PV) and 5G backward (S, dP, dV, dK, dQ).
-- One program holding a query block's whole output row needs a BLOCK_M x E fp32 accumulator:
-  64 x 1024 x 4 B = 256 KiB, the whole register file of an SM and more than its 228 KiB shared
-  memory. Keeping it in global memory instead costs a read-modify-write of 8 bytes x E per query
-  row and key block: 16384 rows x 70 key blocks (BLOCK_N=64) x 8 KiB = 9.4 GB of extra traffic
-  (about 2.8 ms at 3.35 TB/s; still about 1 ms if L2 caught all of it).
-- Chosen: the output's d-range is split across programs (BLOCK_D columns each); every program
-  recomputes the full QK^T tile (accumulated over E in BLOCK_K chunks) for its query block. Cost
-  (E/BLOCK_D + 1)G: BLOCK_D=256 gives 5G = 753 GFLOP (about 1.1-1.5 ms at 500-700 TFLOP/s),
-  BLOCK_D=128 gives 9G. The redundant work is tensor-core FLOPs, with no extra HBM traffic: the
-  d-chunk index is the fastest program axis, so the E/BLOCK_D programs that share a query block run
-  side by side and their identical Q and K tiles come from L2. HBM reads are then about Q 32 MB +
-  K 164 MB + V 164 MB + O 32 MB.
-- Backward, same split: a program owns (key block, d-chunk), recomputes S^T and dP^T over all of E,
-  accumulates dK and dV for its columns in registers and adds its dQ columns into an fp32 buffer
-  with atomics. Cost (2 E/BLOCK_D + 3)G: 11G = 1.66 TFLOP at BLOCK_D=256. A separate dQ kernel
-  (deterministic) would recompute S and dP once more: (4 E/BLOCK_D + 3)G = 19G; the atomics cost
-  B*T*E*K_visible/BLOCK_N = 588M fp32 adds (2.4 GB to L2) at BLOCK_N=128, judged cheaper.
-  dQ is therefore not bitwise deterministic on a GPU.
-The autotune list holds BLOCK_D in {64, 128, 256}; configs with chunks wider than E are pruned, and
-so are the configs that spill registers for the inputs' dtype and dropout (``_prune_fwd``,
-``_prune_bwd``; compiled offline with tools/compile_triton.py). At the paper shape that leaves the
-forward's BLOCK_D=256 to inference without dropout and the backward at BLOCK_D <= 128.
+- forward: ``S = (q * gk) k^T`` (cuBLAS); ``_attention_fwd_kernel`` reads each row of S twice
+  (fp32 max/sum, then the probabilities; the second read mostly from L2), applies 1/sqrt(E),
+  the causal mask with the memory offset and attention dropout, and writes ``P`` (saved) and
+  the dropped ``P_d`` (saved) in the compute dtype, plus the row log-sum-exp;
+  ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v); ``O = O_u * gv``.
+- backward: ``dO_g = dO * gv``, ``delta = rowsum(dO * O)``, ``dgv = sum_rows(dO * O_u)``
+  (``_attention_bwd_preprocess_kernel``); ``dP = dO_g W^T`` (cuBLAS); ``_attention_bwd_kernel``
+  turns it in place into ``dS = P * (keep/(1-p) * dP - delta) / sqrt(E)``; then ``dW = P_d^T dO_g``,
+  ``dQ_g = dS k``, ``dk = dS^T (q * gk)`` (cuBLAS); ``dv = dW * keep_v / (1-p_v)``
+  (``_attention_value_dropout_kernel``, in place); ``dq = dQ_g * gk``, ``dgk = sum_rows(dQ_g * q)``.
+
+Gates are folded, never materialised on the long [K, B, E] tensors: ``(q*gk).k = q.(gk*k)``
+and ``P (gv * W) = gv * (P W)``. The value-dropout mask is drawn once per element, by one
+elementwise kernel in forward (``W``) and once more in backward (``dv``); the attention-dropout
+mask once per score in each row pass. Both are Philox on global element indices (attention:
+``(b*T + i)*K + j`` with key ``seed``; values: ``(j*B + b)*E + e`` with key ``seed + 2**32``), so
+they are reproducible from the seed and identical however the queries are chunked. No atomics:
+every output element is written by one program or one GEMM, so dq, dk and dv are deterministic.
+
+Bounded memory. When one [B, T, K] buffer would exceed ``SCORE_BUDGET_BYTES`` (512 MiB; tests
+lower it), the queries are processed in chunks of ``Tc`` rows, each against the keys it can see
+(``K_c = t1 + K - T``; Tc a multiple of 64 when >= 128), and forward saves only the row
+log-sum-exp: backward recomputes each
+chunk's S (one extra product, the design's "one recompute") and accumulates dk, dv over chunks
+with ``baddbmm_`` in the compute dtype (one extra rounding per chunk in fp16/bf16).
+
+Estimates (no GPU here; figures are **estimated** by counting, not measured). Paper shape T=1024,
+K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), H100 (about
+800 TFLOP/s measured bf16 GEMM on large square shapes, ~3 TB/s HBM).
+- One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP. Visible (query, key) pairs:
+  ``B (T M + T (T+1)/2)`` = 73.54M, so ``G = 2 E pairs`` = 150.6 GFLOP.
+  cuBLAS cannot skip the masked triangle, so each product costs 167.8 GFLOP (1.114 G).
+- FLOPs run: forward 2 products (S, O) = 335.5 GFLOP; backward 4 (dP, dV, dQ, dK; P is saved,
+  so S is not recomputed) = 671 GFLOP; total 1006.6 GFLOP = ``12 B T K E`` = 0.86x the
+  ``14 B T K E`` budget (1174 GFLOP). The chunked path adds the recompute of S but each chunk
+  only sees ``t1 + M`` keys: at most ``14 B T K E`` (1.0x). A "minimum of 2G forward and 5G
+  backward" counts a recompute of S that saving P avoids (6G here, not 7G), and a "floor of
+  ~1.1 ms" for 7G holds at the 989 TFLOP/s datasheet peak, not at the 800 TFLOP/s measured rate
+  (1.32 ms).
+- GEMM time: these are large, well-shaped batched GEMMs (every dimension >= 1024, 16 batches,
+  5120 tiles of 128x128 per product), but 5000 is not a multiple of 128 (2% padding) and the
+  operands are strided (ld = B*E), so we assume 650-800 TFLOP/s: 1.26-1.55 ms for the six.
+- HBM bytes of the memory-bound passes (one [B, T, K] bf16 tensor = 163.8 MB, of which 89.8%
+  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB): forward ``q*gk`` 67 MB, value dropout W
+  328 MB, row pass (read the visible S once, the second read assumed to hit L2; write P and P_d)
+  475 MB, ``O_u*gv`` 67 MB: ~0.94 GB, 0.31 ms. Backward preprocess 101 MB, ``q*gk`` again 67 MB,
+  row pass (read the visible P and dP, write dS) 458 MB, dv dropout 328 MB, ``dq``/``dgk``
+  101 MB: ~1.06 GB, 0.35 ms. The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under
+  their compute (0.21-0.26 ms each).
+- Estimated total, training config: forward 0.42-0.52 + 0.31 = 0.73-0.83 ms; forward+backward
+  1.26-1.55 + 0.66 = 1.9-2.2 ms. Against earlier estimates by the same kind of analysis (the
+  previous flash-style kernels ~44 ms, the eager reference ~5.3 ms, torch.compile of it ~2.6 ms):
+  about 20x, 2.4-2.8x and only 1.2-1.35x, since torch.compile runs the same six cuBLAS products
+  plus fused elementwise kernels. A 1.5 ms target is NOT met by this estimate: the memory-bound
+  passes (~0.66 ms) would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which
+  this design leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward
+  ~0.42-0.52 + 0.15 = 0.57-0.67 ms.
+- Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
+  switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
+  autotuning (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
+- Peak memory above the inputs, training config, forward+backward: forward allocates W, P, P_d
+  (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all but q*gk; backward adds dP/dS,
+  dk, dv (3 x 164 MB) and dO_g, q*gk, dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager
+  reference keeps k*gk, dropout(v*gv) and its mask, the fp32 softmax, the dropped bf16 weights
+  and their mask (~0.98 GB), peaks at ~1.1 GB in forward (two fp32 score temporaries) and at
+  ~1.7-2 GB in backward (its fp32 score gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the
+  recompute of S (+168 GFLOP, ~0.22 ms) for ~0.5 GB.
 """
 
+import contextlib
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import interpreter_enabled, triton_reason
-from ._common import autotune_configs, capability_reason, dtype_reason, empty
+from ._common import capability_reason, dtype_reason, empty
 
-# Largest element offset the kernels address with 32-bit arithmetic.
-_MAX_INT32 = 2**31 - 1
+# Largest [B, T_chunk, K_chunk] score buffer, in bytes. Larger problems are processed in chunks
+# of queries. Tests lower it to force the chunked path.
+SCORE_BUDGET_BYTES = 1 << 29
 # Value dropout draws from the Philox key (seed_lo, 1); attention-weight dropout from (seed_lo, 0).
 _VALUE_STREAM = 2**32
 
 
-def _prune_wide_chunks(configs, named_args, **kwargs):
-    """Drop configs whose head-dimension chunks are wider than E needs (keep the narrowest)."""
-    head_dim = named_args["head_dim"]
-    width = max(16, triton.next_power_of_2(head_dim))
-    kept = [c for c in configs if c.kwargs["BLOCK_D"] <= width and c.kwargs["BLOCK_K"] <= width]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
-
-
-def _per_thread(config, elements):
-    return elements / (32 * config.num_warps)
-
-
-# Register budgets, from tools/compile_triton.py (ptxas, sm_90 and sm_80, the paper's shape):
-# fp32 tiles (IEEE dots) and dropout (int64 Philox offsets over the P and V tiles) cost many
-# registers, and the configs past these budgets spill 0.7-77 KB per thread. Those kept spill at
-# most ~250 B on sm_90 and ~330 B on sm_80, except BLOCK_D=256 without gates (676 B on sm_80).
-def _prune_fwd(configs, named_args, **kwargs):
-    """Wide chunks, then configs that spill: fp32 keeps <= 32 accumulator elements per thread;
-    with dropout, low precision keeps <= 64 accumulator and <= 32 value elements per thread."""
-    configs = _prune_wide_chunks(configs, named_args)
-    fp32 = named_args["Q"].dtype == torch.float32
-    dropout = kwargs.get("ATTN_DROPOUT", False) or kwargs.get("VALUE_DROPOUT", False)
-
-    def fits(c):
-        m, n, d = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
-        if fp32:
-            return _per_thread(c, m * d) <= 32
-        return not dropout or (_per_thread(c, m * d) <= 64 and _per_thread(c, n * d) <= 32)
-
-    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: _per_thread(c, c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_D"]))]
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    """Wide chunks, then configs that spill: the dK, dV and dQ accumulators may hold at most
-    40 (fp32) or 96 (fp16/bf16) elements per thread."""
-    configs = _prune_wide_chunks(configs, named_args)
-    budget = 40 if named_args["Q"].dtype == torch.float32 else 96
-
-    def accumulators(c):
-        m, n, d = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
-        return _per_thread(c, (2 * n + m) * d)
-
-    return [c for c in configs if accumulators(c) <= budget] or [min(configs, key=accumulators)]
-
-
-_FWD_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 256}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 256}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
-)
-
-_BWD_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 256}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=4, num_stages=2),
-        # The only one of these that does not spill in fp32.
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": 64}, num_warps=8, num_stages=2),
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
-)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """``acc + a @ b``. PRECISION "upcast" multiplies fp32 copies of the (already rounded)
-    operands: Triton's interpreter multiplies the raw bits of bfloat16 operands in tl.dot."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-# The dropout switches are in the key: the pruning (hence the best config) depends on them.
-@triton.autotune(configs=_FWD_CONFIGS, key=["head_dim", "ATTN_DROPOUT", "VALUE_DROPOUT"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, KEY_GATE, VALUE_GATE, O, LSE,
-    seq_len, key_len, batch, head_dim,
-    stride_qt, stride_qb, stride_qe,
-    stride_kt, stride_kb, stride_ke,
-    stride_vt, stride_vb, stride_ve,
-    qk_scale, out_scale, dropout_p, value_dropout_p, seed, value_seed,
-    HAS_KEY_GATE: tl.constexpr, HAS_VALUE_GATE: tl.constexpr,
-    ATTN_DROPOUT: tl.constexpr, VALUE_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    S, P, PD, LSE,
+    rows, key_cols, seq_len, key_len, batch, row0, memory_len,
+    qk_scale, dropout_p, keep_scale, seed,
+    ATTN_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online-softmax attention forward for one (d-chunk, query block, batch) program.
+    """Softmax row pass over the raw scores of one chunk of queries.
 
-    Computes ``O[i, b, d] = gv[d] / (1-p_v) / (1-p) * sum_j keep_ij P_ij keep_v[j,b,d] v[j,b,d]``
-    with ``P = softmax_j((q_i * gk) . k_j / sqrt(E))`` over the visible keys ``j <= i + K - T``.
-    Grid ``(cdiv(E, BLOCK_D), cdiv(T, BLOCK_M), B)``; the d-chunk is the fastest axis so programs
-    sharing a query block run together and share Q/K tiles through L2. A program owns the output
-    columns ``[d0, d0 + BLOCK_D)`` of BLOCK_M query rows: it walks the key blocks up to the last
-    one its rows can see (fully masked blocks are skipped), builds each BLOCK_M x BLOCK_N score
-    tile over all of E in BLOCK_K chunks, and accumulates P V for its columns with running max and
-    sum (base 2). Saves for backward: the row log-sum-exp ``LSE[b, i]`` (log2 units, written by the
-    d-chunk-0 programs); backward recomputes the scores, both dropout masks and P from it.
-    O is written contiguous ``[T, B, E]``.
+    ``S [B, rows, key_cols]`` holds ``(q*gk) . k`` for queries ``row0 + r`` and keys
+    ``0..key_cols-1``. Writes ``P = softmax_j(S * log2(e)/sqrt(E) + mask)`` (base 2, fp32
+    statistics) to ``P`` (may be S itself: each program reads its rows before it overwrites
+    them), the dropped ``P_d = keep * P / (1-p)`` to ``PD`` (with ATTN_DROPOUT) and the base-2
+    row log-sum-exp to ``LSE [B, T]``. Masked (future) scores are never read, so a NaN in a
+    future key cannot reach a row; their P is written as 0.
+    Grid ``(cdiv(rows, BLOCK_M) * B,)``; a program owns BLOCK_M rows of one batch and walks their
+    keys twice: running per-lane max and sum over the visible keys, then the probabilities over
+    all ``key_cols``. P_d is computed from the rounded P, so the backward's recomputation
+    (``P`` from S and LSE, or the saved P) gives the same P_d bit for bit.
+    Saved for backward: P and P_d (one chunk) or LSE (chunked: backward recomputes S).
     """
-    pid_d = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = tl.program_id(2)
-    memory_len = key_len - seq_len
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_valid = offs_m < seq_len
-    d_valid = offs_d < head_dim
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(rows, BLOCK_M)
+    b = pid // blocks
+    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < rows
+    query = row0 + offs_m
+    n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
+    row_offs = (b * rows + offs_m).to(tl.int64) * key_cols
+    # The block's last row sees the most keys; nothing past it is read.
+    last = tl.minimum((pid % blocks + 1) * BLOCK_M, rows)
+    end_n = tl.minimum(key_cols, row0 + last + memory_len)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Key blocks past the last one the bottom row of this block can see hold only masked scores.
-    end_n = tl.minimum(key_len, (pid_m + 1) * BLOCK_M + memory_len)
+    run_max = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < key_len
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start_k in range(0, head_dim, BLOCK_K):
-            offs_e = start_k + tl.arange(0, BLOCK_K)
-            e_valid = offs_e < head_dim
-            q = tl.load(
-                Q + b * stride_qb + offs_m[:, None] * stride_qt + offs_e[None, :] * stride_qe,
-                mask=m_valid[:, None] & e_valid[None, :], other=0.0,
-            )
-            if HAS_KEY_GATE:
-                gate = tl.load(KEY_GATE + offs_e, mask=e_valid, other=0.0).to(tl.float32)
-                q = (q.to(tl.float32) * gate[None, :]).to(Q.dtype.element_ty)
-            kt = tl.load(
-                K + b * stride_kb + offs_n[None, :] * stride_kt + offs_e[:, None] * stride_ke,
-                mask=n_valid[None, :] & e_valid[:, None], other=0.0,
-            )
-            s = _dot(q, kt, s, DOT_PRECISION)
-        visible = (offs_n[None, :] <= offs_m[:, None] + memory_len) & n_valid[None, :]
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        # Key 0 is visible to every row (K >= T), so m_new is finite from the first block on.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if ATTN_DROPOUT:
-            rows = (b * seq_len + offs_m).to(tl.int64)
-            keep = tl.rand(seed, rows[:, None] * key_len + offs_n[None, :]) >= dropout_p
-            p = tl.where(keep, p, 0.0)
-        v = tl.load(
-            V + b * stride_vb + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_ve,
-            mask=n_valid[:, None] & d_valid[None, :], other=0.0,
-        )
-        if VALUE_DROPOUT:
-            elems = (offs_n.to(tl.int64) * batch + b)[:, None] * head_dim + offs_d[None, :]
-            v = tl.where(tl.rand(value_seed, elems) >= value_dropout_p, v, 0.0)
-        acc = _dot(p.to(V.dtype.element_ty), v, acc * alpha[:, None], DOT_PRECISION)
-        m_i = m_new
+        cols = start_n + tl.arange(0, BLOCK_N)
+        visible = cols[None, :] < n_visible[:, None]
+        s = tl.load(S + row_offs[:, None] + cols[None, :], mask=visible, other=float("-inf"))
+        s = s.to(tl.float32) * qk_scale
+        new_max = tl.maximum(run_max, s)
+        # Lanes that have seen only masked scores keep max -inf; rebase them on 0 (exp2 -> 0).
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp2(run_max - base) + tl.exp2(s - base)
+        run_max = new_max
+    row_max = tl.max(run_max, 1)
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = tl.sum(run_sum * tl.exp2(run_max - row_max[:, None]), 1)
+    row_sum = tl.where(m_valid, row_sum, 1.0)  # rows past the chunk: finite, never stored
+    lse = row_max + tl.log2(row_sum)
+    tl.store(LSE + b * seq_len + query, lse, mask=m_valid)
 
-    out = acc * (out_scale / l_i)[:, None]
-    if HAS_VALUE_GATE:
-        out = out * tl.load(VALUE_GATE + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    o_ptrs = O + (offs_m[:, None] * batch + b) * head_dim + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-    if pid_d == 0:
-        tl.store(LSE + b * seq_len + offs_m, m_i + tl.log2(l_i), mask=m_valid)
+    philox_rows = (b * seq_len + query).to(tl.int64) * key_len
+    for start_n in range(0, key_cols, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        in_row = m_valid[:, None] & (cols < key_cols)[None, :]
+        visible = cols[None, :] < n_visible[:, None]
+        offs = row_offs[:, None] + cols[None, :]
+        s = tl.load(S + offs, mask=visible, other=float("-inf")).to(tl.float32) * qk_scale
+        p = tl.exp2(s - lse[:, None]).to(P.dtype.element_ty)
+        tl.store(P + offs, p, mask=in_row)
+        if ATTN_DROPOUT:
+            keep = tl.rand(seed, philox_rows[:, None] + cols[None, :]) >= dropout_p
+            p_drop = tl.where(keep, p.to(tl.float32) * keep_scale, 0.0)
+            tl.store(PD + offs, p_drop.to(PD.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _attention_bwd_kernel(
+    P, DP, PD, LSE, DELTA,
+    rows, key_cols, seq_len, key_len, batch, row0, memory_len,
+    qk_scale, score_scale, dropout_p, keep_scale, seed,
+    RECOMPUTE: tl.constexpr, ATTN_DROPOUT: tl.constexpr, WRITE_PD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Softmax-backward row pass of one chunk of queries: ``dS`` in place of ``dP``.
+
+    ``DP [B, rows, key_cols]`` holds ``dP_d = dO_g W^T`` and is overwritten with
+    ``dS = P * (keep/(1-p) * dP_d - delta) / sqrt(E)``, the gradient of the raw score
+    ``(q*gk) . k`` (0 on masked keys, whatever dP holds there), where
+    ``delta[i, b] = rowsum(dO * O)`` (``DELTA [T, B]``, fp32): the identity
+    ``rowsum(P * dP) = rowsum(P_d * dP_d) = rowsum(dO * O)`` holds with both dropouts and gates.
+    ``P`` holds the saved probabilities, or with RECOMPUTE the raw scores of this chunk, turned
+    into P with ``LSE`` exactly as the forward did. With WRITE_PD the (dropped) probabilities
+    the dV product needs are written to ``PD`` (may be P itself: read before written).
+    Grid ``(cdiv(rows, BLOCK_M) * B,)``; a program owns BLOCK_M rows of one batch and walks all
+    of their ``key_cols`` keys once. Nothing is saved.
+    """
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(rows, BLOCK_M)
+    b = pid // blocks
+    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < rows
+    query = row0 + offs_m
+    n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
+    row_offs = (b * rows + offs_m).to(tl.int64) * key_cols
+    delta = tl.load(DELTA + query * batch + b, mask=m_valid, other=0.0)
+    if RECOMPUTE:
+        lse = tl.load(LSE + b * seq_len + query, mask=m_valid, other=0.0)
+    philox_rows = (b * seq_len + query).to(tl.int64) * key_len
+    for start_n in range(0, key_cols, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        in_row = m_valid[:, None] & (cols < key_cols)[None, :]
+        visible = cols[None, :] < n_visible[:, None]
+        offs = row_offs[:, None] + cols[None, :]
+        if RECOMPUTE:
+            s = tl.load(P + offs, mask=visible, other=float("-inf")).to(tl.float32) * qk_scale
+            p_lowp = tl.exp2(s - lse[:, None]).to(PD.dtype.element_ty)
+        else:
+            p_lowp = tl.load(P + offs, mask=visible, other=0.0)
+        p = p_lowp.to(tl.float32)
+        dp = tl.load(DP + offs, mask=visible, other=0.0).to(tl.float32)
+        if ATTN_DROPOUT:
+            keep = tl.rand(seed, philox_rows[:, None] + cols[None, :]) >= dropout_p
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+            p_drop = tl.where(keep, p * keep_scale, 0.0).to(PD.dtype.element_ty)
+        else:
+            p_drop = p_lowp
+        ds = tl.where(visible, p * (dp - delta[:, None]) * score_scale, 0.0)
+        tl.store(DP + offs, ds.to(DP.dtype.element_ty), mask=in_row)
+        if WRITE_PD:
+            tl.store(PD + offs, p_drop, mask=in_row)
 
 
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    seq_len, batch, head_dim,
-    stride_dot, stride_dob, stride_doe,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    A, X, GATE, OUT, ROWSUM, PARTIAL,
+    n_rows, width,
+    stride_a_row, stride_a_col, stride_x_row, stride_x_col,
+    HAS_GATE: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_ROWSUM: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """``DELTA[b, i] = sum_e dO[i, b, e] * O[i, b, e]`` (fp32) for the softmax backward.
+    """Gate rows of ``[rows, E]`` matrices (rows = (t, b) of a time-major tensor):
 
-    Grid ``(cdiv(T, BLOCK_M), B)``; a program owns BLOCK_M rows and loops over E. The identity
-    ``rowsum(dP * P) = rowsum(dO * O)`` holds with both dropouts and the gates, because
-    ``O = P_dropped @ V_eff`` exactly. Nothing is saved.
+    ``OUT = A * g`` (contiguous), ``ROWSUM[r] = sum_e A*g*X`` (fp32), and
+    ``PARTIAL[pid, e] = sum_{r in the program's rows} A*X`` (fp32, summed over programs by the
+    launcher: deterministic, no atomics). Backward uses it as
+    ``(dO, O_u, gv) -> (dO_g, delta, dgv)`` and ``(dQ_g, q, gk) -> (dq, -, dgk)``; forward as
+    ``(q, -, gk) -> q*gk`` and ``(O_u, -, gv) -> O``. Row r of A is at
+    ``(r // B) * stride_t + (r % B) * stride_b``: the launcher passes ``stride_a_row`` for the
+    rows of a [T*B, E] view, which exists for the time-major tensors it uses.
+    Grid ``(cdiv(rows, BLOCK_R),)``; a program owns BLOCK_R rows and walks E. Nothing is saved.
     """
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < seq_len
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_e in range(0, head_dim, BLOCK_E):
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_valid = offs_r < n_rows
+    a_rows = offs_r.to(tl.int64) * stride_a_row
+    x_rows = offs_r.to(tl.int64) * stride_x_row
+    o_rows = offs_r.to(tl.int64) * width
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start_e in range(0, width, BLOCK_E):
         offs_e = start_e + tl.arange(0, BLOCK_E)
-        mask = m_valid[:, None] & (offs_e < head_dim)[None, :]
-        o = tl.load(O + (offs_m[:, None] * batch + b) * head_dim + offs_e[None, :], mask=mask, other=0.0)
-        do = tl.load(
-            DO + b * stride_dob + offs_m[:, None] * stride_dot + offs_e[None, :] * stride_doe,
-            mask=mask, other=0.0,
-        )
-        total += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b * seq_len + offs_m, total, mask=m_valid)
-
-
-@triton.autotune(
-    configs=_BWD_CONFIGS, key=["head_dim"], reset_to_zero=["DQ", "DKEY_GATE", "DVALUE_GATE"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
-)
-@triton.jit
-def _attention_bwd_kernel(
-    Q, K, V, KEY_GATE, VALUE_GATE, DO, LSE, DELTA,
-    DQ, DK, DV, DKEY_GATE, DVALUE_GATE,
-    seq_len, key_len, batch, head_dim, stride_gate_b,
-    stride_qt, stride_qb, stride_qe,
-    stride_kt, stride_kb, stride_ke,
-    stride_vt, stride_vb, stride_ve,
-    stride_dot, stride_dob, stride_doe,
-    sm_scale, qk_scale, attn_scale, value_scale, dropout_p, value_dropout_p, seed, value_seed,
-    HAS_KEY_GATE: tl.constexpr, HAS_VALUE_GATE: tl.constexpr,
-    ATTN_DROPOUT: tl.constexpr, VALUE_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Attention backward for one (d-chunk, key block, batch) program: dK, dV, dQ, gate grads.
-
-    With ``c = 1/sqrt(E)``, ``V_eff = v * gv * keep_v / (1-p_v)``, ``P_d = P * keep / (1-p)``:
-    dV_eff = P_d^T dO; dP = (dO V_eff^T) * keep / (1-p); dS = P * (dP - DELTA);
-    dK_eff = c dS^T q (gradient of k * gk), dK = gk * dK_eff, d gk = sum_{b,j} k * dK_eff;
-    dQ = c gk * (dS k); dV = gv * keep_v / (1-p_v) * dV_eff, d gv = sum_{b,j} dV_eff * v_dropped.
-    Grid ``(cdiv(E, BLOCK_D), cdiv(K, BLOCK_N), B)``. A program owns BLOCK_N keys and the columns
-    ``[d0, d0 + BLOCK_D)``: it walks the query blocks that can see its keys, recomputes the score
-    tile S^T and dP^T over all of E (P from the saved LSE, both dropout masks from Philox), keeps
-    dK and dV for its columns in registers and adds ``dS k`` for its columns into the fp32 DQ
-    buffer with atomics. It writes its partial gate gradients (summed over its keys) to
-    ``DKEY_GATE / DVALUE_GATE [B, >= cdiv(K, BLOCK_N), E]``; the launcher sums them. Nothing is saved.
-    """
-    pid_d = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    memory_len = key_len - seq_len
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_valid = offs_n < key_len
-    d_valid = offs_d < head_dim
-    nd_mask = n_valid[:, None] & d_valid[None, :]
-    v_elems = (offs_n.to(tl.int64) * batch + b)[:, None] * head_dim + offs_d[None, :]
-    if HAS_KEY_GATE:
-        key_gate_d = tl.load(KEY_GATE + offs_d, mask=d_valid, other=0.0).to(tl.float32)
-    k_d = tl.load(
-        K + b * stride_kb + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_ke,
-        mask=nd_mask, other=0.0,
-    )
-
-    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # The first query that sees key n0 is n0 - memory_len; earlier query blocks see none of ours.
-    start_m0 = (tl.maximum(pid_n * BLOCK_N - memory_len, 0) // BLOCK_M) * BLOCK_M
-    for start_m in range(start_m0, seq_len, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < seq_len
-        st = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for start_k in range(0, head_dim, BLOCK_K):
-            offs_e = start_k + tl.arange(0, BLOCK_K)
-            e_valid = offs_e < head_dim
-            ne_mask = n_valid[:, None] & e_valid[None, :]
-            em_mask = e_valid[:, None] & m_valid[None, :]
-            k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + offs_e[None, :] * stride_ke, mask=ne_mask, other=0.0)
-            qt = tl.load(Q + b * stride_qb + offs_m[None, :] * stride_qt + offs_e[:, None] * stride_qe, mask=em_mask, other=0.0)
-            if HAS_KEY_GATE:
-                gate = tl.load(KEY_GATE + offs_e, mask=e_valid, other=0.0).to(tl.float32)
-                qt = (qt.to(tl.float32) * gate[:, None]).to(Q.dtype.element_ty)
-            st = _dot(k, qt, st, DOT_PRECISION)
-            v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + offs_e[None, :] * stride_ve, mask=ne_mask, other=0.0)
-            if VALUE_DROPOUT:
-                elems = (offs_n.to(tl.int64) * batch + b)[:, None] * head_dim + offs_e[None, :]
-                v = tl.where(tl.rand(value_seed, elems) >= value_dropout_p, v, 0.0)
-            dot_t = tl.load(DO + b * stride_dob + offs_m[None, :] * stride_dot + offs_e[:, None] * stride_doe, mask=em_mask, other=0.0)
-            if HAS_VALUE_GATE:
-                gate = tl.load(VALUE_GATE + offs_e, mask=e_valid, other=0.0).to(tl.float32)
-                dot_t = (dot_t.to(tl.float32) * gate[:, None]).to(DO.dtype.element_ty)
-            dpt = _dot(v.to(DO.dtype.element_ty), dot_t, dpt, DOT_PRECISION)
-
-        lse = tl.load(LSE + b * seq_len + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + b * seq_len + offs_m, mask=m_valid, other=0.0)
-        visible = (offs_n[:, None] <= offs_m[None, :] + memory_len) & n_valid[:, None] & m_valid[None, :]
-        pt = tl.where(visible, tl.exp2(st * qk_scale - lse[None, :]), 0.0)
-        dpt = dpt * value_scale
-        if ATTN_DROPOUT:
-            rows = (b * seq_len + offs_m).to(tl.int64)
-            keep = tl.rand(seed, rows[None, :] * key_len + offs_n[:, None]) >= dropout_p
-            pdt = tl.where(keep, pt * attn_scale, 0.0)
-            dpt = tl.where(keep, dpt * attn_scale, 0.0)
+        e_valid = offs_e < width
+        mask = r_valid[:, None] & e_valid[None, :]
+        a = tl.load(A + a_rows[:, None] + offs_e[None, :] * stride_a_col, mask=mask, other=0.0)
+        a = a.to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(GATE + offs_e, mask=e_valid, other=0.0).to(tl.float32)
+            ag = a * g[None, :]
         else:
-            pdt = pt
-        dst = pt * (dpt - delta[None, :])
+            ag = a
+        if WRITE_OUT:
+            out_ptrs = OUT + o_rows[:, None] + offs_e[None, :]
+            tl.store(out_ptrs, ag.to(OUT.dtype.element_ty), mask=mask)
+        if HAS_ROWSUM or HAS_PARTIAL:
+            x = tl.load(X + x_rows[:, None] + offs_e[None, :] * stride_x_col, mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            if HAS_ROWSUM:
+                total += tl.sum(ag * x, 1)
+            if HAS_PARTIAL:
+                tl.store(PARTIAL + pid * width + offs_e, tl.sum(a * x, 0), mask=e_valid)
+    if HAS_ROWSUM:
+        tl.store(ROWSUM + offs_r, total, mask=r_valid)
 
-        md_mask = m_valid[:, None] & d_valid[None, :]
-        do_d = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_doe, mask=md_mask, other=0.0)
-        dv_acc = _dot(pdt.to(DO.dtype.element_ty), do_d, dv_acc, DOT_PRECISION)
-        q_d = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qe, mask=md_mask, other=0.0)
-        dst_lowp = dst.to(Q.dtype.element_ty)
-        dk_acc = _dot(dst_lowp, q_d, dk_acc, DOT_PRECISION)
-        dq = _dot(tl.trans(dst_lowp), k_d, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), DOT_PRECISION)
-        dq = dq * sm_scale
-        if HAS_KEY_GATE:
-            dq = dq * key_gate_d[None, :]
-        tl.atomic_add(DQ + (offs_m[:, None] * batch + b) * head_dim + offs_d[None, :], dq, mask=md_mask)
 
-    partial = b * stride_gate_b + pid_n * head_dim + offs_d
-    dk_eff = dk_acc * sm_scale
-    if HAS_KEY_GATE:
-        tl.store(DKEY_GATE + partial, tl.sum(dk_eff * k_d.to(tl.float32), 0), mask=d_valid)
-        dk_eff = dk_eff * key_gate_d[None, :]
-    out_offs = (offs_n[:, None] * batch + b) * head_dim + offs_d[None, :]
-    tl.store(DK + out_offs, dk_eff.to(DK.dtype.element_ty), mask=nd_mask)
+@triton.jit
+def _attention_value_dropout_kernel(
+    X, OUT, n_rows, width, stride_x_row, stride_x_col, value_dropout_p, keep_scale, value_seed,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """``OUT[r, e] = X[r, e] * keep(r*E + e) / (1 - p_v)`` over the rows r = (j, b) of a
+    ``[K, B, E]`` tensor: the dropped values W in forward, ``dv`` from ``dW`` in backward (in
+    place, X = OUT). The mask is drawn once per element, from the Philox key ``seed + 2**32``.
+    Grid ``(cdiv(rows, BLOCK_R), cdiv(E, BLOCK_E))``. Nothing is saved (backward redraws the mask).
+    """
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = (offs_r < n_rows)[:, None] & (offs_e < width)[None, :]
+    rows64 = offs_r.to(tl.int64)
+    x_ptrs = X + rows64[:, None] * stride_x_row + offs_e[None, :] * stride_x_col
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    elems = rows64[:, None] * width + offs_e[None, :]
+    keep = tl.rand(value_seed, elems) >= value_dropout_p
+    out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+    tl.store(OUT + elems, out.to(OUT.dtype.element_ty), mask=mask)
 
-    value_factor = tl.full([BLOCK_N, BLOCK_D], value_scale, dtype=tl.float32)
-    if VALUE_DROPOUT:
-        value_factor = tl.where(tl.rand(value_seed, v_elems) >= value_dropout_p, value_factor, 0.0)
-    dv = dv_acc * value_factor
-    if HAS_VALUE_GATE:
-        v_d = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_ve, mask=nd_mask, other=0.0)
-        tl.store(DVALUE_GATE + partial, tl.sum(dv * v_d.to(tl.float32), 0), mask=d_valid)
-        dv = dv * tl.load(VALUE_GATE + offs_d, mask=d_valid, other=0.0).to(tl.float32)[None, :]
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+# Launch parameters. These passes are memory-bound: one config each, no autotuning (nothing to
+# gain at this arithmetic intensity, and nothing to fail inside CUDA-graph capture). Each thread
+# holds 8-16 elements of a tile; tools/compile_triton.py (sm_90 and sm_80, every dtype and
+# switch) reports 32-96 registers and no spills, so 5+ programs of 4 warps fit per SM.
+def _row_blocks() -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the row passes over the scores."""
+    return (8, 32, 4) if interpreter_enabled() else (2, 512, 4)
+
+
+def _rows_blocks(width: int, block_r: int) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_E, num_warps) of the elementwise [rows, E] kernels."""
+    if interpreter_enabled():
+        return 16, max(16, min(128, triton.next_power_of_2(width))), 4
+    return block_r, max(16, min(256, triton.next_power_of_2(width))), 4
 
 
 def _keep_scale(p: float) -> float:
@@ -382,11 +320,122 @@ def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not be rounded to tf32: the parity tests compare against fp32 torch.
-    if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if dtype == torch.bfloat16 and interpreter_enabled() else "tf32"
+def _device_guard(device: torch.device):
+    """Launch on ``device`` whatever the current CUDA device is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _no_autocast(device: torch.device):
+    # The products must run in the inputs' dtype: autocast would change the GEMMs' output dtype.
+    if device.type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()  # meta tensors (tools/compile_triton.py)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _batch_major(x: torch.Tensor) -> torch.Tensor:
+    """``[L, B, E]`` -> ``[B, L, E]`` view (leading dimension B*E for a time-major tensor)."""
+    return x.transpose(0, 1)
+
+
+def _row_stride(x: torch.Tensor) -> Optional[int]:
+    """Stride of row r = (t, b) when ``x [L, B, E]`` is addressable as ``[L*B, E]``, else None."""
+    length, batch, _ = x.shape
+    if batch == 1 or x.stride(0) == batch * x.stride(1):
+        return x.stride(1) if batch > 1 else x.stride(0) if length > 1 else 1
+    if length == 1:
+        return x.stride(1)
+    return None
+
+
+def _as_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """(tensor, row stride, column stride) for the row kernels; copies only when the [L, B, E]
+    tensor cannot be addressed as [L*B, E] rows (e.g. a batch-first view)."""
+    stride = _row_stride(x)
+    if stride is None:
+        x = x.contiguous()
+        stride = x.stride(1) if x.shape[1] > 1 else x.shape[2]
+    return x, stride, x.stride(2)
+
+
+def _gate_rows(
+    a: torch.Tensor,
+    gate: Optional[torch.Tensor],
+    x: Optional[torch.Tensor] = None,
+    write_out: bool = True,
+    rowsum: bool = False,
+    partial: bool = False,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch ``_attention_bwd_preprocess_kernel`` over the rows of ``a [L, B, E]``.
+    Returns (``a * gate`` contiguous [L, B, E] or None, rowsum [L, B] fp32 or None,
+    ``sum_rows(a * x)`` [E] fp32 or None)."""
+    length, batch, width = a.shape
+    n_rows = length * batch
+    block_r, block_e, warps = _rows_blocks(width, 8)
+    programs = triton.cdiv(n_rows, block_r)
+    a_rows, a_stride_row, a_stride_col = _as_rows(a)
+    if x is not None:
+        x_rows, x_stride_row, x_stride_col = _as_rows(x)
+    else:
+        x_rows, x_stride_row, x_stride_col = a_rows, 0, 0
+    out = empty(length, batch, width, dtype=a.dtype, device=a.device) if write_out else None
+    sums = empty(length, batch, dtype=torch.float32, device=a.device) if rowsum else None
+    parts = empty(programs, width, dtype=torch.float32, device=a.device) if partial else None
+    _attention_bwd_preprocess_kernel[(programs,)](
+        a_rows, x_rows, gate if gate is not None else a_rows,
+        out if out is not None else a_rows, sums if sums is not None else a_rows,
+        parts if parts is not None else a_rows,
+        n_rows, width, a_stride_row, a_stride_col, x_stride_row, x_stride_col,
+        HAS_GATE=gate is not None, WRITE_OUT=write_out, HAS_ROWSUM=rowsum, HAS_PARTIAL=partial,
+        BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+    )
+    return out, sums, parts.sum(0) if parts is not None else None
+
+
+def _drop_values(
+    x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``dropout(x)`` with the value stream of ``seed`` into ``out`` (contiguous [K, B, E])."""
+    key_len, batch, width = x.shape
+    x_rows, stride_row, stride_col = _as_rows(x)
+    if out is None:
+        out = empty(key_len, batch, width, dtype=x.dtype, device=x.device)
+    block_r, block_e, warps = _rows_blocks(width, 4)
+    grid = (triton.cdiv(key_len * batch, block_r), triton.cdiv(width, block_e))
+    _attention_value_dropout_kernel[grid](
+        x_rows, out, key_len * batch, width, stride_row, stride_col, p, _keep_scale(p),
+        seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+    )
+    return out
+
+
+def _plan(batch: int, seq_len: int, key_len: int, dtype: torch.dtype) -> List[Tuple[int, int, int]]:
+    """Query chunks ``(t0, t1, key_cols)``: rows t0..t1-1 against keys 0..key_cols-1 (all the
+    keys they can see). One chunk when a [B, T, K] buffer fits ``SCORE_BUDGET_BYTES``."""
+    if _fits(batch, seq_len, key_len, dtype):
+        return [(0, seq_len, key_len)]
+    memory_len = key_len - seq_len
+    per_row = batch * key_len * _itemsize(dtype)
+    rows = max(1, SCORE_BUDGET_BYTES // per_row)
+    if rows >= 128:
+        rows -= rows % 64  # whole GEMM tiles
+    return [
+        (t0, min(t0 + rows, seq_len), min(t0 + rows, seq_len) + memory_len)
+        for t0 in range(0, seq_len, rows)
+    ]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _fits(batch, seq_len, key_len, dtype) -> bool:
+    return batch * seq_len * key_len * _itemsize(dtype) <= SCORE_BUDGET_BYTES
+
+
+def _launch_rows(kernel, rows: int, batch: int, *args, **kwargs) -> None:
+    block_m, block_n, warps = _row_blocks()
+    grid = (triton.cdiv(rows, block_m) * batch,)
+    kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **kwargs)
 
 
 def attention_forward(
@@ -398,32 +447,62 @@ def attention_forward(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns ``out [T, B, E]`` (contiguous) and ``lse [B, T]`` fp32
-    (base-2 log-sum-exp of the scaled scores)."""
-    seq_len, batch, head_dim = q.shape
+) -> Tuple[torch.Tensor, ...]:
+    """Forward. Returns ``out [T, B, E]`` and what backward needs: ``out_ungated`` (``P_d W``,
+    [T, B, E], empty without a value gate), ``probs`` and ``dropped`` ([B, T, K]; empty when
+    chunked, dropped also without attention dropout), ``lse [B, T]`` fp32 (base 2) and
+    ``values`` (the dropped values W [K, B, E], empty without value dropout). All contiguous."""
+    seq_len, batch, width = q.shape
     key_len = k.shape[0]
-    out = empty(seq_len, batch, head_dim, dtype=q.dtype, device=q.device)
-    lse = empty(batch, seq_len, dtype=torch.float32, device=q.device)
-    grid = lambda META: (
-        triton.cdiv(head_dim, META["BLOCK_D"]), triton.cdiv(seq_len, META["BLOCK_M"]), batch
+    memory_len = key_len - seq_len
+    device, dtype = q.device, q.dtype
+    plan = _plan(batch, seq_len, key_len, dtype)
+    attn_dropout = dropout_p > 0.0
+    with _device_guard(device), _no_autocast(device):
+        q_gated = _gate_rows(q, key_gate)[0] if key_gate is not None else q
+        values = _drop_values(v, value_dropout_p, seed) if value_dropout_p > 0.0 else None
+        w = values if values is not None else v
+        out_ungated = empty(seq_len, batch, width, dtype=dtype, device=device)
+        lse = empty(batch, seq_len, dtype=torch.float32, device=device)
+        size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
+        scores = empty(size, dtype=dtype, device=device)
+        dropped = empty(size, dtype=dtype, device=device) if attn_dropout else None
+        for t0, t1, cols in plan:
+            rows = t1 - t0
+            s = scores[: batch * rows * cols].view(batch, rows, cols)
+            keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
+            torch.bmm(_batch_major(q_gated)[:, t0:t1], keys_t, out=s)
+            p_drop = dropped[: s.numel()].view_as(s) if attn_dropout else s
+            _launch_rows(
+                _attention_fwd_kernel, rows, batch,
+                s, s, p_drop, lse,
+                rows, cols, seq_len, key_len, batch, t0, memory_len,
+                math.log2(math.e) / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
+                ATTN_DROPOUT=attn_dropout,
+            )
+            torch.bmm(p_drop, _batch_major(w)[:, :cols], out=_batch_major(out_ungated)[:, t0:t1])
+        if value_gate is not None:
+            out = _gate_rows(out_ungated, value_gate)[0]
+        else:
+            out, out_ungated = out_ungated, q.new_empty(0)
+    nothing = q.new_empty(0)
+    single = len(plan) == 1
+    return (
+        out,
+        out_ungated,
+        scores.view(batch, seq_len, key_len) if single else nothing.clone(),
+        dropped.view(batch, seq_len, key_len) if single and attn_dropout else nothing.clone(),
+        lse,
+        values if values is not None else nothing.clone(),
     )
-    _attention_fwd_kernel[grid](
-        q, k, v,
-        key_gate if key_gate is not None else q, value_gate if value_gate is not None else q,
-        out, lse,
-        seq_len, key_len, batch, head_dim,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        math.log2(math.e) / math.sqrt(head_dim),
-        _keep_scale(dropout_p) * _keep_scale(value_dropout_p),
-        dropout_p, value_dropout_p, seed, seed + _VALUE_STREAM,
-        HAS_KEY_GATE=key_gate is not None, HAS_VALUE_GATE=value_gate is not None,
-        ATTN_DROPOUT=dropout_p > 0.0, VALUE_DROPOUT=value_dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(q.dtype),
-    )
-    return out, lse
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` (first chunk) or ``out += a @ b``, batched, in place."""
+    if first:
+        torch.bmm(a, b, out=out)
+    else:
+        out.baddbmm_(a, b)
 
 
 def attention_backward(
@@ -434,61 +513,78 @@ def attention_backward(
     key_gate: Optional[torch.Tensor],
     value_gate: Optional[torch.Tensor],
     out: torch.Tensor,
+    out_ungated: torch.Tensor,
+    probs: torch.Tensor,
+    dropped: torch.Tensor,
     lse: torch.Tensor,
+    values: torch.Tensor,
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels. Returns ``dq, dk, dv`` (contiguous) and the gate gradients
-    (``[E]``, or empty tensors for an absent gate)."""
-    seq_len, batch, head_dim = q.shape
+    """Backward. Returns ``dq, dk, dv`` (contiguous) and the gate gradients (``[E]``, or empty
+    tensors for an absent gate)."""
+    seq_len, batch, width = q.shape
     key_len = k.shape[0]
-    device = q.device
-    delta = empty(batch, seq_len, dtype=torch.float32, device=device)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(seq_len, 16), batch)](
-        out, grad_out, delta, seq_len, batch, head_dim,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        BLOCK_M=16, BLOCK_E=min(256, max(16, triton.next_power_of_2(head_dim))),
-    )
-    # dQ is accumulated by atomics over the key blocks, so it starts at zero, in fp32.
-    dq_acc = empty(seq_len, batch, head_dim, dtype=torch.float32, device=device).zero_()
-    dk = empty(key_len, batch, head_dim, dtype=k.dtype, device=device)
-    dv = empty(key_len, batch, head_dim, dtype=v.dtype, device=device)
-    # Gate partials, [B, cdiv(K, BLOCK_N), E] for the chosen BLOCK_N: sized for the smallest
-    # BLOCK_N of the configs and zeroed, so the rows a larger BLOCK_N leaves out add nothing.
-    max_key_blocks = triton.cdiv(key_len, min(c.kwargs["BLOCK_N"] for c in _BWD_CONFIGS))
-    dkg_part = (
-        empty(batch, max_key_blocks, head_dim, dtype=torch.float32, device=device).zero_()
-        if key_gate is not None else dq_acc
-    )
-    dvg_part = (
-        empty(batch, max_key_blocks, head_dim, dtype=torch.float32, device=device).zero_()
-        if value_gate is not None else dq_acc
-    )
-    grid = lambda META: (
-        triton.cdiv(head_dim, META["BLOCK_D"]), triton.cdiv(key_len, META["BLOCK_N"]), batch
-    )
-    _attention_bwd_kernel[grid](
-        q, k, v,
-        key_gate if key_gate is not None else q, value_gate if value_gate is not None else q,
-        grad_out, lse, delta,
-        dq_acc, dk, dv, dkg_part, dvg_part,
-        seq_len, key_len, batch, head_dim, max_key_blocks * head_dim,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        1.0 / math.sqrt(head_dim), math.log2(math.e) / math.sqrt(head_dim),
-        _keep_scale(dropout_p), _keep_scale(value_dropout_p),
-        dropout_p, value_dropout_p, seed, seed + _VALUE_STREAM,
-        HAS_KEY_GATE=key_gate is not None, HAS_VALUE_GATE=value_gate is not None,
-        ATTN_DROPOUT=dropout_p > 0.0, VALUE_DROPOUT=value_dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(q.dtype),
-    )
+    memory_len = key_len - seq_len
+    device, dtype = q.device, q.dtype
+    attn_dropout = dropout_p > 0.0
+    saved = probs.numel() > 0
+    # Saved probabilities mean one chunk, whatever the budget says now.
+    plan = [(0, seq_len, key_len)] if saved else _plan(batch, seq_len, key_len, dtype)
+    with _device_guard(device), _no_autocast(device):
+        ou = out_ungated if value_gate is not None else out
+        grad_gated, delta, dvg = _gate_rows(
+            grad_out, value_gate, ou, write_out=value_gate is not None, rowsum=True,
+            partial=value_gate is not None,
+        )
+        if grad_gated is None:
+            grad_gated = grad_out
+        w = values if value_dropout_p > 0.0 else v
+        q_gated = _gate_rows(q, key_gate)[0] if key_gate is not None else q
+        dq_gated = empty(seq_len, batch, width, dtype=dtype, device=device)
+        dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
+        dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
+        size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
+        grad_scores = empty(size, dtype=dtype, device=device)
+        scratch = None if saved else empty(size, dtype=dtype, device=device)
+        qk_scale = math.log2(math.e) / math.sqrt(width)
+        # The last chunk sees every key, so it writes dk and dv whole; earlier ones add to them.
+        for index, (t0, t1, cols) in enumerate(reversed(plan)):
+            rows = t1 - t0
+            grad_gated_c = _batch_major(grad_gated)[:, t0:t1]
+            ds = grad_scores[: batch * rows * cols].view(batch, rows, cols)
+            torch.bmm(grad_gated_c, _batch_major(w)[:, :cols].transpose(1, 2), out=ds)
+            if saved:
+                source = probs
+                p_drop = dropped if attn_dropout else probs
+            else:
+                source = scratch[: ds.numel()].view_as(ds)
+                keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
+                torch.bmm(_batch_major(q_gated)[:, t0:t1], keys_t, out=source)
+                p_drop = source
+            _launch_rows(
+                _attention_bwd_kernel, rows, batch,
+                source, ds, p_drop, lse, delta,
+                rows, cols, seq_len, key_len, batch, t0, memory_len,
+                qk_scale, 1.0 / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
+                RECOMPUTE=not saved, ATTN_DROPOUT=attn_dropout, WRITE_PD=not saved,
+            )
+            first = index == 0
+            _accumulate(_batch_major(dv)[:, :cols], p_drop.transpose(1, 2), grad_gated_c, first)
+            queries = _batch_major(q_gated)[:, t0:t1]
+            _accumulate(_batch_major(dk)[:, :cols], ds.transpose(1, 2), queries, first)
+            torch.bmm(ds, _batch_major(k)[:, :cols], out=_batch_major(dq_gated)[:, t0:t1])
+        if value_dropout_p > 0.0:
+            _drop_values(dv, value_dropout_p, seed, out=dv)
+        if key_gate is not None:
+            dq, _, dkg = _gate_rows(dq_gated, key_gate, q, partial=True)
+        else:
+            dq, dkg = dq_gated, None
     # Absent gates get distinct empty tensors: outputs of a custom op may not alias each other.
-    dkg = dkg_part.sum((0, 1)).to(key_gate.dtype) if key_gate is not None else q.new_empty(0)
-    dvg = dvg_part.sum((0, 1)).to(value_gate.dtype) if value_gate is not None else q.new_empty(0)
-    return dq_acc.to(q.dtype), dk, dv, dkg, dvg
+    dkg = dkg.to(key_gate.dtype) if key_gate is not None else q.new_empty(0)
+    dvg = dvg.to(value_gate.dtype) if value_gate is not None else q.new_empty(0)
+    return dq, dk, dv, dkg, dvg
 
 
 @torch.library.custom_op("sha_rnn_kernels::attention_fwd", mutates_args=())
@@ -501,14 +597,24 @@ def _attention_fwd_op(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_forward(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed):
-    seq_len, batch, head_dim = q.shape
-    return q.new_empty(seq_len, batch, head_dim), q.new_empty(batch, seq_len, dtype=torch.float32)
+    seq_len, batch, width = q.shape
+    key_len = k.shape[0]
+    single = _fits(batch, seq_len, key_len, q.dtype)
+    nothing = lambda: q.new_empty(0)  # noqa: E731
+    return (
+        q.new_empty(seq_len, batch, width),
+        q.new_empty(seq_len, batch, width) if value_gate is not None else nothing(),
+        q.new_empty(batch, seq_len, key_len) if single else nothing(),
+        q.new_empty(batch, seq_len, key_len) if single and dropout_p > 0.0 else nothing(),
+        q.new_empty(batch, seq_len, dtype=torch.float32),
+        q.new_empty(key_len, batch, width) if value_dropout_p > 0.0 else nothing(),
+    )
 
 
 @torch.library.custom_op("sha_rnn_kernels::attention_bwd", mutates_args=())
@@ -520,18 +626,24 @@ def _attention_bwd_op(
     key_gate: Optional[torch.Tensor],
     value_gate: Optional[torch.Tensor],
     out: torch.Tensor,
+    out_ungated: torch.Tensor,
+    probs: torch.Tensor,
+    dropped: torch.Tensor,
     lse: torch.Tensor,
+    values: torch.Tensor,
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(
-        grad_out, q, k, v, key_gate, value_gate, out, lse, dropout_p, value_dropout_p, seed
+        grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
+        dropout_p, value_dropout_p, seed,
     )
 
 
 @_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, key_gate, value_gate, out, lse, dropout_p, value_dropout_p, seed):
+def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
+      dropout_p, value_dropout_p, seed):
     def gate_grad(gate):
         return gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
 
@@ -543,16 +655,15 @@ def _(grad_out, q, k, v, key_gate, value_gate, out, lse, dropout_p, value_dropou
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_gate, value_gate, out, lse)
+    ctx.save_for_backward(q, k, v, key_gate, value_gate, *output)
     ctx.dropout = (dropout_p, value_dropout_p, seed)
     ctx.has_gates = (key_gate is not None, value_gate is not None)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, key_gate, value_gate, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, *unused):
+    q, k, v, key_gate, value_gate, *saved = ctx.saved_tensors
     dq, dk, dv, dkg, dvg = _attention_bwd_op(
-        grad_out, q, k, v, key_gate, value_gate, out, lse, *ctx.dropout
+        grad_out, q, k, v, key_gate, value_gate, *saved, *ctx.dropout
     )
     has_key_gate, has_value_gate = ctx.has_gates
     return (
@@ -565,17 +676,12 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot take these (already validated) inputs, or None."""
+    """Why these kernels cannot take these (already validated) inputs, or None."""
     reason = dtype_reason(q, k, v) or triton_reason(q.device)
     if reason is not None:
         return reason
     if q.numel() == 0 or k.numel() == 0:
         return f"empty inputs (q {tuple(q.shape)}, k {tuple(k.shape)})"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        # Element offsets are computed in 32-bit arithmetic inside the kernels.
-        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
-        if max(extent, t.numel()) > _MAX_INT32:
-            return f"{name} spans {extent} elements; the kernels address at most 2**31 - 1"
     return capability_reason(q.device, q.dtype)
 
 
@@ -590,26 +696,29 @@ def attention(
     value_dropout_p: float,
     seed: int,
 ) -> torch.Tensor:
-    """Single-head causal attention over memory + segment, fused (Triton), differentiable.
+    """Single-head causal attention over memory + segment (cuBLAS + Triton), differentiable.
 
     Args:
         q: queries ``[T, B, E]``; k, v: keys and values ``[K, B, E]`` with K >= T (memory first,
             then the segment); any strides, one dtype (fp32, fp16, bf16), one device.
-        key_gate, value_gate: ``[E]`` gates in q's dtype, or None. The keys are ``k * key_gate``,
-            the values ``dropout(v * value_gate, value_dropout_p)``.
+        key_gate, value_gate: ``[E]`` gates in q's dtype (any strides), or None. The keys are
+            ``k * key_gate``, the values ``dropout(v * value_gate, value_dropout_p)``.
         dropout_p: dropout on the attention weights; value_dropout_p: elementwise dropout on the
             gated values; seed: the Philox seed of both (drawn by the caller).
 
     Returns:
-        ``[T, B, E]``: ``dropout(softmax(q k_eff^T / sqrt(E) + causal mask)) @ v_eff``, where
-        query i sees keys ``j <= i + K - T``.
+        ``[T, B, E]`` contiguous: ``dropout(softmax(q k_eff^T / sqrt(E) + causal mask)) @ v_eff``,
+        where query i sees keys ``j <= i + K - T``.
 
     Example::
 
         out = attention(q, k, v, key_gate=None, value_gate=None, dropout_p=0.0,
                         value_dropout_p=0.0, seed=0)
     """
-    out, _ = _attention_fwd_op(
+    # The kernels read the gates as contiguous [E] vectors (a strided or expanded gate is copied).
+    key_gate = key_gate.contiguous() if key_gate is not None else None
+    value_gate = value_gate.contiguous() if value_gate is not None else None
+    outputs = _attention_fwd_op(
         q, k, v, key_gate, value_gate, float(dropout_p), float(value_dropout_p), int(seed)
     )
-    return out
+    return outputs[0]
