@@ -312,6 +312,10 @@ class SingleHeadAttention(nn.Module):
         query_gate = torch.sigmoid(self.qs).reshape(e)
         if dtype is not None:
             query_gate = query_gate.to(dtype)  # so that q stays in the compute dtype
+            # Keys and values are usually one tensor (the memory): cast it once, not twice.
+            same = value is key
+            key = key.to(dtype)
+            value = key if same else value.to(dtype)
         q = query_gate * _layer_norm(self.qln, self.q(query), dtype)
         q = F.dropout(q, self.dropout, self.training)
         return SF.single_head_attention(

@@ -18,12 +18,15 @@ How a step runs: all parameters of one (device, dtype) are updated together with
 multi-tensor ``torch._foreach_*`` ops (one kernel launch covers up to ~110 tensors and 320 chunks
 of 65536 elements). The Adam steps are written into one flat buffer, ordered by tensor size, so
 that the per-tensor trust ratio scales every tensor of one size with a single broadcast multiply.
-Launches per step for one group, estimated: 11 foreach ops (two moments x2, sqrt, +eps, copy,
-divide, +decay, two norms of ~2 kernels, the final add) x ceil(chunks / 320) launches each, plus ~8
-small kernels on the ``[n_tensors]`` norm vectors, plus one multiply per distinct tensor size. For
-the paper's model (85 tensors, 53.8M elements = 822 chunks, 9 sizes): about 11 x 3 + 2 x 3 + 8 + 9
-~= 56 launches, against ~16 per tensor (~1360) for a per-parameter loop. Memory traffic is ~26
-passes over the parameters in fp32 (~5.6 GB, ~2 ms at 3 TB/s on an H100), estimated.
+Launches per step for one group, estimated from the operators dispatched (counted on CPU) and
+CUDA's multi-tensor chunking: 10 elementwise foreach ops (two per moment, sqrt, +eps, copy, divide,
++decay, the final add) x ~3 launches each (822 chunks of the paper model / 320 per launch), 2
+foreach norms x ~4 (with their cleanup kernel), ~12 small kernels on the ``[n_tensors]`` norm
+vectors and one broadcast multiply per distinct tensor size (9 in the paper model): about 60
+launches per step, against ~22 operators per tensor (~1,900 for the paper model's 85 tensors) in a
+per-tensor loop. Memory traffic: ~29 fp32 passes over the parameters (~6.2 GB for 53.8M, ~2 ms
+at 3 TB/s on an H100), estimated, against 10 for a two-pass fused kernel (``benchmarks/
+roofline.py``): launches, not bytes, were the cost of the per-tensor loop.
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def _lamb_step_reference(
     exp_avg_sqs: list[Tensor],
     group: dict,
 ) -> None:
-    """The same update one tensor at a time (~16 launches per tensor): the specification that
+    """The same update one tensor at a time (~22 launches per tensor): the specification that
     :class:`Lamb` is tested against. Tensors whose gradient is None are skipped."""
     beta1, beta2 = group["betas"]
     for p, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sha_rnn_kernels import SHARNN, SHALayer, train
+from sha_rnn_kernels import SHARNN, SHALayer, SingleHeadAttention, train
 
 TEXT = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n"
 TINY = [
@@ -99,6 +99,20 @@ def test_layer_keeps_compute_dtype_and_casts_the_memory_once():
     assert out.dtype == torch.float32 and memory.dtype == torch.float32
 
 
+def test_attention_casts_a_shared_key_and_value_once():
+    torch.manual_seed(0)
+    attn = SingleHeadAttention(24, backend="reference")
+    query, memory = torch.randn(5, 3, 24), torch.randn(11, 3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _CastsOf((11,)) as counter:
+            out = attn(query, memory, memory)
+        assert counter.casts == 1, counter.casts
+        with _CastsOf((11,)) as counter:
+            attn(query, memory, memory.clone())  # two tensors: two casts
+        assert counter.casts == 2, counter.casts
+    assert out.dtype == torch.bfloat16
+
+
 def test_autocast_block_matches_float32_within_bf16_tolerance():
     torch.manual_seed(0)
     layer = SHALayer(40, 130, use_attn=True, max_positions=64, backend="reference").eval()
@@ -122,6 +136,19 @@ def test_autocast_block_matches_float32_within_bf16_tolerance():
         f"{expected.flatten()[worst].item()} (bf16 run's error {low_err})"
     )
     torch.testing.assert_close(out_memory.double(), expected_memory, rtol=0, atol=2 * 2**-8 * 8)
+
+
+def test_block_stays_in_compute_dtype_under_cuda_layer_norm_policy(monkeypatch):
+    # CUDA autocast runs LayerNorm in float32 and returns float32 (CPU autocast keeps bf16).
+    # Emulate that policy on the CPU: the block must still keep its stream and memory in bf16.
+    layer_norm = torch.nn.LayerNorm.forward
+    monkeypatch.setattr(torch.nn.LayerNorm, "forward", lambda self, x: layer_norm(self, x).float())
+    torch.manual_seed(0)
+    layer = SHALayer(24, 40, use_attn=True, max_positions=64, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, memory, _ = layer(torch.randn(5, 3, 24), torch.randn(11, 3, 24))
+        out, memory, _ = layer(out, memory)
+    assert out.dtype == torch.bfloat16 and memory.dtype == torch.bfloat16
 
 
 def test_model_memory_stays_in_compute_dtype():
