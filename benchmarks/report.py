@@ -133,10 +133,11 @@ def roofline_section(paths: list, include_smoke: bool) -> list:
         "What the hardware allows at the paper's shapes (`python benchmarks/roofline.py --gpu "
         "h100|h200|a100`, where the counts are derived): FLOPs and minimal HBM bytes are "
         "counts from the model's definition; the compute, memory and latency columns are the "
-        "lower bounds they imply at the GPU's reachable rates, the bound is their maximum (the "
-        "layer and the step add their parts); measured is this library's bf16 time from the "
-        "result files of that GPU, and bound / measured is the fraction of the speed of light "
-        "it reaches.",
+        "lower bounds they imply at the GPU's reachable rates (estimated; `--rates spec` uses "
+        "the datasheet peaks), the bound is their maximum (the layer and the step add their "
+        "parts); measured is this library's bf16 time from the result files of that GPU, and "
+        "bound / measured is the fraction of the speed of light it reaches. No column is a "
+        "measurement unless it says measured.",
         "",
     ]
     for key in gpus:
