@@ -57,7 +57,7 @@ def test_compile_flag_traces_the_training_step(tmp_path, monkeypatch, backend):
 
 @pytest.mark.slow
 def test_compile_flag_trains_with_inductor(tmp_path):
-    # About 1.5 minutes on a 2-core CPU.
+    # 0.5 to 2.5 minutes on a 2-core CPU (Inductor builds C++; faster with a warm cache).
     _train_compiled(tmp_path, "torch")
 
 
