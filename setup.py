@@ -54,6 +54,8 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
         "tqdm",
+        # The CUDA LSTM extension is JIT-built with torch.utils.cpp_extension, which needs ninja.
+        "ninja",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -1,36 +1,53 @@
 #!/usr/bin/env bash
-# One visit to a lent GPU machine, as a single command (see README, Performance):
-#   1. the GPU parity tests (TRITON_INTERPRET=0: the same parity tests run on CUDA tensors,
-#      the GPU-only paper-shape tests and the CUDA C++ LSTM build and parity run too);
-#   2. the benchmarks of the chosen ops at the paper shapes (results merge into
-#      benchmarks/results/<device>.json, so several visits can each take a few ops).
-# Usage: OPS=lstm,attention bash benchmarks/gpu_visit.sh   (TESTS=0 skips step 1, BENCH=0 step 2)
-# Everything worth keeping lands in $OUT (the device tool's folder) as logs and one tarball.
+# Check and measure sha_rnn_kernels on a CUDA machine in one command:
+#   1. the GPU parity tests (TRITON_INTERPRET=0: the parity tests run on CUDA tensors, and the
+#      GPU-only paper-shape tests and the CUDA C++ LSTM build and parity run too);
+#   2. the benchmarks of the chosen ops at the paper's shapes, written to RESULTS_DIR as
+#      <device>.json/.md/.png (rows merge with a file already there, so several runs can each
+#      take a few ops);
+#   3. the speed-of-light report of that GPU joined with those results.
+#
+# Usage: bash benchmarks/gpu_visit.sh [RESULTS_DIR]       (default: benchmarks/results)
+#   OPS=lstm,attention,boom,layer,epoch   ops to benchmark (default: all of them)
+#   TESTS=0 / BENCH=0                     skip step 1 / step 2
+#   BENCH_ARGS="--sweep"                  more arguments for benchmarks/run.py
+# Logs (gpu.txt, tests.log, bench.log, roofline.md) go to RESULTS_DIR/logs. The exit status is
+# non-zero when a test or a benchmark configuration failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-export SHA_RNN_KERNELS_BUILD_DIR="${SHA_RNN_KERNELS_BUILD_DIR:-/tmp/sha_rnn_kernels_build}"
-OUT="${OUT:-/tmp/sha_rnn_kernels_out}"
-mkdir -p "$OUT"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+RESULTS_DIR="$(mkdir -p "${1:-$REPO/benchmarks/results}" && cd "${1:-$REPO/benchmarks/results}" && pwd)"
+LOGS="$RESULTS_DIR/logs"
+mkdir -p "$LOGS"
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv \
-    | tee "$OUT/gpu.txt"
+    | tee "$LOGS/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+'triton', triton.__version__)" | tee -a "$LOGS/gpu.txt"
 
 if [ "${TESTS:-1}" != 0 ]; then
     # The training tests are CPU tests (gloo DDP, resume); they gain nothing from the GPU.
     python -m pytest tests -q -x -p no:cacheprovider --durations=10 \
-        --ignore=tests/test_train.py --ignore=tests/test_data.py 2>&1 | tee "$OUT/gpu_tests.log" \
+        --ignore=tests/test_train.py --ignore=tests/test_data.py 2>&1 | tee "$LOGS/tests.log" \
         | tail -40
     status=${PIPESTATUS[0]}
 fi
 
 if [ "${BENCH:-1}" != 0 ]; then
-    python benchmarks/run.py --ops "${OPS:-lstm,attention,boom}" ${BENCH_ARGS:-} 2>&1 \
-        | tee "$OUT/bench.log" | tail -60
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    python benchmarks/run.py --ops "${OPS:-lstm,attention,boom,layer,epoch}" \
+        --results-dir "$RESULTS_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/bench.log" | tail -60
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    tar czf "$OUT/results.tgz" benchmarks/results
 fi
+
+gpu_name="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+case "$gpu_name" in
+    *H200*) gpu=h200 ;;
+    *A100*) gpu=a100 ;;
+    *) gpu=h100 ;;
+esac
+python benchmarks/roofline.py --gpu "$gpu" --results-dir "$RESULTS_DIR" --markdown \
+    | tee "$LOGS/roofline.md"
 exit "$status"

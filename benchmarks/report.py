@@ -5,9 +5,12 @@ Usage (from the repository root)::
     python benchmarks/report.py                 # GPU result files only
     python benchmarks/report.py --include-smoke # also cpu-smoke / *-small files (marked so)
 
-Every figure printed is a measured row of a result file: the speedups compare rows of one file
-(one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as BENCHMARKS.md says
-the project is judged. A baseline that was not measured leaves its column empty.
+The speedup tables print measured rows of the result files only: the speedups compare rows of
+one file (one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as the project
+is judged. A baseline that was not measured leaves its column empty. The speed-of-light table
+that follows (``benchmarks/roofline.py``) labels every column: counts (FLOPs, bytes), bounds
+(computed from the counts and the GPU's rates; the LSTM's latency bound rests on an estimated
+barrier cost) and measured times joined from the result files of that GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import output  # noqa: E402
+from benchmarks import output, roofline  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -113,6 +116,38 @@ def notes(rows: list) -> list:
     return out
 
 
+def roofline_section(paths: list, include_smoke: bool) -> list:
+    """The speed-of-light table for every known GPU that has results (H100 when none has)."""
+    results = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        rows = output.load(path)
+        if rows and (include_smoke or not is_smoke(stem, rows)):
+            results += rows
+    devices = {str(r.get("device", "")) for r in results}
+    gpus = [key for key, gpu in roofline.GPUS.items()
+            if any(gpu["match"] in device for device in devices)] or ["h100"]  # fmt: skip
+    lines = [
+        "### Speed of light",
+        "",
+        "What the hardware allows at the paper's shapes (`python benchmarks/roofline.py --gpu "
+        "h100|h200|a100`, where the counts are derived): FLOPs and minimal HBM bytes are "
+        "counts from the model's definition; the compute, memory and latency columns are the "
+        "lower bounds they imply at the GPU's reachable rates (estimated; `--rates spec` uses "
+        "the datasheet peaks), the bound is their maximum (the layer and the step add their "
+        "parts); measured is this library's bf16 time from the result files of that GPU, and "
+        "bound / measured is the fraction of the speed of light it reaches. No column is a "
+        "measurement unless it says measured.",
+        "",
+    ]
+    for key in gpus:
+        report_rows = roofline.report(key, results)
+        lines += [f"#### {roofline.GPUS[key]['name']}", ""]
+        lines += roofline.table_lines(report_rows, markdown=True)
+        lines += ["", *roofline.describe(key, "achievable", report_rows), ""]
+    return lines
+
+
 def section(paths: list, include_smoke: bool) -> str:
     lines = ["## Performance", ""]
     shown = 0
@@ -151,6 +186,8 @@ def section(paths: list, include_smoke: bool) -> str:
     if not shown:
         lines.append("No GPU measurement has been recorded yet (`python benchmarks/run.py` on a "
                      "CUDA machine writes benchmarks/results/<device>.json).")  # fmt: skip
+        lines.append("")
+    lines += roofline_section(paths, include_smoke)
     return "\n".join(lines).rstrip() + "\n"
 
 

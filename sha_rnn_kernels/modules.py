@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as SF
-from ._backend import default_backend, normalize_backend
+from ._backend import autocast_dtype, default_backend, normalize_backend
 from .reference import LAYER_NORM_EPS
 
 __all__ = ["Boom", "LSTM", "SingleHeadAttention", "SHALayer", "SHARNN", "Overparam"]
@@ -45,6 +45,29 @@ def _is_compiling() -> bool:
     return bool(
         compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
     )
+
+
+def _compute_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``x``'s device and would cast ``x``; else None."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    return autocast_dtype(x.device.type)
+
+
+def _layer_norm(ln: nn.LayerNorm, x: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """``ln(x)``, returned in ``dtype`` when autocast is on (``dtype`` not None).
+
+    CUDA autocast runs LayerNorm in float32 and returns float32, which would promote the
+    residual stream and the attention memory to float32 and cost a cast at every consumer. Here
+    the kernel reads and writes the compute dtype (its statistics are float32 inside it either
+    way); the ``[E]`` weight and bias are cast, the activations are not copied.
+    """
+    if dtype is None:
+        return ln(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(
+            x.to(dtype), ln.normalized_shape, ln.weight.to(dtype), ln.bias.to(dtype), ln.eps
+        )
 
 
 def _init_linear(linear: nn.Linear, width: int) -> None:
@@ -285,7 +308,15 @@ class SingleHeadAttention(nn.Module):
         e = self.embed_dim
         if query.dim() != 3 or query.shape[-1] != e:
             raise ValueError(f"query must be [T, B, E] with E = {e}; got {list(query.shape)}")
-        q = torch.sigmoid(self.qs).reshape(e) * self.qln(self.q(query))
+        dtype = _compute_dtype(query)
+        query_gate = torch.sigmoid(self.qs).reshape(e)
+        if dtype is not None:
+            query_gate = query_gate.to(dtype)  # so that q stays in the compute dtype
+            # Keys and values are usually one tensor (the memory): cast it once, not twice.
+            same = value is key
+            key = key.to(dtype)
+            value = key if same else value.to(dtype)
+        q = query_gate * _layer_norm(self.qln, self.q(query), dtype)
         q = F.dropout(q, self.dropout, self.training)
         return SF.single_head_attention(
             q, key, value, dropout=self.dropout, training=self.training,
@@ -399,18 +430,27 @@ class SHALayer(nn.Module):
             h = h.transpose(0, 1)
             mem = None if mem is None else mem.transpose(0, 1)
         p, training = self.dropout, self.training
-        h = self.lnstart(h)
+        # Under autocast the residual stream and the memory stay in the compute dtype: the
+        # LayerNorms write it, so the memory (keys and values) is never cast by the attention,
+        # and an incoming memory of another dtype is cast once here, not once for k and once
+        # for v.
+        dtype = _compute_dtype(h)
+        h = _layer_norm(self.lnstart, h, dtype)
         x, new_hidden = self.rnn(h, hidden)
         h = F.dropout(x, p, training)
         new_mem = None
         if self.attn is not None:
-            mh = self.lnmem(h)
-            h = self.lnmid(h)
-            big = mh if mem is None or mem.shape[0] == 0 else torch.cat([mem.detach(), mh], 0)
+            mh = _layer_norm(self.lnmem, h, dtype)
+            h = _layer_norm(self.lnmid, h, dtype)
+            if mem is None or mem.shape[0] == 0:
+                big = mh
+            else:
+                mem = mem.detach()
+                big = torch.cat([mem if dtype is None else mem.to(dtype), mh], 0)
             new_mem = big[-self.max_positions :]
             h = F.dropout(self.attn(h, big, big), p, training) + h
-        ff_in = self.lnxff(h)
-        h = self.lnff(h)
+        ff_in = _layer_norm(self.lnxff, h, dtype)
+        h = _layer_norm(self.lnff, h, dtype)
         h = F.dropout(self.ff(ff_in), p, training) + h
         if self.batch_first:
             h = h.transpose(0, 1)

@@ -82,7 +82,9 @@ BASE_CONFIG: dict[str, Any] = {
     # The original resets the LSTM state and the memory with probability 0.025 after a step.
     "reset_prob": 0.025,
     "seed": 1111,
-    "dtype": "fp32",
+    # auto: bf16 autocast on CUDA (the fast path), fp32 elsewhere.
+    "dtype": "auto",
+    "compile": False,
     "save": "checkpoints/sha-rnn-enwik8.pt",
 }
 
@@ -205,9 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--dtype",
-        choices=("fp32", "bf16", "fp16"),
+        choices=("auto", "fp32", "bf16", "fp16"),
         default=None,
-        help="autocast dtype (fp16 adds a GradScaler)",
+        help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (fp16 adds a GradScaler)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the training forward and backward (the library's kernels stay "
+        "whole inside the graph); the first steps and every new segment length compile",
     )
     g.add_argument("--quiet", action="store_true", default=None, help="print nothing")
     return p
@@ -501,6 +510,13 @@ class TrainResult:
     model: Optional[nn.Module] = None
 
 
+def resolve_dtype(dtype_name: str, device: torch.device) -> str:
+    """``auto`` is bf16 autocast on CUDA and fp32 elsewhere; other names pass through."""
+    if dtype_name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return dtype_name
+
+
 def _autocast(device: torch.device, dtype_name: str):
     if dtype_name == "fp32":
         return contextlib.nullcontext()
@@ -584,6 +600,7 @@ def _train(
     from . import SHARNN
 
     verbose = ddp.is_main and not config["quiet"]
+    dtype_name = resolve_dtype(config["dtype"], device)
 
     def say(message: str) -> None:
         if verbose:
@@ -641,7 +658,7 @@ def _train(
         weight_decay=config["wdecay"],
         min_trust=config["min_trust"],
     )
-    scaler = _grad_scaler(device, enabled=config["dtype"] == "fp16")
+    scaler = _grad_scaler(device, enabled=dtype_name == "fp16")
 
     step, epoch, position = 0, 0, 0
     hidden = mems = None
@@ -673,6 +690,8 @@ def _train(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
+    if config.get("compile"):
+        wrapped = torch.compile(wrapped)
     model.train()
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -680,7 +699,8 @@ def _train(
     say(
         f"SHARNN E={config['emsize']} F={config['nhid']} blocks={config['nlayers']}: "
         f"{n_params / 1e6:.2f}M parameters | preset {config['preset']} | device {device} x"
-        f"{ddp.world_size} | {config['dtype']} | batch {config['batch_size']} x bptt "
+        f"{ddp.world_size} | {dtype_name}{' compiled' if config.get('compile') else ''} | "
+        f"batch {config['batch_size']} x bptt "
         f"{config['bptt']} | lr {config['lr']} warm-up {config['warmup']}"
         + (f" | resumed from {resume_path} at step {step}" if resume_path else "")
     )
@@ -737,7 +757,7 @@ def _train(
         return values
 
     def validate(label: str) -> Optional[float]:
-        bpc = evaluate(model, valid_src, config["bptt"], device, config["dtype"], ddp, stop)
+        bpc = evaluate(model, valid_src, config["bptt"], device, dtype_name, ddp, stop)
         if bpc is not None:
             result.valid_bpc.append((step, bpc))
             say(f"| {label} | step {step} | epoch {epoch + 1} | valid bpc {bpc:.4f}")
@@ -784,7 +804,7 @@ def _train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data_lib.get_batch(train_src, position, seq_len, device)
-            with _autocast(device, config["dtype"]):
+            with _autocast(device, dtype_name):
                 loss, hidden, mems = wrapped(x, y, hidden, mems)
             scaler.scale(loss).backward()
             if config["clip"] > 0:
@@ -830,7 +850,7 @@ def _train(
         if not result.interrupted:
             if last_eval_step != step:
                 validate("end")
-            test_bpc = evaluate(model, test_src, config["bptt"], device, config["dtype"], ddp, stop)
+            test_bpc = evaluate(model, test_src, config["bptt"], device, dtype_name, ddp, stop)
             if test_bpc is not None:
                 result.test_bpc = test_bpc
                 say(f"| end | step {step} | test bpc {test_bpc:.4f}")
