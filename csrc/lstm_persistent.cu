@@ -49,6 +49,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
 
 namespace sha_rnn {
 namespace {
@@ -81,6 +84,20 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // d = a (16x16, row) * b (16x8, col) + d with fp32 accumulators (PTX fragment layout).
+// The inline PTX sits behind SHA_RNN_MMA_M16N8K16 (and dynamic shared memory behind
+// SHA_RNN_EXTERN_SMEM) so that the CPU emulation (csrc/emu/cuda_emu.h) can replace exactly
+// these two hardware-specific pieces and run the rest of this file unchanged.
+#ifndef SHA_RNN_MMA_M16N8K16
+#define SHA_RNN_MMA_M16N8K16(type, d, a0, a1, a2, a3, b0, b1)                                 \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 "                 \
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"            \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                               \
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+#endif
+#ifndef SHA_RNN_EXTERN_SMEM
+#define SHA_RNN_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                           uint32_t a3, uint32_t b0, uint32_t b1);
@@ -88,21 +105,13 @@ template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1,
                                                   uint32_t a2, uint32_t a3, uint32_t b0,
                                                   uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  SHA_RNN_MMA_M16N8K16("f16", d, a0, a1, a2, a3, b0, b1);
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1,
                                                          uint32_t a2, uint32_t a3, uint32_t b0,
                                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  SHA_RNN_MMA_M16N8K16("bf16", d, a0, a1, a2, a3, b0, b1);
 }
 
 // One warp's share of C[16 x 8*NT] = A[16 x K] * W^T, where W is [8*NT x K] in shared memory
@@ -198,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
   constexpr int kRows = 4 * kUnits;
   constexpr int kTiles = 4 * U;  // n-tiles of 8 gate rows
   cg::grid_group grid = cg::this_grid();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
   const int ldw = lstm_smem_row_stride(H);
@@ -275,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
   constexpr int kUnits = 8 * U;
   constexpr int kTiles = U;
   cg::grid_group grid = cg::this_grid();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
   const int G4 = 4 * H;
@@ -352,10 +361,28 @@ bool valid_units(int units) {
   return false;
 }
 
+// The dynamic shared memory limit of `kernel` on `device` is raised to the device's opt-in
+// maximum once, under a lock: launches of different sizes from several host threads never
+// race on the attribute (a smaller size set by one thread between another thread's set and
+// its launch would make that launch fail). The limit is a cap, not a reservation: occupancy
+// follows the bytes each launch asks for.
+template <typename Params>
+void raise_smem_limit_once(void (*kernel)(Params), int device, int smem_optin) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.insert({reinterpret_cast<const void*>(kernel), device}).second) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin);
+    if (err != cudaSuccess) done.erase({reinterpret_cast<const void*>(kernel), device});
+    SHA_RNN_CUDA_CHECK(err);
+  }
+}
+
 // Check that `grid` blocks of `kernel` with `smem` bytes can all be resident at once (the
 // cooperative-launch requirement), then launch.
 template <typename Params>
-void cooperative_launch(const void* kernel, int grid, size_t smem, const Params& params,
+void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Params& params,
                         cudaStream_t stream, const char* what) {
   int device = 0, sm_count = 0, smem_optin = 0, cooperative = 0;
   SHA_RNN_CUDA_CHECK(cudaGetDevice(&device));
@@ -366,8 +393,7 @@ void cooperative_launch(const void* kernel, int grid, size_t smem, const Params&
   TORCH_CHECK(cooperative, "sha_rnn_kernels LSTM: the device does not support cooperative launch");
   TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "sha_rnn_kernels LSTM ", what, ": needs ",
               smem, " bytes of shared memory per block, the device allows ", smem_optin);
-  SHA_RNN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+  raise_smem_limit_once(kernel, device, smem_optin);
   int per_sm = 0;
   SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   TORCH_CHECK(grid <= per_sm * sm_count, "sha_rnn_kernels LSTM ", what, ": ", grid,
@@ -381,12 +407,12 @@ template <typename T>
 void forward_typed(const LstmFwdParams& p, cudaStream_t stream) {
   const int grid = (p.hidden + p.units - 1) / p.units;
   const size_t smem = lstm_fwd_smem_bytes(p.hidden, p.units);
-  const void* kernel = nullptr;
+  void (*kernel)(LstmFwdParams) = nullptr;
   switch (p.units) {
-    case 8: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 1>); break;
-    case 16: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 2>); break;
-    case 24: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 3>); break;
-    default: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 4>); break;
+    case 8: kernel = &lstm_fwd_kernel<T, 1>; break;
+    case 16: kernel = &lstm_fwd_kernel<T, 2>; break;
+    case 24: kernel = &lstm_fwd_kernel<T, 3>; break;
+    default: kernel = &lstm_fwd_kernel<T, 4>; break;
   }
   cooperative_launch(kernel, grid, smem, p, stream, "forward");
 }
@@ -395,12 +421,12 @@ template <typename T>
 void backward_typed(const LstmBwdParams& p, cudaStream_t stream) {
   const int grid = (p.hidden + p.units - 1) / p.units;
   const size_t smem = lstm_bwd_smem_bytes(p.hidden, p.units);
-  const void* kernel = nullptr;
+  void (*kernel)(LstmBwdParams) = nullptr;
   switch (p.units) {
-    case 8: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 1>); break;
-    case 16: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 2>); break;
-    case 24: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 3>); break;
-    default: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 4>); break;
+    case 8: kernel = &lstm_bwd_kernel<T, 1>; break;
+    case 16: kernel = &lstm_bwd_kernel<T, 2>; break;
+    case 24: kernel = &lstm_bwd_kernel<T, 3>; break;
+    default: kernel = &lstm_bwd_kernel<T, 4>; break;
   }
   cooperative_launch(kernel, grid, smem, p, stream, "backward");
 }

@@ -365,6 +365,43 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# The GEMMs around the recurrence (shared with the CPU emulation tests)
+# --------------------------------------------------------------------------------------------
+def combine_bias(bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]) -> Optional[Tensor]:
+    """The one bias the input projection adds: ``b_ih + b_hh``, either alone, or None."""
+    if bias_ih is not None and bias_hh is not None:
+        return bias_ih + bias_hh
+    return bias_ih if bias_ih is not None else bias_hh
+
+
+def input_projection(x: Tensor, weight_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``xproj [T, B, 4H] = x W_ih^T + bias``: one GEMM over all T*B rows before the loop."""
+    steps, batch, input_size = x.shape
+    x2d = x.reshape(steps * batch, input_size)
+    if bias is None:
+        xproj = torch.mm(x2d, weight_ih.t())
+    else:
+        xproj = torch.addmm(bias, x2d, weight_ih.t())
+    return xproj.view(steps, batch, weight_ih.shape[0])
+
+
+def gemm_gradients(
+    x: Tensor, weight_ih: Tensor, h0: Tensor, out: Tensor, d_gates: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dx = dgates W_ih``, ``dW_ih = dgates^T x``, ``dW_hh = dgates^T h_{t-1}``, ``db =
+    sum dgates`` from the kernel's ``d_gates [T, B, 4H]``: GEMMs over all T*B rows."""
+    steps, batch, input_size = x.shape
+    hidden = out.shape[2]
+    dg = d_gates.view(steps * batch, 4 * hidden)
+    dx = torch.mm(dg, weight_ih).view(steps, batch, input_size)
+    dw_ih = torch.mm(dg.t(), x.reshape(steps * batch, input_size))
+    h_prev = torch.cat([h0.unsqueeze(0), out[: steps - 1]]).view(steps * batch, hidden)
+    dw_hh = torch.mm(dg.t(), h_prev)
+    db = dg.sum(0, dtype=torch.float32).to(x.dtype)
+    return dx, dw_ih, dw_hh, db
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd: two custom ops so torch.compile(fullgraph=True) keeps them whole
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("sha_rnn_kernels::lstm_cuda_fwd", mutates_args=(), device_types="cuda")
@@ -384,12 +421,7 @@ def _lstm_fwd(
     hidden = weight_hh.shape[1]
     ext = load_extension(x.device)
     plan = _plan(x.device, hidden, batch)
-    x2d = x.reshape(steps * batch, input_size)
-    if bias is None:
-        xproj = torch.mm(x2d, weight_ih.t())
-    else:
-        xproj = torch.addmm(bias, x2d, weight_ih.t())
-    xproj = xproj.view(steps, batch, 4 * hidden)
+    xproj = input_projection(x, weight_ih, bias)
     out = empty(steps, batch, hidden, dtype=x.dtype, device=x.device)
     c_n = empty(batch, hidden, dtype=x.dtype, device=x.device)
     act_shape = ((steps, batch, 4 * hidden), (steps, batch, hidden)) if save else ((0,), (0,))
@@ -447,12 +479,7 @@ def _lstm_bwd(
         weight_hh.contiguous(), gates, cells, c0.contiguous(), d_out.contiguous(),
         d_hn.contiguous(), d_cn.contiguous(), d_gates, d_h0, d_c0, plan.units,
     )  # fmt: skip
-    dg = d_gates.view(steps * batch, 4 * hidden)
-    dx = torch.mm(dg, weight_ih).view(steps, batch, input_size)
-    dw_ih = torch.mm(dg.t(), x.reshape(steps * batch, input_size))
-    h_prev = torch.cat([h0.unsqueeze(0), out[: steps - 1]]).view(steps * batch, hidden)
-    dw_hh = torch.mm(dg.t(), h_prev)
-    db = dg.sum(0, dtype=torch.float32).to(x.dtype)
+    dx, dw_ih, dw_hh, db = gemm_gradients(x, weight_ih, h0, out, d_gates)
     return dx, dw_ih, dw_hh, db, d_h0, d_c0
 
 
@@ -524,11 +551,7 @@ def lstm(
         h0 = x.new_zeros(batch, hidden)
     if c0 is None:
         c0 = x.new_zeros(batch, hidden)
-    bias = None
-    if bias_ih is not None and bias_hh is not None:
-        bias = bias_ih + bias_hh
-    elif bias_ih is not None or bias_hh is not None:
-        bias = bias_ih if bias_ih is not None else bias_hh
+    bias = combine_bias(bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias, h0, c0)
     )

@@ -9,7 +9,8 @@ GPU tests (``cuda`` fixture: TRITON_INTERPRET=0 and a CUDA device): parity of ou
 of dx, dW_ih, dW_hh, db_ih, db_hh, dh0, dc0 with torch.nn.LSTM run in float64 on the same
 (rounded) weights and inputs, in float16 and bfloat16, at odd sizes and at the paper shape,
 under the tolerance rule of sha_rnn_kernels.testing.assert_parity (the low-precision baseline
-is torch.nn.LSTM in that dtype, i.e. cuDNN). Memory checks of the kernels on a GPU::
+is torch.nn.LSTM in that dtype, i.e. cuDNN). Without a GPU the same kernels run on the CPU in
+tests/test_lstm_emulation.py. Memory checks of the kernels on a GPU::
 
     compute-sanitizer --tool memcheck  python -m sha_rnn_kernels._cuda
     compute-sanitizer --tool racecheck python -m sha_rnn_kernels._cuda
@@ -432,6 +433,8 @@ def test_torch_compile_fullgraph_matches_eager(cuda):
     eager_grads = torch.autograd.grad(eager, [x, *weights])
     compiled = torch.compile(step, fullgraph=True)(x, *weights)
     compiled_grads = torch.autograd.grad(compiled, [x, *weights])
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    # The loss is an fp32 sum of ~1,200 terms whose order Inductor picks (a few ulp apart);
+    # the kernels and GEMMs behind the gradients are the same calls, so those match exactly.
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for a, e in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
