@@ -19,7 +19,8 @@ Precision: float16 and bfloat16 with fp32 accumulation and an fp32 cell state. f
 are not taken (the reason function says so and ``backend="auto"`` uses another backend).
 
 Limits, checked before anything is built or launched (:func:`lstm_unsupported_reason`):
-``B <= 16`` (one MMA tile of batch rows), ``H % 8 == 0`` and the W_hh slices must fit: at most
+``B <= 64`` (up to four 16-row MMA tiles, looped over inside each step), ``H % 8 == 0`` and
+the W_hh slices must fit: at most
 one block per SM and :func:`fwd_smem_bytes` / :func:`bwd_smem_bytes` within the device's
 opt-in shared memory per block. H = 1024 fits an A100 and an H100; H = 2048 fits neither.
 
@@ -59,7 +60,7 @@ VERBOSE_ENV = "SHA_RNN_KERNELS_VERBOSE_BUILD"
 # Launch constants shared with csrc/lstm_persistent.h (kLstm*): keep both in step.
 WARPS = 8
 PARTIAL_SLOTS = 4
-MAX_BATCH = 16
+MAX_BATCH = 64
 UNIT_CHOICES = (8, 16, 24, 32)
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -111,23 +112,30 @@ def smem_row_stride(k: int) -> int:
     return ((k + 31) // 64) * 64 + 32
 
 
+def partial_stride(cols: int) -> int:
+    """Row stride (floats) of a split-K partial tile: 8 floats of padding against bank
+    conflicts of the 8-byte partial stores."""
+    return cols + 8
+
+
 def fwd_smem_bytes(hidden: int, units: int) -> int:
     """Forward kernel's shared memory: W_hh rows (4 units x H, 2 bytes), the split-K partial
-    tiles (``PARTIAL_SLOTS`` x 16 x 4 units, fp32), the cell state (16 x units, fp32)."""
+    tiles (``PARTIAL_SLOTS`` x 16 x (4 units + 8), fp32), the cell state (``MAX_BATCH`` x units,
+    fp32)."""
     return (
         4 * units * smem_row_stride(hidden) * 2
-        + PARTIAL_SLOTS * 16 * 4 * units * 4
-        + 16 * units * 4
+        + PARTIAL_SLOTS * 16 * partial_stride(4 * units) * 4
+        + MAX_BATCH * units * 4
     )
 
 
 def bwd_smem_bytes(hidden: int, units: int) -> int:
     """Backward kernel's shared memory: W_hh columns (units x 4H, 2 bytes), partial tiles
-    (``PARTIAL_SLOTS`` x 16 x units, fp32), dh and dc (2 x 16 x units, fp32)."""
+    (``PARTIAL_SLOTS`` x 16 x (units + 8), fp32), dh and dc (2 x ``MAX_BATCH`` x units, fp32)."""
     return (
         units * smem_row_stride(4 * hidden) * 2
-        + PARTIAL_SLOTS * 16 * units * 4
-        + 2 * 16 * units * 4
+        + PARTIAL_SLOTS * 16 * partial_stride(units) * 4
+        + 2 * MAX_BATCH * units * 4
     )
 
 
@@ -151,7 +159,7 @@ def plan_launch(
     8
     """
     if batch > MAX_BATCH:
-        return f"batch {batch} is larger than the kernel's tile of {MAX_BATCH} rows"
+        return f"batch {batch} is larger than the kernel's {MAX_BATCH} rows (4 MMA tiles)"
     if hidden % 8 != 0:
         return f"hidden size H={hidden} is not a multiple of 8"
     for units in UNIT_CHOICES:
@@ -181,7 +189,7 @@ def shape_dtype_reason(dtypes: Sequence[torch.dtype], batch: int, hidden: int) -
                 f"got {dtype}"
             )
     if batch > MAX_BATCH:
-        return f"batch {batch} is larger than the kernel's tile of {MAX_BATCH} rows"
+        return f"batch {batch} is larger than the kernel's {MAX_BATCH} rows (4 MMA tiles)"
     if hidden % 8 != 0:
         return f"hidden size H={hidden} is not a multiple of 8"
     return None

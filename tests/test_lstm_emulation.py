@@ -164,12 +164,29 @@ SHAPES = [
     (4, 1, 16, 24, 1),
     (3, 9, 40, 56, 2),
     (3, 16, 8, 40, 3),
+    (3, 33, 16, 40, 3),  # three 16-row batch tiles, the last of 1 row
+    (2, 64, 8, 24, 132),  # the largest batch: four full tiles
 ]
 
 
 @pytest.mark.parametrize("dtype_name", ["bf16", "f16"])
 @pytest.mark.parametrize("T, B, I, H, sm_count", SHAPES)
 def test_parity_forward_backward(driver, tmp_path, dtype_name, T, B, I, H, sm_count):
+    _check(driver, tmp_path, dtype_name, T, B, I, H, sm_count)
+
+
+@pytest.fixture(scope="session")
+def small_batch_driver(emu_dir) -> Path:
+    """The kernels with 1 (forward) and 2 (backward) K chunks per load batch, so that tiny K
+    runs the warps' loop over several load batches and both backward accumulator sets."""
+    exe = emu_dir / "lstm_emu_driver_small_batch"
+    flags = ["-O1", "-DSHA_RNN_LSTM_FWD_LOAD_BATCH=1", "-DSHA_RNN_LSTM_BWD_LOAD_BATCH=2"]
+    result = _compile(exe, flags)
+    assert result.returncode == 0, f"g++ failed to compile the emulation:\n{result.stderr[-6000:]}"
+    return exe
+
+
+def _check(driver, tmp_path, dtype_name, T, B, I, H, sm_count):
     dtype = DTYPES[dtype_name]
     master = _inputs(T, B, I, H)
     actual, proc = run_emulated(driver, tmp_path, dtype_name, master, sm_count)
@@ -181,6 +198,14 @@ def test_parity_forward_backward(driver, tmp_path, dtype_name, T, B, I, H, sm_co
         assert actual[name].dtype == dtype, name
         assert_parity(f"{name} ({dtype_name}, T={T} B={B} I={I} H={H} SMs={sm_count})",
                       actual[name], expected[name], lowp=lowp[name], dtype=dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("small_batch", [False, True])
+def test_parity_several_k_chunks_per_warp(driver, small_batch_driver, tmp_path, small_batch):
+    """H = 264: the forward's K = 264 gives warp 0 two 32-wide chunks, the backward's K = 1056
+    five (both accumulator sets); 32 units per block, 9 blocks."""
+    exe = small_batch_driver if small_batch else driver
+    _check(exe, tmp_path, "f16" if small_batch else "bf16", 2, 5, 16, 264, 9)
 
 
 def test_inference_forward_saves_nothing_and_matches(driver, tmp_path):
