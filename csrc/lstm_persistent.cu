@@ -1,11 +1,13 @@
 // Persistent LSTM (torch.nn.LSTM semantics, one layer, time-major) for sm_80 and newer.
 //
-// One cooperative launch runs the whole time loop. The grid has G = ceil(H / units) blocks
+// One cooperative launch runs the whole time loop (cooperative for its guarantee that all G
+// blocks are resident at once, which the per-step flags below rely on: a block spinning on a
+// flag never waits for a block that has not started). The grid has G = ceil(H / units) blocks
 // (at most one per SM); block g owns the hidden units j in [g*units, (g+1)*units) and keeps
 // the rows of W_hh those units need in shared memory for the whole sequence, so the recurrent
 // weights are read from HBM once per launch instead of once per step.
 //
-// Forward, step t (one grid-wide barrier per step):
+// Forward, step t (one grid-wide synchronisation per step: per-block flags, see grid_signal):
 //   1. MMA: the block computes its B x 4*units slice of h_{t-1} W_hh^T with mma.sync
 //      m16n8k16 (fp16/bf16 in, fp32 accumulate), one 16-row batch tile after another (B <= 64:
 //      up to 4 tiles; a partial tile clamps its row index). h_{t-1} comes straight from
@@ -16,17 +18,18 @@
 //      x W_ih^T + b_ih + b_hh, a GEMM done before the loop); c stays in fp32 shared memory for
 //      the whole sequence; h_t is written to out[t] (global, so L2), which is where every
 //      block reads it at step t + 1.
-//   3. The loads of xproj[t + 1] are issued, then grid.sync(): out[t] becomes visible.
+//   3. The block publishes step t (grid_signal), issues the loads of xproj[t + 1], and waits
+//      until every block has published step t (grid_wait): out[t] is then visible.
 // Saved for backward (only when a gradient is needed): the activated gates i, f, g, o and
 // c_t in fp32; tanh(c_t) is recomputed.
 //
-// Backward, step t from T-1 down to 0 (one grid-wide barrier per step):
+// Backward, step t from T-1 down to 0 (one grid-wide synchronisation per step):
 //   1. Elementwise for the block's units: dh = d_out[t] + dh_rec (dh_rec: the block's
 //      columns of dgates_{t+1} W_hh, or d_hn at t = T-1), dc = dc_next + dh o (1 - tanh^2 c),
 //      dgates_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dh tanh(c) o(1-o)] written to
 //      global (also the input of the weight-gradient GEMMs), dc_next = dc f.
-//   2. The loads of step t-1's gates, cells and d_out are issued, then grid.sync(): dgates_t
-//      of all units is visible.
+//   2. The block publishes dgates_t, issues the loads of step t-1's gates, cells and d_out,
+//      and waits for every block's dgates_t.
 //   3. MMA: the block computes its B x units slice of dh_{t-1} = dgates_t W_hh: the block
 //      owns the columns of W_hh of its units (4H x units, resident in shared memory), reads
 //      all of dgates_t (B x 4H) from L2, one 16-row tile after another.
@@ -39,10 +42,12 @@
 //
 // Latency budget per step, H = 1024, B = 16, 8 units per block, 128 blocks on an H100
 // (ESTIMATED, not measured: L2 hit ~700 cycles = 0.4 us at 1.755 GHz; mma.sync m16n8k16
-// ~32 cycles dependent latency; a cooperative grid.sync ~1.0 us = block barrier, fence, 128
-// serialised atomics on one L2 counter, a polling round trip, block barrier):
+// ~32 cycles dependent latency; cooperative_groups' grid.sync ~1.0 us = block barrier, fence,
+// an atomic round trip on one L2 counter that 128 blocks hit one after another, a polling
+// round trip, a second fence, block barrier; per-step flags ~0.6 us = block barrier, release
+// store (its fence waits for the block's stores), a polling round trip, block barrier):
 //   forward                        before   now   why
-//     grid.sync                      1.0    1.0
+//     grid-wide synchronisation      1.0    0.6   flags instead of grid.sync
 //     h_{t-1} loads (4 chunks/warp)  0.8    0.4   all 4 chunks' loads issued before the MMAs
 //                                                 (was 2 groups of 2, one round trip each)
 //     MMA chains (8 deep, 4 tiles)   0.15   0.15
@@ -50,34 +55,34 @@
 //                                                 8-byte stores were 4-way bank conflicts
 //     xproj[t] loads                 0.4    0     prefetched before the previous barrier
 //     gates, stores                  0.06   0.06
-//     total                         ~2.5   ~1.7   (goal 1.6; see per-step flags below)
+//     total                         ~2.5   ~1.3   (goal 1.6)
 //   backward
 //     gates, cells, d_out loads      0.4    0     prefetched before the barrier
 //     elementwise, dgates stores     0.06   0.06
-//     grid.sync                      1.0    1.0
+//     grid-wide synchronisation      1.0    0.6   flags instead of grid.sync
 //     dgates loads (16 chunks/warp)  3.2    0.4   8 groups of 2 chunks, one round trip each,
 //                                                 now all 16 issued first (8 units per block;
 //                                                 2 batches of 8 for wider blocks)
 //     MMA chain (32 deep, 1 tile)    0.58   0.29  two accumulator sets, 16 deep each
 //     split-K reduce                 0.1    0.1
-//     total                         ~5.3   ~1.9   (goal 2.8)
-// Not done: per-step flags instead of grid.sync (each block sets its own flag after writing
-// h_t, readers poll the 128 flags with one warp: no serialised atomics on one counter, no
-// trailing block barrier; estimated -0.3 to -0.5 us a step) and saving gates/cells in the
-// model dtype (halves their memory, but their stores are off the critical path: no latency
-// gain, and bf16 gates add error to every gradient).
+//     total                         ~5.3   ~1.5   (goal 2.8)
+// Per layer at T = 1024, B = 16, I = H = 1024 (estimated): ~1.3 ms forward + ~1.5 ms backward
+// recurrence, plus four GEMMs around it (x W_ih^T, dx, dW_ih, dW_hh: 2 x 16384 x 4096 x 1024
+// = 137 GFLOP each, ~0.7 ms together at 800 TFLOP/s): ~3.5 ms forward + backward.
+// Not done: saving gates/cells in the model dtype (it would halve their memory, but their
+// stores are off the critical path: no latency gain, and bf16 gates add error to every
+// gradient).
 //
 // Sync points: __syncthreads after the weight slice load; per step and batch tile,
 // __syncthreads between the two halves of the split-K partial sums and before the
-// elementwise phase, one more before a later tile rewrites the partials, then grid.sync()
-// (which starts and ends with a block barrier, so the partial buffer can be rewritten by the
-// next step's MMA). The fp32 state in shared memory is private to its thread (see
+// elementwise phase, one more before a later tile rewrites the partials, then grid_signal /
+// grid_wait (each starts with or ends in a block barrier, so the partial buffer can be
+// rewritten by the next step's MMA). The fp32 state in shared memory is private to its thread (see
 // owned_per_thread). All of this runs on the CPU under csrc/emu/cuda_emu.h
 // (tests/test_lstm_emulation.py), including a ThreadSanitizer build.
 //
 #include "lstm_persistent.h"
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -92,7 +97,6 @@
 namespace sha_rnn {
 namespace {
 
-namespace cg = cooperative_groups;
 
 constexpr int kThreads = kLstmWarps * 32;
 
@@ -132,6 +136,19 @@ __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-
 #endif
 #ifndef SHA_RNN_EXTERN_SMEM
 #define SHA_RNN_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+// The per-step flags: a release store and an acquire load at GPU scope (PTX ISA memory
+// consistency model), and a short back-off while polling.
+#ifndef SHA_RNN_STORE_RELEASE_GPU
+#define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory")
+#endif
+#ifndef SHA_RNN_LOAD_ACQUIRE_GPU
+#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out) \
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
+#endif
+#ifndef SHA_RNN_SPIN_PAUSE
+#define SHA_RNN_SPIN_PAUSE() __nanosleep(20)
 #endif
 
 template <typename T>
@@ -259,6 +276,35 @@ __device__ __forceinline__ float partial_sum(const float* part_s, int cols, int 
   return s;
 }
 
+// Per-step flags instead of a grid-wide barrier. flags[g] counts the steps block g has
+// published. grid_signal: every thread of the block has stored its part of the step (block
+// barrier), then one thread publishes `epoch` with a release store (cumulative over the
+// block's stores, which the barrier ordered before it). grid_wait: warp 0 polls every block's
+// flag with acquire loads until it reaches `epoch`, then a block barrier hands the guarantee
+// to the whole block. Unlike cooperative_groups' grid.sync there is no atomic on one shared
+// counter (128 serialised read-modify-writes and a round trip for each block's arrival) and
+// no second fence. The data a step publishes (out[t], dgates_t) is written once and never
+// overwritten, and a block cannot run ahead of a step whose inputs are missing, so read
+// after write is the only hazard the flags must order.
+__device__ __forceinline__ void grid_signal(unsigned* flags, unsigned epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) SHA_RNN_STORE_RELEASE_GPU(flags + blockIdx.x, epoch);
+}
+
+__device__ __forceinline__ void grid_wait(const unsigned* flags, unsigned epoch) {
+  if (threadIdx.x < 32) {
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += 32) {
+      unsigned seen = 0;
+      SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
+      while (seen < epoch) {
+        SHA_RNN_SPIN_PAUSE();
+        SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
+      }
+    }
+  }
+  __syncthreads();
+}
+
 // The block's elementwise work is the [B x kUnits] grid of (batch row b, unit u); element
 // e = b * kUnits + u belongs to thread e % kThreads at every phase and step, so the fp32 state
 // kept in shared memory (c, dh, dc) is private to its thread and needs no barrier. A thread
@@ -294,7 +340,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
   constexpr int kRows = 4 * kUnits;
   constexpr int kTiles = 4 * U;  // n-tiles of 8 gate rows
   constexpr int kOwned = owned_per_thread<kUnits>();
-  cg::grid_group grid = cg::this_grid();
   SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
@@ -368,9 +413,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
       }
     }
     if (t + 1 < T_len) {
-      // xproj[t + 1] does not depend on the recurrence: its loads fly during the barrier.
+      grid_signal(p.flags, t + 1);  // out[t] of this block published
+      // xproj[t + 1] does not depend on the recurrence: its loads fly during the wait (issued
+      // after the signal, so that the publishing thread's release never waits for them).
       load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
-      grid.sync();  // out[t] complete and visible before step t + 1 reads it
+      grid_wait(p.flags, t + 1);  // out[t] of every block visible before step t + 1 reads it
     }
   }
 }
@@ -410,7 +457,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
   // 8 units (one n-tile): registers for all 16 chunks of K = 4096 (one L2 round trip); wider
   // blocks keep 8 chunks in flight (their accumulators need the registers).
   constexpr int kBwdLoadBatch = U == 1 ? 2 * kLstmBwdLoadBatch : kLstmBwdLoadBatch;
-  cg::grid_group grid = cg::this_grid();
   SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
@@ -465,10 +511,12 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
       dc_s[e] = dc * fg;
       if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
     }
+    const unsigned epoch = T_len - t;
+    grid_signal(p.flags, epoch);  // dgates_t of this block's units published
     // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
-    // fly during the barrier and the MMA.
+    // fly during the wait and the MMA.
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
-    grid.sync();  // dgates_t of every unit complete and visible
+    grid_wait(p.flags, epoch);  // dgates_t of every unit visible
 
     for (int row0 = 0; row0 < B; row0 += 16) {
       const int rows = min(16, B - row0);
@@ -493,8 +541,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
         if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
       }
     }
-    // part_s is rewritten only after the next grid.sync(), dh_s/dc_s are private to their
-    // thread: no block barrier needed here.
+    // part_s is rewritten only after the next grid_signal's block barrier, dh_s/dc_s are
+    // private to their thread: no block barrier needed here.
   }
 }
 
@@ -541,6 +589,8 @@ void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Par
   SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   TORCH_CHECK(grid <= per_sm * sm_count, "sha_rnn_kernels LSTM ", what, ": ", grid,
               " blocks cannot be co-resident (", per_sm, " per SM x ", sm_count, " SMs)");
+  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no flags buffer");
+  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags, 0, sizeof(unsigned) * grid, stream));
   void* args[] = {const_cast<Params*>(&params)};
   SHA_RNN_CUDA_CHECK(
       cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem, stream));

@@ -77,6 +77,7 @@ struct LstmFwdParams {
   void* c_n;          // [B, H]     model dtype
   float* gates;       // [T, B, 4H] fp32 activated gates i, f, g, o; nullptr: not saved
   float* cells;       // [T, B, H]  fp32 cell states c_t;            nullptr: not saved
+  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
   int seq_len, batch, hidden, units;
 };
 
@@ -91,8 +92,12 @@ struct LstmBwdParams {
   void* d_gates;      // [T, B, 4H] model dtype: gradient of the gate pre-activations
   void* d_h0;         // [B, H]     model dtype
   void* d_c0;         // [B, H]     model dtype
+  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
   int seq_len, batch, hidden, units;
 };
+
+// Number of blocks (and of flags) of a launch.
+constexpr int lstm_grid_blocks(int hidden, int units) { return (hidden + units - 1) / units; }
 
 // Launch the cooperative kernels on `stream`. Both check the launch against the device
 // (shared memory, co-resident blocks) and throw c10::Error with the reason when it cannot run.

@@ -241,7 +241,7 @@ def test_shared_memory_beyond_opt_in_is_refused(driver, tmp_path):
     "plant, expect",
     [
         ("swap_mma_a", "parity"),  # A registers a1/a2 swapped: wrong products
-        ("skip_grid_sync:1", "parity"),  # forward step 1 reads h_0 before it is written
+        ("skip_flag_wait", "parity"),  # a step reads h_{t-1} / dgates_t before it is published
         ("skip_syncthreads:1", "parity"),  # first MMA reads the weight slice before it is loaded
     ],
 )
@@ -295,10 +295,12 @@ def test_thread_sanitizer_finds_no_race(tsan_driver, tmp_path):
     assert_parity("out (tsan build)", actual["out"], expected["out"], dtype=torch.bfloat16)
 
 
-def test_thread_sanitizer_sees_a_removed_barrier(tsan_driver, tmp_path):
-    """Without the barrier between the two halves of the split-K sum (the forward's 3rd
-    __syncthreads), warps add into a partial tile while others still store it."""
+@pytest.mark.parametrize("plant", ["skip_syncthreads:3", "skip_flag_wait"])
+def test_thread_sanitizer_sees_a_removed_barrier(tsan_driver, tmp_path, plant):
+    """skip_syncthreads:3: without the barrier between the two halves of the split-K sum (the
+    forward's 3rd __syncthreads), warps add into a partial tile while others still store it.
+    skip_flag_wait: blocks read the previous step's h / dgates while other blocks write it."""
     master = _inputs(2, 3, 8, 16)
-    env = dict(TSAN_ENV, CUDA_EMU_PLANT="skip_syncthreads:3")
+    env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant)
     _, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
     assert proc.returncode == 66 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr

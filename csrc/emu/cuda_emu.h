@@ -38,6 +38,7 @@
 //   skip_grid_sync:N    every thread skips its N-th grid.sync()
 //   swap_mma_a:         mma.sync gets A registers a1 and a2 swapped
 //   no_smem_optin:      cudaFuncSetAttribute is accepted but has no effect
+//   skip_flag_wait:     every acquire load of a per-step flag reads "already published"
 //
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 fragment table (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2,
@@ -488,9 +489,22 @@ cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(Args...), dim3 grid, dim3
   return cudaSuccess;
 }
 
-// ---- the PTX hook of lstm_persistent.cu ---------------------------------------------------------
+inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t /*stream*/) {
+  std::memset(ptr, value, bytes);  // launches run synchronously here: stream order holds
+  return cudaSuccess;
+}
+
+// ---- the PTX hooks of lstm_persistent.cu ------------------------------------------------------
 #define SHA_RNN_MMA_M16N8K16(type, d, a0, a1, a2, a3, b0, b1) \
   ::cuda_emu::mma_m16n8k16(type, d, a0, a1, a2, a3, b0, b1)
+// st.release.gpu / ld.acquire.gpu: the C++ release/acquire pair orders the same accesses.
+#define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
+  std::atomic_ref<unsigned>(*(ptr)).store(value, std::memory_order_release)
+#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out)                                                     \
+  ((out) = ::cuda_emu::plant().what == "skip_flag_wait"                                      \
+               ? 0xffffffffu                                                                \
+               : std::atomic_ref<unsigned>(*const_cast<unsigned*>(ptr)).load(std::memory_order_acquire))
+#define SHA_RNN_SPIN_PAUSE() std::this_thread::yield()
 
 // ---- c10 TORCH_CHECK subset -------------------------------------------------------------------
 namespace c10 {

@@ -9,6 +9,7 @@
 // writes DIR/{out,c_n}.bin and for train DIR/{gates,cells}.bin (fp32) and
 // DIR/{d_gates,d_h0,d_c0}.bin. Every output buffer is NaN before the kernels run.
 // Exit status: 0 ok, 2 the launcher refused (message on stderr), 124 watchdog (hang).
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -63,6 +64,8 @@ int main(int argc, char** argv) {
   auto c0 = read_file(dir + "/c0.bin", size_t(B) * H * e);
   auto out = nan_buffer(tb * H * e);
   auto c_n = nan_buffer(size_t(B) * H * e);
+  // Per-block step flags, garbage until the launcher zeroes them.
+  std::vector<unsigned> flags(sha_rnn::lstm_grid_blocks(H, units > 0 ? units : 8), 0xffffffffu);
   auto gates = nan_buffer(train ? tb * 4 * H * 4 : 0);
   auto cells = nan_buffer(train ? tb * H * 4 : 0);
 
@@ -76,6 +79,7 @@ int main(int argc, char** argv) {
     fp.c_n = c_n.data();
     fp.gates = train ? reinterpret_cast<float*>(gates.data()) : nullptr;
     fp.cells = train ? reinterpret_cast<float*>(cells.data()) : nullptr;
+    fp.flags = flags.data();
     fp.seq_len = T;
     fp.batch = B;
     fp.hidden = H;
@@ -104,6 +108,8 @@ int main(int argc, char** argv) {
     bp.d_gates = d_gates.data();
     bp.d_h0 = d_h0.data();
     bp.d_c0 = d_c0.data();
+    std::fill(flags.begin(), flags.end(), 0xffffffffu);
+    bp.flags = flags.data();
     bp.seq_len = T;
     bp.batch = B;
     bp.hidden = H;
