@@ -13,16 +13,19 @@ Kernel design (details in ``csrc/lstm_persistent.cu``): one cooperative launch p
 block g of ``ceil(H / units)`` blocks owns ``units`` hidden units and keeps their W_hh rows
 (forward) or W_hh columns (backward) in shared memory; per step it multiplies h_{t-1} (or
 dgates_t) read from L2 by that slice with mma.sync, fuses the gates and the cell update, and
-the grid synchronises once. The input projection and the weight gradients are torch GEMMs.
+the blocks synchronise once through per-block step flags. The input projection and the weight
+gradients are torch GEMMs. Without a GPU the same kernels run on the CPU through the g++
+emulation in ``csrc/emu/`` (``python -m pytest tests/test_lstm_emulation.py``).
 
 Precision: float16 and bfloat16 with fp32 accumulation and an fp32 cell state. float32 inputs
 are not taken (the reason function says so and ``backend="auto"`` uses another backend).
 
 Limits, checked before anything is built or launched (:func:`lstm_unsupported_reason`):
 ``B <= 64`` (up to four 16-row MMA tiles, looped over inside each step), ``H % 8 == 0`` and
-the W_hh slices must fit: at most
-one block per SM and :func:`fwd_smem_bytes` / :func:`bwd_smem_bytes` within the device's
-opt-in shared memory per block. H = 1024 fits an A100 and an H100; H = 2048 fits neither.
+the W_hh slices must fit: at most one block per SM and :func:`fwd_smem_bytes` /
+:func:`bwd_smem_bytes` within the device's opt-in shared memory per block. The largest H is
+1632 on an H100 (132 SMs, 227 KiB), 1120 on an A100 (108 SMs, 163 KiB), 1024 on a 128-SM
+sm_89 (99 KiB); every multiple of 8 below fits.
 
 Memory checks on a GPU (small shape, forward and backward, both dtypes)::
 

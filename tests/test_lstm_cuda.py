@@ -157,6 +157,16 @@ def test_plan_rejects_what_does_not_fit(hidden, batch, device, words):
         assert word in reason, reason
 
 
+@pytest.mark.parametrize(
+    "device, largest",
+    [(H100, 1632), (A100, 1120), ({"sm_count": 128, "smem_per_block": 101376}, 1024)],
+)
+def test_largest_hidden_size_per_device(device, largest):
+    """The limits the module docstring states: every multiple of 8 up to ``largest`` fits."""
+    assert not isinstance(_cuda.plan_launch(largest, 64, **device), str)
+    assert isinstance(_cuda.plan_launch(largest + 8, 1, **device), str)
+
+
 @pytest.mark.parametrize("hidden", [8, 40, 72, 1024, 1536])
 def test_plan_fits_its_own_limits(hidden):
     plan = _cuda.plan_launch(hidden, 3, **H100)
@@ -440,3 +450,24 @@ def test_torch_compile_fullgraph_matches_eager(cuda):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for a, e in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_threads_launching_different_sizes_concurrently(cuda):
+    """The shared-memory opt-in is set once per kernel and device (to the maximum), so host
+    threads launching sizes with different shared memory never undo each other's opt-in."""
+    errors = []
+
+    def worker(hidden):
+        try:
+            for _ in range(3):
+                _check_parity(3, 4, 32, hidden, torch.bfloat16, cuda)
+        except Exception as exc:  # reported below with the size that failed
+            errors.append((hidden, repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(h,)) for h in (40, 1024, 264, 520)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
