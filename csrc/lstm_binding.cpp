@@ -7,6 +7,7 @@
 // Only the Tensor type and torch's pybind11 casters (not torch/extension.h, which pulls in the
 // whole C++ frontend): the binding compiles in a third of the time.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -77,6 +78,12 @@ void lstm_forward(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Ten
   p.c_n = c_n.data_ptr();
   p.gates = save ? gates->data_ptr<float>() : nullptr;
   p.cells = save ? cells->data_ptr<float>() : nullptr;
+  TORCH_CHECK(units >= 1, "units must be >= 1, got ", units);
+  // Per-block step flags (the launcher zeroes them on the stream before the kernel).
+  const at::Tensor flags =
+      at::empty({sha_rnn::lstm_grid_blocks(static_cast<int>(H), static_cast<int>(units))},
+                xproj.options().dtype(at::kInt));
+  p.flags = static_cast<unsigned*>(flags.data_ptr());
   p.seq_len = static_cast<int>(T);
   p.batch = static_cast<int>(B);
   p.hidden = static_cast<int>(H);
@@ -118,6 +125,11 @@ void lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates, const at::Te
   p.d_gates = d_gates.data_ptr();
   p.d_h0 = d_h0.data_ptr();
   p.d_c0 = d_c0.data_ptr();
+  TORCH_CHECK(units >= 1, "units must be >= 1, got ", units);
+  const at::Tensor flags =
+      at::empty({sha_rnn::lstm_grid_blocks(static_cast<int>(H), static_cast<int>(units))},
+                w_hh.options().dtype(at::kInt));
+  p.flags = static_cast<unsigned*>(flags.data_ptr());
   p.seq_len = static_cast<int>(T);
   p.batch = static_cast<int>(B);
   p.hidden = static_cast<int>(H);

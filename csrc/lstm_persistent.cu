@@ -1,47 +1,88 @@
 // Persistent LSTM (torch.nn.LSTM semantics, one layer, time-major) for sm_80 and newer.
 //
-// One cooperative launch runs the whole time loop. The grid has G = ceil(H / units) blocks
+// One cooperative launch runs the whole time loop (cooperative for its guarantee that all G
+// blocks are resident at once, which the per-step flags below rely on: a block spinning on a
+// flag never waits for a block that has not started). The grid has G = ceil(H / units) blocks
 // (at most one per SM); block g owns the hidden units j in [g*units, (g+1)*units) and keeps
 // the rows of W_hh those units need in shared memory for the whole sequence, so the recurrent
 // weights are read from HBM once per launch instead of once per step.
 //
-// Forward, step t (one grid-wide barrier per step):
-//   1. MMA: the block computes its 16 x 4*units slice of h_{t-1} W_hh^T with mma.sync
-//      m16n8k16 (fp16/bf16 in, fp32 accumulate). h_{t-1} (the batch, padded to 16 rows by
-//      clamping the row index) comes straight from global memory/L2 (out[t-1], or h0) with
-//      ld.global.cg, the W_hh slice from shared memory. The 8 warps split K (= H) in 32-wide
-//      chunks and their partial tiles are summed in shared memory.
+// Forward, step t (one grid-wide synchronisation per step: per-block flags, see grid_signal):
+//   1. MMA: the block computes its B x 4*units slice of h_{t-1} W_hh^T with mma.sync
+//      m16n8k16 (fp16/bf16 in, fp32 accumulate), one 16-row batch tile after another (B <= 64:
+//      up to 4 tiles; a partial tile clamps its row index). h_{t-1} comes straight from
+//      global memory/L2 (out[t-1], or h0) with ld.global.cg, the W_hh slice from shared
+//      memory. The 8 warps split K (= H) in 32-wide chunks and their partial tiles are summed
+//      in shared memory.
 //   2. Gates and cell update for the block's units, fused: pre = partial + xproj[t] (xproj =
-//      x W_ih^T + b_ih + b_hh, a GEMM done by the binding before the loop); c stays in fp32
-//      shared memory for the whole sequence; h_t is written to out[t] (global, so L2), which
-//      is where every block reads it at step t + 1.
-//   3. grid.sync(): out[t] becomes visible to every block.
+//      x W_ih^T + b_ih + b_hh, a GEMM done before the loop); c stays in fp32 shared memory for
+//      the whole sequence; h_t is written to out[t] (global, so L2), which is where every
+//      block reads it at step t + 1.
+//   3. The block publishes step t (grid_signal), issues the loads of xproj[t + 1], and waits
+//      until every block has published step t (grid_wait): out[t] is then visible.
 // Saved for backward (only when a gradient is needed): the activated gates i, f, g, o and
 // c_t in fp32; tanh(c_t) is recomputed.
 //
-// Backward, step t from T-1 down to 0 (one grid-wide barrier per step):
+// Backward, step t from T-1 down to 0 (one grid-wide synchronisation per step):
 //   1. Elementwise for the block's units: dh = d_out[t] + dh_rec (dh_rec: the block's
 //      columns of dgates_{t+1} W_hh, or d_hn at t = T-1), dc = dc_next + dh o (1 - tanh^2 c),
 //      dgates_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dh tanh(c) o(1-o)] written to
 //      global (also the input of the weight-gradient GEMMs), dc_next = dc f.
-//   2. grid.sync(): dgates_t of all units is visible.
-//   3. MMA: the block computes its 16 x units slice of dh_{t-1} = dgates_t W_hh: the block
+//   2. The block publishes dgates_t, issues the loads of step t-1's gates, cells and d_out,
+//      and waits for every block's dgates_t.
+//   3. MMA: the block computes its B x units slice of dh_{t-1} = dgates_t W_hh: the block
 //      owns the columns of W_hh of its units (4H x units, resident in shared memory), reads
-//      all of dgates_t (16 x 4H) from L2.
+//      all of dgates_t (B x 4H) from L2, one 16-row tile after another.
 // dW_ih = dgates^T x, dW_hh = dgates^T h_{t-1}, db = sum dgates, dx = dgates W_ih are large
-// GEMMs done by the binding after the loop.
+// GEMMs done after the loop (sha_rnn_kernels/_cuda.py).
 //
-// Shared memory (H = 1024, units = 8, bf16): forward 32 x 1056 x 2 + 4 x 16 x 32 x 4 + 16 x 8
-// x 4 = 76,288 bytes; backward 8 x 4128 x 2 + 4 x 16 x 8 x 4 + 2 x 16 x 8 x 4 = 69,120 bytes
+// Shared memory (H = 1024, units = 8, bf16): forward 32 x 1056 x 2 + 4 x 16 x 40 x 4 + 64 x 8
+// x 4 = 79,872 bytes; backward 8 x 4128 x 2 + 4 x 16 x 16 x 4 + 2 x 64 x 8 x 4 = 74,240 bytes
 // (formulas in lstm_persistent.h). 128 blocks fit the 132 SMs of an H100 at one block per SM.
 //
-// Sync points: __syncthreads after the weight slice load; per step, __syncthreads between
-// the two halves of the split-K partial sums and before the elementwise phase, then
-// grid.sync() (which starts and ends with a block barrier, so the partial buffer can be
-// rewritten by the next step's MMA).
+// Latency budget per step, H = 1024, B = 16, 8 units per block, 128 blocks on an H100
+// (ESTIMATED, not measured: L2 hit ~700 cycles = 0.4 us at 1.755 GHz; mma.sync m16n8k16
+// ~32 cycles dependent latency; cooperative_groups' grid.sync ~1.0 us = block barrier, fence,
+// an atomic round trip on one L2 counter that 128 blocks hit one after another, a polling
+// round trip, a second fence, block barrier; per-step flags ~0.6 us = block barrier, release
+// store (its fence waits for the block's stores), a polling round trip, block barrier):
+//   forward                        before   now   why
+//     grid-wide synchronisation      1.0    0.6   flags instead of grid.sync
+//     h_{t-1} loads (4 chunks/warp)  0.8    0.4   all 4 chunks' loads issued before the MMAs
+//                                                 (was 2 groups of 2, one round trip each)
+//     MMA chains (8 deep, 4 tiles)   0.15   0.15
+//     split-K reduce, 2 barriers     0.1    0.1   partial rows padded (+8 floats): the
+//                                                 8-byte stores were 4-way bank conflicts
+//     xproj[t] loads                 0.4    0     prefetched before the previous barrier
+//     gates, stores                  0.06   0.06
+//     total                         ~2.5   ~1.3   (goal 1.6)
+//   backward
+//     gates, cells, d_out loads      0.4    0     prefetched before the barrier
+//     elementwise, dgates stores     0.06   0.06
+//     grid-wide synchronisation      1.0    0.6   flags instead of grid.sync
+//     dgates loads (16 chunks/warp)  3.2    0.4   8 groups of 2 chunks, one round trip each,
+//                                                 now all 16 issued first (8 units per block;
+//                                                 2 batches of 8 for wider blocks)
+//     MMA chain (32 deep, 1 tile)    0.58   0.29  two accumulator sets, 16 deep each
+//     split-K reduce                 0.1    0.1
+//     total                         ~5.3   ~1.5   (goal 2.8)
+// Per layer at T = 1024, B = 16, I = H = 1024 (estimated): ~1.3 ms forward + ~1.5 ms backward
+// recurrence, plus four GEMMs around it (x W_ih^T, dx, dW_ih, dW_hh: 2 x 16384 x 4096 x 1024
+// = 137 GFLOP each, ~0.7 ms together at 800 TFLOP/s): ~3.5 ms forward + backward.
+// Not done: saving gates/cells in the model dtype (it would halve their memory, but their
+// stores are off the critical path: no latency gain, and bf16 gates add error to every
+// gradient).
+//
+// Sync points: __syncthreads after the weight slice load; per step and batch tile,
+// __syncthreads between the two halves of the split-K partial sums and before the
+// elementwise phase, one more before a later tile rewrites the partials, then grid_signal /
+// grid_wait (each starts with or ends in a block barrier, so the partial buffer can be
+// rewritten by the next step's MMA). The fp32 state in shared memory is private to its thread (see
+// owned_per_thread). All of this runs on the CPU under csrc/emu/cuda_emu.h
+// (tests/test_lstm_emulation.py), including a ThreadSanitizer build.
+//
 #include "lstm_persistent.h"
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,11 +90,13 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
 
 namespace sha_rnn {
 namespace {
 
-namespace cg = cooperative_groups;
 
 constexpr int kThreads = kLstmWarps * 32;
 
@@ -81,6 +124,33 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // d = a (16x16, row) * b (16x8, col) + d with fp32 accumulators (PTX fragment layout).
+// The inline PTX sits behind SHA_RNN_MMA_M16N8K16 (and dynamic shared memory behind
+// SHA_RNN_EXTERN_SMEM) so that the CPU emulation (csrc/emu/cuda_emu.h) can replace exactly
+// these two hardware-specific pieces and run the rest of this file unchanged.
+#ifndef SHA_RNN_MMA_M16N8K16
+#define SHA_RNN_MMA_M16N8K16(type, d, a0, a1, a2, a3, b0, b1)                                 \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type ".f32 "                 \
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"            \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                               \
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+#endif
+#ifndef SHA_RNN_EXTERN_SMEM
+#define SHA_RNN_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+// The per-step flags: a release store and an acquire load at GPU scope (PTX ISA memory
+// consistency model), and a short back-off while polling.
+#ifndef SHA_RNN_STORE_RELEASE_GPU
+#define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory")
+#endif
+#ifndef SHA_RNN_LOAD_ACQUIRE_GPU
+#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out) \
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
+#endif
+#ifndef SHA_RNN_SPIN_PAUSE
+#define SHA_RNN_SPIN_PAUSE() __nanosleep(20)
+#endif
+
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                           uint32_t a3, uint32_t b0, uint32_t b1);
@@ -88,21 +158,13 @@ template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1,
                                                   uint32_t a2, uint32_t a3, uint32_t b0,
                                                   uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  SHA_RNN_MMA_M16N8K16("f16", d, a0, a1, a2, a3, b0, b1);
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1,
                                                          uint32_t a2, uint32_t a3, uint32_t b0,
                                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  SHA_RNN_MMA_M16N8K16("bf16", d, a0, a1, a2, a3, b0, b1);
 }
 
 // One warp's share of C[16 x 8*NT] = A[16 x K] * W^T, where W is [8*NT x K] in shared memory
@@ -116,52 +178,76 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t
 // physical {8q .. 8q+3}, of the second MMA {8q+4 .. 8q+7}), which leaves the dot products
 // unchanged and makes every load a full 16-byte vector. K must be a multiple of 8, so a lane's
 // 8 elements are either all inside K or all outside (then zeros, for A and W alike).
-template <typename T, int NT>
+//
+// Latency: the A loads of kBatch chunks are all issued before the first MMA, so a warp waits
+// for one L2 round trip per kBatch chunks instead of one per chunk; chunk i accumulates into
+// set i % kSets, so a long K (the backward's 4H) runs kSets independent MMA chains. The caller
+// adds the sets. Chunks wholly past K (warp-uniform) issue no MMA.
+template <typename T, int NT, int kBatch, int kSets>
 __device__ __forceinline__ void warp_gemm(const T* __restrict__ a, int lda, int rows, int k_total,
                                           const T* __restrict__ w_s, int ldw, int warp, int lane,
-                                          float (&acc)[NT][4]) {
+                                          float (&acc)[kSets][NT][4]) {
+  constexpr int kStep = kLstmWarps * 32;
   const int g = lane >> 2;
   const int q = lane & 3;
   const T* a_lo = a + static_cast<size_t>(min(g, rows - 1)) * lda + 8 * q;
   const T* a_hi = a + static_cast<size_t>(min(g + 8, rows - 1)) * lda + 8 * q;
   const T* w_row = w_s + g * ldw + 8 * q;
-#pragma unroll 2
-  for (int k0 = warp * 32; k0 < k_total; k0 += kLstmWarps * 32) {
-    const bool inside = k0 + 8 * q < k_total;
-    uint4 lo = make_uint4(0u, 0u, 0u, 0u);
-    uint4 hi = lo;
-    if (inside) {
-      // .cg: served by L2, never by a possibly stale L1 line (other blocks wrote A).
-      lo = __ldcg(reinterpret_cast<const uint4*>(a_lo + k0));
-      hi = __ldcg(reinterpret_cast<const uint4*>(a_hi + k0));
+  for (int k_base = warp * 32; k_base < k_total; k_base += kBatch * kStep) {
+    uint4 lo[kBatch], hi[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int k0 = k_base + i * kStep;
+      lo[i] = make_uint4(0u, 0u, 0u, 0u);
+      hi[i] = lo[i];
+      if (k0 + 8 * q < k_total) {
+        // .cg: served by L2, never by a possibly stale L1 line (other blocks wrote A).
+        lo[i] = __ldcg(reinterpret_cast<const uint4*>(a_lo + k0));
+        hi[i] = __ldcg(reinterpret_cast<const uint4*>(a_hi + k0));
+      }
     }
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      uint4 b = make_uint4(0u, 0u, 0u, 0u);
-      if (inside) b = *reinterpret_cast<const uint4*>(w_row + n * 8 * ldw + k0);
-      mma_16816<T>(acc[n], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-      mma_16816<T>(acc[n], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+    for (int i = 0; i < kBatch; ++i) {
+      const int k0 = k_base + i * kStep;
+      if (k0 >= k_total) break;  // warp-uniform
+      const bool inside = k0 + 8 * q < k_total;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        uint4 b = make_uint4(0u, 0u, 0u, 0u);
+        if (inside) b = *reinterpret_cast<const uint4*>(w_row + n * 8 * ldw + k0);
+        mma_16816<T>(acc[i % kSets][n], lo[i].x, hi[i].x, lo[i].y, hi[i].y, b.x, b.y);
+        mma_16816<T>(acc[i % kSets][n], lo[i].z, hi[i].z, lo[i].w, hi[i].w, b.z, b.w);
+      }
     }
   }
 }
 
-// Sum the warps' accumulators into part_s [16 x 8*NT] (fp32): warps w and w + 4 share slot
-// w % 4; the first half stores, the second half adds, so the result is deterministic.
-// Leaves a block barrier behind: part_s[slot] is complete for every slot on return.
+template <int kSets, int NT>
+__device__ __forceinline__ void zero(float (&acc)[kSets][NT][4]) {
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[s][n][0] = acc[s][n][1] = acc[s][n][2] = acc[s][n][3] = 0.0f;
+}
+
+// Sum the warps' accumulators into part_s [16 x 8*NT] (fp32, row stride
+// lstm_partial_stride(8*NT)): warps w and w + 4 share slot w % 4; the first half stores, the
+// second half adds, so the result is deterministic. Leaves a block barrier behind: part_s[slot]
+// is complete for every slot on return.
 template <int NT>
 __device__ __forceinline__ void reduce_partials(float* part_s, const float (&acc)[NT][4],
                                                 int warp, int lane) {
   static_assert(kLstmWarps == 2 * kLstmPartialSlots, "two warps per partial slot");
-  constexpr int kCols = 8 * NT;
+  constexpr int kStride = lstm_partial_stride(8 * NT);
   const int g = lane >> 2;
   const int q = lane & 3;
-  float* slot = part_s + (warp % kLstmPartialSlots) * 16 * kCols;
+  float* slot = part_s + (warp % kLstmPartialSlots) * 16 * kStride;
   if (warp < kLstmPartialSlots) {
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       const int col = n * 8 + 2 * q;
-      *reinterpret_cast<float2*>(slot + g * kCols + col) = make_float2(acc[n][0], acc[n][1]);
-      *reinterpret_cast<float2*>(slot + (g + 8) * kCols + col) =
+      *reinterpret_cast<float2*>(slot + g * kStride + col) = make_float2(acc[n][0], acc[n][1]);
+      *reinterpret_cast<float2*>(slot + (g + 8) * kStride + col) =
           make_float2(acc[n][2], acc[n][3]);
     }
   }
@@ -170,8 +256,8 @@ __device__ __forceinline__ void reduce_partials(float* part_s, const float (&acc
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       const int col = n * 8 + 2 * q;
-      float2* lo = reinterpret_cast<float2*>(slot + g * kCols + col);
-      float2* hi = reinterpret_cast<float2*>(slot + (g + 8) * kCols + col);
+      float2* lo = reinterpret_cast<float2*>(slot + g * kStride + col);
+      float2* hi = reinterpret_cast<float2*>(slot + (g + 8) * kStride + col);
       lo->x += acc[n][0];
       lo->y += acc[n][1];
       hi->x += acc[n][2];
@@ -183,28 +269,84 @@ __device__ __forceinline__ void reduce_partials(float* part_s, const float (&acc
 
 // Sum over the partial slots of element (row, col) of a [16 x cols] tile.
 __device__ __forceinline__ float partial_sum(const float* part_s, int cols, int row, int col) {
+  const int stride = lstm_partial_stride(cols);
   float s = 0.0f;
 #pragma unroll
-  for (int slot = 0; slot < kLstmPartialSlots; ++slot) s += part_s[(slot * 16 + row) * cols + col];
+  for (int slot = 0; slot < kLstmPartialSlots; ++slot) s += part_s[(slot * 16 + row) * stride + col];
   return s;
+}
+
+// Per-step flags instead of a grid-wide barrier. flags[g] counts the steps block g has
+// published. grid_signal: every thread of the block has stored its part of the step (block
+// barrier), then one thread publishes `epoch` with a release store (cumulative over the
+// block's stores, which the barrier ordered before it). grid_wait: warp 0 polls every block's
+// flag with acquire loads until it reaches `epoch`, then a block barrier hands the guarantee
+// to the whole block. Unlike cooperative_groups' grid.sync there is no atomic on one shared
+// counter (128 serialised read-modify-writes and a round trip for each block's arrival) and
+// no second fence. The data a step publishes (out[t], dgates_t) is written once and never
+// overwritten, and a block cannot run ahead of a step whose inputs are missing, so read
+// after write is the only hazard the flags must order.
+__device__ __forceinline__ void grid_signal(unsigned* flags, unsigned epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) SHA_RNN_STORE_RELEASE_GPU(flags + blockIdx.x, epoch);
+}
+
+__device__ __forceinline__ void grid_wait(const unsigned* flags, unsigned epoch) {
+  if (threadIdx.x < 32) {
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += 32) {
+      unsigned seen = 0;
+      SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
+      while (seen < epoch) {
+        SHA_RNN_SPIN_PAUSE();
+        SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// The block's elementwise work is the [B x kUnits] grid of (batch row b, unit u); element
+// e = b * kUnits + u belongs to thread e % kThreads at every phase and step, so the fp32 state
+// kept in shared memory (c, dh, dc) is private to its thread and needs no barrier. A thread
+// owns at most kOwned elements (at B = kLstmMaxBatch); its i-th is e = threadIdx.x + i*kThreads.
+template <int kUnits>
+__host__ __device__ constexpr int owned_per_thread() {
+  return (kLstmMaxBatch * kUnits + kThreads - 1) / kThreads;
+}
+
+// xproj[t] of the thread's elements (0 past B or H), all four gates: registers, loaded ahead.
+template <typename T, int kUnits, int kOwned>
+__device__ __forceinline__ void load_xproj(float (&xq)[kOwned][4], const T* xproj, int t, int B,
+                                           int H, int unit0) {
+  const T* xp = xproj + size_t(t) * B * 4 * H;
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    const bool live = b < B && j < H;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate)
+      xq[i][gate] = live ? to_float(xp[size_t(b) * 4 * H + gate * H + j]) : 0.0f;
+  }
 }
 
 // Forward. Grid: ceil(H / kUnits) blocks, kThreads threads, cooperative launch.
 // Block g owns hidden units [g*kUnits, (g+1)*kUnits) (all four gates of them): shared memory
-// row r = gate*kUnits + u holds W_hh[gate*H + g*kUnits + u, :] (zero past H).
+// row r = gate*kUnits + u holds W_hh[gate*H + g*kUnits + u, :] (zero past H). The batch runs
+// in tiles of 16 rows (one m16 MMA tile each) that share the weight slice.
 template <typename T, int U>
 __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdParams p) {
   constexpr int kUnits = 8 * U;
   constexpr int kRows = 4 * kUnits;
   constexpr int kTiles = 4 * U;  // n-tiles of 8 gate rows
-  cg::grid_group grid = cg::this_grid();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int kOwned = owned_per_thread<kUnits>();
+  SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
   const int ldw = lstm_smem_row_stride(H);
   T* w_s = reinterpret_cast<T*>(smem_raw);
   float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kRows) * ldw * sizeof(T));
-  float* c_s = part_s + kLstmPartialSlots * 16 * kRows;  // [16][kUnits]
+  float* c_s = part_s + kLstmPartialSlots * 16 * lstm_partial_stride(kRows);  // [B][kUnits]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int unit0 = blockIdx.x * kUnits;
@@ -223,47 +365,84 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
     if (j < H) v = *reinterpret_cast<const uint4*>(w_hh + (size_t(gate) * H + j) * H + vec * 8);
     *reinterpret_cast<uint4*>(w_s + row * ldw + vec * 8) = v;
   }
-  // Element (b, u) of the block's state always belongs to thread (b*kUnits + u) % kThreads.
-  for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
-    const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
-    c_s[b * kUnits + u] = j < H ? to_float(c0[b * H + j]) : 0.0f;
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    if (b < B) c_s[e] = j < H ? to_float(c0[b * H + j]) : 0.0f;
   }
+  float xq[kOwned][4];
+  load_xproj<T, kUnits>(xq, xproj, 0, B, H, unit0);
   __syncthreads();
 
   for (int t = 0; t < T_len; ++t) {
     const T* h_prev = t == 0 ? h0 : out + size_t(t - 1) * B * H;
-    float acc[kTiles][4];
-#pragma unroll
-    for (int n = 0; n < kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    warp_gemm<T, kTiles>(h_prev, H, B, H, w_s, ldw, warp, lane, acc);
-    reduce_partials<kTiles>(part_s, acc, warp, lane);
+    for (int row0 = 0; row0 < B; row0 += 16) {
+      const int rows = min(16, B - row0);
+      float acc[1][kTiles][4];
+      zero(acc);
+      warp_gemm<T, kTiles, kLstmFwdLoadBatch, 1>(h_prev + size_t(row0) * H, H, rows, H, w_s,
+                                                 ldw, warp, lane, acc);
+      if (row0 > 0) __syncthreads();  // the previous tile's gate phase has read part_s
+      reduce_partials<kTiles>(part_s, acc[0], warp, lane);
 
-    const T* xp = xproj + size_t(t) * B * 4 * H;
-    for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
-      const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
-      if (j >= H) continue;
-      float pre[4];
 #pragma unroll
-      for (int gate = 0; gate < 4; ++gate)
-        pre[gate] = partial_sum(part_s, kRows, b, gate * kUnits + u) +
-                    to_float(xp[size_t(b) * 4 * H + gate * H + j]);
-      const float ig = sigmoid(pre[0]), fg = sigmoid(pre[1]);
-      const float gg = tanhf(pre[2]), og = sigmoid(pre[3]);
-      const float c = fg * c_s[b * kUnits + u] + ig * gg;
-      c_s[b * kUnits + u] = c;
-      const float h = og * tanhf(c);
-      out[(size_t(t) * B + b) * H + j] = from_float<T>(h);
-      if (p.gates != nullptr) {
-        float* gt = p.gates + (size_t(t) * B + b) * 4 * H + j;
-        gt[0] = ig;
-        gt[H] = fg;
-        gt[2 * H] = gg;
-        gt[3 * H] = og;
+      for (int i = 0; i < kOwned; ++i) {
+        const int e = threadIdx.x + i * kThreads;
+        const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+        if (b < row0 || b >= row0 + rows || j >= H) continue;
+        float pre[4];
+#pragma unroll
+        for (int gate = 0; gate < 4; ++gate)
+          pre[gate] = partial_sum(part_s, kRows, b - row0, gate * kUnits + u) + xq[i][gate];
+        const float ig = sigmoid(pre[0]), fg = sigmoid(pre[1]);
+        const float gg = tanhf(pre[2]), og = sigmoid(pre[3]);
+        const float c = fg * c_s[e] + ig * gg;
+        c_s[e] = c;
+        const float h = og * tanhf(c);
+        out[(size_t(t) * B + b) * H + j] = from_float<T>(h);
+        if (p.gates != nullptr) {
+          float* gt = p.gates + (size_t(t) * B + b) * 4 * H + j;
+          gt[0] = ig;
+          gt[H] = fg;
+          gt[2 * H] = gg;
+          gt[3 * H] = og;
+        }
+        if (p.cells != nullptr) p.cells[(size_t(t) * B + b) * H + j] = c;
+        if (t == T_len - 1) static_cast<T*>(p.c_n)[b * H + j] = from_float<T>(c);
       }
-      if (p.cells != nullptr) p.cells[(size_t(t) * B + b) * H + j] = c;
-      if (t == T_len - 1) static_cast<T*>(p.c_n)[b * H + j] = from_float<T>(c);
     }
-    if (t + 1 < T_len) grid.sync();  // out[t] complete and visible before step t + 1 reads it
+    if (t + 1 < T_len) {
+      grid_signal(p.flags, t + 1);  // out[t] of this block published
+      // xproj[t + 1] does not depend on the recurrence: its loads fly during the wait (issued
+      // after the signal, so that the publishing thread's release never waits for them).
+      load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
+      grid_wait(p.flags, t + 1);  // out[t] of every block visible before step t + 1 reads it
+    }
+  }
+}
+
+// What the backward's elementwise phase of step t reads from global memory for the thread's
+// elements: gates i, f, g, o, c_t, c_{t-1} (c0 at t = 0) and d_out[t]. Loaded one step ahead.
+template <typename T, int kUnits, int kOwned>
+__device__ __forceinline__ void load_bwd_inputs(float (&in)[kOwned][7], const LstmBwdParams& p,
+                                                int t, int unit0) {
+  const int B = p.batch, H = p.hidden;
+  const T* c0 = static_cast<const T*>(p.c0);
+  const T* d_out = static_cast<const T*>(p.d_out);
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    if (b >= B || j >= H) continue;
+    const float* gt = p.gates + (size_t(t) * B + b) * 4 * H + j;
+    in[i][0] = gt[0];
+    in[i][1] = gt[H];
+    in[i][2] = gt[2 * H];
+    in[i][3] = gt[3 * H];
+    in[i][4] = p.cells[(size_t(t) * B + b) * H + j];
+    in[i][5] = t > 0 ? p.cells[(size_t(t - 1) * B + b) * H + j] : to_float(c0[b * H + j]);
+    in[i][6] = to_float(d_out[(size_t(t) * B + b) * H + j]);
   }
 }
 
@@ -274,22 +453,23 @@ template <typename T, int U>
 __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdParams p) {
   constexpr int kUnits = 8 * U;
   constexpr int kTiles = U;
-  cg::grid_group grid = cg::this_grid();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int kOwned = owned_per_thread<kUnits>();
+  // 8 units (one n-tile): registers for all 16 chunks of K = 4096 (one L2 round trip); wider
+  // blocks keep 8 chunks in flight (their accumulators need the registers).
+  constexpr int kBwdLoadBatch = U == 1 ? 2 * kLstmBwdLoadBatch : kLstmBwdLoadBatch;
+  SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
   const int G4 = 4 * H;
   const int ldw = lstm_smem_row_stride(G4);
   T* w_s = reinterpret_cast<T*>(smem_raw);
   float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kUnits) * ldw * sizeof(T));
-  float* dh_s = part_s + kLstmPartialSlots * 16 * kUnits;  // [16][kUnits]
-  float* dc_s = dh_s + 16 * kUnits;                        // [16][kUnits]
+  float* dh_s = part_s + kLstmPartialSlots * 16 * lstm_partial_stride(kUnits);  // [B][kUnits]
+  float* dc_s = dh_s + kLstmMaxBatch * kUnits;                                  // [B][kUnits]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int unit0 = blockIdx.x * kUnits;
   const T* w_hh = static_cast<const T*>(p.w_hh);
-  const T* c0 = static_cast<const T*>(p.c0);
-  const T* d_out = static_cast<const T*>(p.d_out);
   const T* d_hn = static_cast<const T*>(p.d_hn);
   const T* d_cn = static_cast<const T*>(p.d_cn);
   T* d_gates = static_cast<T*>(p.d_gates);
@@ -299,50 +479,70 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
     const int r = idx / kUnits, u = idx % kUnits, j = unit0 + u;
     w_s[u * ldw + r] = j < H ? w_hh[size_t(r) * H + j] : from_float<T>(0.0f);
   }
-  for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
-    const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
-    dh_s[b * kUnits + u] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
-    dc_s[b * kUnits + u] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    if (b >= B) continue;
+    dh_s[e] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
+    dc_s[e] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
   }
+  float in[kOwned][7];
+  load_bwd_inputs<T, kUnits>(in, p, T_len - 1, unit0);
   __syncthreads();
 
   for (int t = T_len - 1; t >= 0; --t) {
     T* dg_t = d_gates + size_t(t) * B * G4;
-    for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
-      const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
-      if (j >= H) continue;
-      const float* gt = p.gates + (size_t(t) * B + b) * G4 + j;
-      const float ig = gt[0], fg = gt[H], gg = gt[2 * H], og = gt[3 * H];
-      const float c = p.cells[(size_t(t) * B + b) * H + j];
-      const float c_prev =
-          t > 0 ? p.cells[(size_t(t - 1) * B + b) * H + j] : to_float(c0[b * H + j]);
+#pragma unroll
+    for (int i = 0; i < kOwned; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int b = e / kUnits, j = unit0 + e % kUnits;
+      if (b >= B || j >= H) continue;
+      const float ig = in[i][0], fg = in[i][1], gg = in[i][2], og = in[i][3];
+      const float c = in[i][4], c_prev = in[i][5];
       const float tc = tanhf(c);
-      const float dh = to_float(d_out[(size_t(t) * B + b) * H + j]) + dh_s[b * kUnits + u];
-      const float dc = dc_s[b * kUnits + u] + dh * og * (1.0f - tc * tc);
+      const float dh = in[i][6] + dh_s[e];
+      const float dc = dc_s[e] + dh * og * (1.0f - tc * tc);
       T* dg = dg_t + size_t(b) * G4 + j;
       dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
       dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
       dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
       dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
-      dc_s[b * kUnits + u] = dc * fg;
+      dc_s[e] = dc * fg;
       if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
     }
-    grid.sync();  // dgates_t of every unit complete and visible
+    const unsigned epoch = T_len - t;
+    grid_signal(p.flags, epoch);  // dgates_t of this block's units published
+    // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
+    // fly during the wait and the MMA.
+    if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
+    grid_wait(p.flags, epoch);  // dgates_t of every unit visible
 
-    float acc[kTiles][4];
+    for (int row0 = 0; row0 < B; row0 += 16) {
+      const int rows = min(16, B - row0);
+      float acc[2][kTiles][4];
+      zero(acc);
+      warp_gemm<T, kTiles, kBwdLoadBatch, 2>(dg_t + size_t(row0) * G4, G4, rows, G4, w_s,
+                                                 ldw, warp, lane, acc);
 #pragma unroll
-    for (int n = 0; n < kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    warp_gemm<T, kTiles>(dg_t, G4, B, G4, w_s, ldw, warp, lane, acc);
-    reduce_partials<kTiles>(part_s, acc, warp, lane);
+      for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[0][n][r] += acc[1][n][r];
+      if (row0 > 0) __syncthreads();  // the previous tile's dh phase has read part_s
+      reduce_partials<kTiles>(part_s, acc[0], warp, lane);
 
-    for (int e = threadIdx.x; e < B * kUnits; e += kThreads) {
-      const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
-      const float dh_prev = partial_sum(part_s, kUnits, b, u);
-      dh_s[b * kUnits + u] = dh_prev;
-      if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
+#pragma unroll
+      for (int i = 0; i < kOwned; ++i) {
+        const int e = threadIdx.x + i * kThreads;
+        const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+        if (b < row0 || b >= row0 + rows) continue;
+        const float dh_prev = partial_sum(part_s, kUnits, b - row0, u);
+        dh_s[e] = dh_prev;
+        if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
+      }
     }
-    // part_s is rewritten only after the next grid.sync(), dh_s/dc_s are private to their
-    // thread: no block barrier needed here.
+    // part_s is rewritten only after the next grid_signal's block barrier, dh_s/dc_s are
+    // private to their thread: no block barrier needed here.
   }
 }
 
@@ -352,10 +552,28 @@ bool valid_units(int units) {
   return false;
 }
 
+// The dynamic shared memory limit of `kernel` on `device` is raised to the device's opt-in
+// maximum once, under a lock: launches of different sizes from several host threads never
+// race on the attribute (a smaller size set by one thread between another thread's set and
+// its launch would make that launch fail). The limit is a cap, not a reservation: occupancy
+// follows the bytes each launch asks for.
+template <typename Params>
+void raise_smem_limit_once(void (*kernel)(Params), int device, int smem_optin) {
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.insert({reinterpret_cast<const void*>(kernel), device}).second) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin);
+    if (err != cudaSuccess) done.erase({reinterpret_cast<const void*>(kernel), device});
+    SHA_RNN_CUDA_CHECK(err);
+  }
+}
+
 // Check that `grid` blocks of `kernel` with `smem` bytes can all be resident at once (the
 // cooperative-launch requirement), then launch.
 template <typename Params>
-void cooperative_launch(const void* kernel, int grid, size_t smem, const Params& params,
+void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Params& params,
                         cudaStream_t stream, const char* what) {
   int device = 0, sm_count = 0, smem_optin = 0, cooperative = 0;
   SHA_RNN_CUDA_CHECK(cudaGetDevice(&device));
@@ -366,12 +584,13 @@ void cooperative_launch(const void* kernel, int grid, size_t smem, const Params&
   TORCH_CHECK(cooperative, "sha_rnn_kernels LSTM: the device does not support cooperative launch");
   TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "sha_rnn_kernels LSTM ", what, ": needs ",
               smem, " bytes of shared memory per block, the device allows ", smem_optin);
-  SHA_RNN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+  raise_smem_limit_once(kernel, device, smem_optin);
   int per_sm = 0;
   SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   TORCH_CHECK(grid <= per_sm * sm_count, "sha_rnn_kernels LSTM ", what, ": ", grid,
               " blocks cannot be co-resident (", per_sm, " per SM x ", sm_count, " SMs)");
+  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no flags buffer");
+  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags, 0, sizeof(unsigned) * grid, stream));
   void* args[] = {const_cast<Params*>(&params)};
   SHA_RNN_CUDA_CHECK(
       cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem, stream));
@@ -381,12 +600,12 @@ template <typename T>
 void forward_typed(const LstmFwdParams& p, cudaStream_t stream) {
   const int grid = (p.hidden + p.units - 1) / p.units;
   const size_t smem = lstm_fwd_smem_bytes(p.hidden, p.units);
-  const void* kernel = nullptr;
+  void (*kernel)(LstmFwdParams) = nullptr;
   switch (p.units) {
-    case 8: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 1>); break;
-    case 16: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 2>); break;
-    case 24: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 3>); break;
-    default: kernel = reinterpret_cast<const void*>(&lstm_fwd_kernel<T, 4>); break;
+    case 8: kernel = &lstm_fwd_kernel<T, 1>; break;
+    case 16: kernel = &lstm_fwd_kernel<T, 2>; break;
+    case 24: kernel = &lstm_fwd_kernel<T, 3>; break;
+    default: kernel = &lstm_fwd_kernel<T, 4>; break;
   }
   cooperative_launch(kernel, grid, smem, p, stream, "forward");
 }
@@ -395,12 +614,12 @@ template <typename T>
 void backward_typed(const LstmBwdParams& p, cudaStream_t stream) {
   const int grid = (p.hidden + p.units - 1) / p.units;
   const size_t smem = lstm_bwd_smem_bytes(p.hidden, p.units);
-  const void* kernel = nullptr;
+  void (*kernel)(LstmBwdParams) = nullptr;
   switch (p.units) {
-    case 8: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 1>); break;
-    case 16: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 2>); break;
-    case 24: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 3>); break;
-    default: kernel = reinterpret_cast<const void*>(&lstm_bwd_kernel<T, 4>); break;
+    case 8: kernel = &lstm_bwd_kernel<T, 1>; break;
+    case 16: kernel = &lstm_bwd_kernel<T, 2>; break;
+    case 24: kernel = &lstm_bwd_kernel<T, 3>; break;
+    default: kernel = &lstm_bwd_kernel<T, 4>; break;
   }
   cooperative_launch(kernel, grid, smem, p, stream, "backward");
 }

@@ -23,30 +23,49 @@ enum class LstmDtype : int { kFloat16 = 0, kBFloat16 = 1 };
 // decide, before anything is built, whether a shape fits on the device).
 constexpr int kLstmWarps = 8;              // warps per block (256 threads)
 constexpr int kLstmPartialSlots = 4;       // split-K partial tiles in shared memory
-constexpr int kLstmMaxBatch = 16;          // one m16 MMA tile of batch rows
+constexpr int kLstmMaxBatch = 64;          // batch rows: up to 4 m16 MMA tiles, looped
 constexpr int kLstmUnitChoices[] = {8, 16, 24, 32};  // hidden units a block may own
+// K chunks (32 wide) whose A loads a warp issues before its MMAs: forward (K = H: 4 chunks a
+// warp at H = 1024, so one L2 round trip) and backward (K = 4H: 16 chunks, two round trips).
+// Overridable only so that the CPU emulation reaches the multi-batch path at tiny sizes.
+#ifndef SHA_RNN_LSTM_FWD_LOAD_BATCH
+#define SHA_RNN_LSTM_FWD_LOAD_BATCH 4
+#endif
+#ifndef SHA_RNN_LSTM_BWD_LOAD_BATCH
+#define SHA_RNN_LSTM_BWD_LOAD_BATCH 8
+#endif
+constexpr int kLstmFwdLoadBatch = SHA_RNN_LSTM_FWD_LOAD_BATCH;
+constexpr int kLstmBwdLoadBatch = SHA_RNN_LSTM_BWD_LOAD_BATCH;
 
 // Row stride (in elements) of a weight slice with `k` columns in shared memory: the smallest
 // value >= k that is 32 modulo 64. A warp's 16-byte loads then touch rows g and g + 1 in
 // different halves of the 32 banks, so the 8 lanes of each load phase never conflict.
 SHA_RNN_HOST_DEVICE constexpr int lstm_smem_row_stride(int k) { return ((k + 31) / 64) * 64 + 32; }
 
+// Row stride (in floats) of a split-K partial tile with `cols` columns (a multiple of 8): 8
+// floats of padding put the rows g = 0..3 that a half-warp's 8-byte stores touch in different
+// banks (cols is a multiple of 32 for the forward, where an unpadded stride is a 4-way
+// conflict).
+SHA_RNN_HOST_DEVICE constexpr int lstm_partial_stride(int cols) { return cols + 8; }
+
 // Dynamic shared memory of the forward kernel for `units` hidden units per block:
 //   W_hh slice   4*units rows x stride(H) x 2 bytes
-//   partials     kLstmPartialSlots x 16 x 4*units x 4 bytes (split-K sums, fp32)
-//   cell state   16 x units x 4 bytes (fp32, carried across the whole sequence)
+//   partials     kLstmPartialSlots x 16 x partial_stride(4*units) x 4 bytes (split-K, fp32)
+//   cell state   kLstmMaxBatch x units x 4 bytes (fp32, carried across the whole sequence)
 constexpr size_t lstm_fwd_smem_bytes(int hidden, int units) {
   return size_t(4 * units) * lstm_smem_row_stride(hidden) * 2 +
-         size_t(kLstmPartialSlots) * 16 * (4 * units) * 4 + size_t(16) * units * 4;
+         size_t(kLstmPartialSlots) * 16 * lstm_partial_stride(4 * units) * 4 +
+         size_t(kLstmMaxBatch) * units * 4;
 }
 
 // Dynamic shared memory of the backward kernel:
 //   W_hh^T slice units rows x stride(4H) x 2 bytes (the block's columns of W_hh)
-//   partials     kLstmPartialSlots x 16 x units x 4 bytes
-//   dh, dc       2 x 16 x units x 4 bytes
+//   partials     kLstmPartialSlots x 16 x partial_stride(units) x 4 bytes
+//   dh, dc       2 x kLstmMaxBatch x units x 4 bytes
 constexpr size_t lstm_bwd_smem_bytes(int hidden, int units) {
   return size_t(units) * lstm_smem_row_stride(4 * hidden) * 2 +
-         size_t(kLstmPartialSlots) * 16 * units * 4 + size_t(2) * 16 * units * 4;
+         size_t(kLstmPartialSlots) * 16 * lstm_partial_stride(units) * 4 +
+         size_t(2) * kLstmMaxBatch * units * 4;
 }
 
 struct LstmFwdParams {
@@ -58,6 +77,7 @@ struct LstmFwdParams {
   void* c_n;          // [B, H]     model dtype
   float* gates;       // [T, B, 4H] fp32 activated gates i, f, g, o; nullptr: not saved
   float* cells;       // [T, B, H]  fp32 cell states c_t;            nullptr: not saved
+  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
   int seq_len, batch, hidden, units;
 };
 
@@ -72,8 +92,12 @@ struct LstmBwdParams {
   void* d_gates;      // [T, B, 4H] model dtype: gradient of the gate pre-activations
   void* d_h0;         // [B, H]     model dtype
   void* d_c0;         // [B, H]     model dtype
+  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
   int seq_len, batch, hidden, units;
 };
+
+// Number of blocks (and of flags) of a launch.
+constexpr int lstm_grid_blocks(int hidden, int units) { return (hidden + units - 1) / units; }
 
 // Launch the cooperative kernels on `stream`. Both check the launch against the device
 // (shared memory, co-resident blocks) and throw c10::Error with the reason when it cannot run.

@@ -13,15 +13,19 @@ Kernel design (details in ``csrc/lstm_persistent.cu``): one cooperative launch p
 block g of ``ceil(H / units)`` blocks owns ``units`` hidden units and keeps their W_hh rows
 (forward) or W_hh columns (backward) in shared memory; per step it multiplies h_{t-1} (or
 dgates_t) read from L2 by that slice with mma.sync, fuses the gates and the cell update, and
-the grid synchronises once. The input projection and the weight gradients are torch GEMMs.
+the blocks synchronise once through per-block step flags. The input projection and the weight
+gradients are torch GEMMs. Without a GPU the same kernels run on the CPU through the g++
+emulation in ``csrc/emu/`` (``python -m pytest tests/test_lstm_emulation.py``).
 
 Precision: float16 and bfloat16 with fp32 accumulation and an fp32 cell state. float32 inputs
 are not taken (the reason function says so and ``backend="auto"`` uses another backend).
 
 Limits, checked before anything is built or launched (:func:`lstm_unsupported_reason`):
-``B <= 16`` (one MMA tile of batch rows), ``H % 8 == 0`` and the W_hh slices must fit: at most
-one block per SM and :func:`fwd_smem_bytes` / :func:`bwd_smem_bytes` within the device's
-opt-in shared memory per block. H = 1024 fits an A100 and an H100; H = 2048 fits neither.
+``B <= 64`` (up to four 16-row MMA tiles, looped over inside each step), ``H % 8 == 0`` and
+the W_hh slices must fit: at most one block per SM and :func:`fwd_smem_bytes` /
+:func:`bwd_smem_bytes` within the device's opt-in shared memory per block. The largest H is
+1632 on an H100 (132 SMs, 227 KiB), 1120 on an A100 (108 SMs, 163 KiB), 1024 on a 128-SM
+sm_89 (99 KiB); every multiple of 8 below fits.
 
 Memory checks on a GPU (small shape, forward and backward, both dtypes)::
 
@@ -59,7 +63,7 @@ VERBOSE_ENV = "SHA_RNN_KERNELS_VERBOSE_BUILD"
 # Launch constants shared with csrc/lstm_persistent.h (kLstm*): keep both in step.
 WARPS = 8
 PARTIAL_SLOTS = 4
-MAX_BATCH = 16
+MAX_BATCH = 64
 UNIT_CHOICES = (8, 16, 24, 32)
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -111,23 +115,30 @@ def smem_row_stride(k: int) -> int:
     return ((k + 31) // 64) * 64 + 32
 
 
+def partial_stride(cols: int) -> int:
+    """Row stride (floats) of a split-K partial tile: 8 floats of padding against bank
+    conflicts of the 8-byte partial stores."""
+    return cols + 8
+
+
 def fwd_smem_bytes(hidden: int, units: int) -> int:
     """Forward kernel's shared memory: W_hh rows (4 units x H, 2 bytes), the split-K partial
-    tiles (``PARTIAL_SLOTS`` x 16 x 4 units, fp32), the cell state (16 x units, fp32)."""
+    tiles (``PARTIAL_SLOTS`` x 16 x (4 units + 8), fp32), the cell state (``MAX_BATCH`` x units,
+    fp32)."""
     return (
         4 * units * smem_row_stride(hidden) * 2
-        + PARTIAL_SLOTS * 16 * 4 * units * 4
-        + 16 * units * 4
+        + PARTIAL_SLOTS * 16 * partial_stride(4 * units) * 4
+        + MAX_BATCH * units * 4
     )
 
 
 def bwd_smem_bytes(hidden: int, units: int) -> int:
     """Backward kernel's shared memory: W_hh columns (units x 4H, 2 bytes), partial tiles
-    (``PARTIAL_SLOTS`` x 16 x units, fp32), dh and dc (2 x 16 x units, fp32)."""
+    (``PARTIAL_SLOTS`` x 16 x (units + 8), fp32), dh and dc (2 x ``MAX_BATCH`` x units, fp32)."""
     return (
         units * smem_row_stride(4 * hidden) * 2
-        + PARTIAL_SLOTS * 16 * units * 4
-        + 2 * 16 * units * 4
+        + PARTIAL_SLOTS * 16 * partial_stride(units) * 4
+        + 2 * MAX_BATCH * units * 4
     )
 
 
@@ -151,7 +162,7 @@ def plan_launch(
     8
     """
     if batch > MAX_BATCH:
-        return f"batch {batch} is larger than the kernel's tile of {MAX_BATCH} rows"
+        return f"batch {batch} is larger than the kernel's {MAX_BATCH} rows (4 MMA tiles)"
     if hidden % 8 != 0:
         return f"hidden size H={hidden} is not a multiple of 8"
     for units in UNIT_CHOICES:
@@ -181,7 +192,7 @@ def shape_dtype_reason(dtypes: Sequence[torch.dtype], batch: int, hidden: int) -
                 f"got {dtype}"
             )
     if batch > MAX_BATCH:
-        return f"batch {batch} is larger than the kernel's tile of {MAX_BATCH} rows"
+        return f"batch {batch} is larger than the kernel's {MAX_BATCH} rows (4 MMA tiles)"
     if hidden % 8 != 0:
         return f"hidden size H={hidden} is not a multiple of 8"
     return None
@@ -365,6 +376,43 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# The GEMMs around the recurrence (shared with the CPU emulation tests)
+# --------------------------------------------------------------------------------------------
+def combine_bias(bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]) -> Optional[Tensor]:
+    """The one bias the input projection adds: ``b_ih + b_hh``, either alone, or None."""
+    if bias_ih is not None and bias_hh is not None:
+        return bias_ih + bias_hh
+    return bias_ih if bias_ih is not None else bias_hh
+
+
+def input_projection(x: Tensor, weight_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``xproj [T, B, 4H] = x W_ih^T + bias``: one GEMM over all T*B rows before the loop."""
+    steps, batch, input_size = x.shape
+    x2d = x.reshape(steps * batch, input_size)
+    if bias is None:
+        xproj = torch.mm(x2d, weight_ih.t())
+    else:
+        xproj = torch.addmm(bias, x2d, weight_ih.t())
+    return xproj.view(steps, batch, weight_ih.shape[0])
+
+
+def gemm_gradients(
+    x: Tensor, weight_ih: Tensor, h0: Tensor, out: Tensor, d_gates: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dx = dgates W_ih``, ``dW_ih = dgates^T x``, ``dW_hh = dgates^T h_{t-1}``, ``db =
+    sum dgates`` from the kernel's ``d_gates [T, B, 4H]``: GEMMs over all T*B rows."""
+    steps, batch, input_size = x.shape
+    hidden = out.shape[2]
+    dg = d_gates.view(steps * batch, 4 * hidden)
+    dx = torch.mm(dg, weight_ih).view(steps, batch, input_size)
+    dw_ih = torch.mm(dg.t(), x.reshape(steps * batch, input_size))
+    h_prev = torch.cat([h0.unsqueeze(0), out[: steps - 1]]).view(steps * batch, hidden)
+    dw_hh = torch.mm(dg.t(), h_prev)
+    db = dg.sum(0, dtype=torch.float32).to(x.dtype)
+    return dx, dw_ih, dw_hh, db
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd: two custom ops so torch.compile(fullgraph=True) keeps them whole
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("sha_rnn_kernels::lstm_cuda_fwd", mutates_args=(), device_types="cuda")
@@ -384,12 +432,7 @@ def _lstm_fwd(
     hidden = weight_hh.shape[1]
     ext = load_extension(x.device)
     plan = _plan(x.device, hidden, batch)
-    x2d = x.reshape(steps * batch, input_size)
-    if bias is None:
-        xproj = torch.mm(x2d, weight_ih.t())
-    else:
-        xproj = torch.addmm(bias, x2d, weight_ih.t())
-    xproj = xproj.view(steps, batch, 4 * hidden)
+    xproj = input_projection(x, weight_ih, bias)
     out = empty(steps, batch, hidden, dtype=x.dtype, device=x.device)
     c_n = empty(batch, hidden, dtype=x.dtype, device=x.device)
     act_shape = ((steps, batch, 4 * hidden), (steps, batch, hidden)) if save else ((0,), (0,))
@@ -447,12 +490,7 @@ def _lstm_bwd(
         weight_hh.contiguous(), gates, cells, c0.contiguous(), d_out.contiguous(),
         d_hn.contiguous(), d_cn.contiguous(), d_gates, d_h0, d_c0, plan.units,
     )  # fmt: skip
-    dg = d_gates.view(steps * batch, 4 * hidden)
-    dx = torch.mm(dg, weight_ih).view(steps, batch, input_size)
-    dw_ih = torch.mm(dg.t(), x.reshape(steps * batch, input_size))
-    h_prev = torch.cat([h0.unsqueeze(0), out[: steps - 1]]).view(steps * batch, hidden)
-    dw_hh = torch.mm(dg.t(), h_prev)
-    db = dg.sum(0, dtype=torch.float32).to(x.dtype)
+    dx, dw_ih, dw_hh, db = gemm_gradients(x, weight_ih, h0, out, d_gates)
     return dx, dw_ih, dw_hh, db, d_h0, d_c0
 
 
@@ -524,11 +562,7 @@ def lstm(
         h0 = x.new_zeros(batch, hidden)
     if c0 is None:
         c0 = x.new_zeros(batch, hidden)
-    bias = None
-    if bias_ih is not None and bias_hh is not None:
-        bias = bias_ih + bias_hh
-    elif bias_ih is not None or bias_hh is not None:
-        bias = bias_ih if bias_ih is not None else bias_hh
+    bias = combine_bias(bias_ih, bias_hh)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias, h0, c0)
     )
