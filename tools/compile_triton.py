@@ -87,20 +87,22 @@ def _scenarios(op: str, dtype_name: str) -> Iterator[tuple[str, Callable[[], Non
     if op == "boom":
         from sha_rnn_kernels.ops import boom
 
-        rows, width, features = 16384, 1024, 4096
-        x, weight, bias = meta(rows, width), meta(features, width), meta(features)
-        grad_y, pre = meta(rows, width), meta(rows, features)
-        # Training saves the pre-activation; inference (eval: no dropout) does not.
-        for name, p, save_pre in (
-            ("train", 0.1, True),
-            ("train p=0", 0.0, True),
-            ("eval", 0.0, False),
+        paper = (16384, 1024, 4096)  # rows, E, F
+        # Training saves the pre-activation; inference (eval: no dropout) does not. The last
+        # scenario is the narrowest layer the API takes with dropout (E = 2: 16-wide tiles).
+        for name, (rows, width, features), p, save_pre in (
+            ("train", paper, 0.1, True),
+            ("train p=0", paper, 0.0, True),
+            ("eval", paper, 0.0, False),
+            ("train E=2", (paper[0], 2, 8), 0.1, True),
         ):
+            x, weight, bias = meta(rows, width), meta(features, width), meta(features)
+            grad_y, pre = meta(rows, width), meta(rows, features)
 
-            def call(p=p, save_pre=save_pre):
-                boom.boom_forward(x, weight, bias, p, SEED, save_pre)
+            def call(p=p, save_pre=save_pre, x=x, weight=weight, bias=bias, grad_y=grad_y, pre=pre):
+                _, _, mask = boom.boom_forward(x, weight, bias, p, SEED, save_pre)
                 if save_pre:
-                    boom.boom_backward(grad_y, pre, p, SEED)
+                    boom.boom_backward(grad_y, pre, mask, p)
 
             yield name, call
     elif op == "attention":

@@ -82,34 +82,74 @@ __all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward"]
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _dropout_keep(seed, rows64, chunk, chunks, col0, width, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep flags ``[BLOCK_M, BLOCK_N]`` for rows ``rows64`` and columns ``col0 + [0, BLOCK_N)``
-    of ``chunk`` (``col0 % 4 == 0``).
+def _boom_mask_kernel(
+    MASK, ROWS, GROUPS, seed, drop_below,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """The dropout mask, packed eight flags to a byte: ``MASK[r, g]`` (``[M * C, cdiv(E, 8)]``
+    uint8, row ``r = row * C + chunk``) holds the keep flags of columns ``8g .. 8g + 7`` of that
+    row's chunk, bit ``l`` for column ``8g + l``.
 
-    One Philox call (``tl.rand4x``) per (row, chunk, group of four columns), counter
-    ``(row * chunks + chunk) * cdiv(width, 4) + column // 4``; its four numbers go to the four
-    columns of the group. The flags depend only on the element, never on the tiling.
+    Grid: ``(cdiv(M * C, BLOCK_R), cdiv(cdiv(E, 8), BLOCK_G))``; each program owns a
+    ``[BLOCK_R, BLOCK_G]`` block of bytes.
+
+    One Philox-4x32-10 call (``tl.randint4x``) per byte, counter ``r * cdiv(E, 8) + g``; each
+    of its four 32-bit words gives two 16-bit uniforms (low half: even lane, high half: odd
+    lane), and an element is kept when its uniform is ``>= drop_below = round(p * 65536)``. The
+    flags depend only on ``(seed, row, chunk, column)``, never on any kernel's tiling. The
+    forward GEMM reads them in its epilogue and the backward reads them again (saved, 1 bit per
+    element of the F'-wide activation: 8 MB at the paper's shape).
     """
-    quads = tl.cdiv(width, 4)
-    quad = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-    counters = (rows64[:, None] * chunks + chunk) * quads + quad[None, :]
-    r0, r1, r2, r3 = tl.rand4x(seed, counters)
-    # join(join(a, b), join(c, d)) is [BLOCK_M, BLOCK_N // 4, 2, 2] with r_(2i+j) at [..., i, j],
-    # so the row-major reshape puts lane l of group q at column 4q + l.
-    keep = tl.join(tl.join(r0 >= dropout_p, r1 >= dropout_p), tl.join(r2 >= dropout_p, r3 >= dropout_p))
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    r64 = r.to(tl.int64)
+    offsets = r64[:, None] * GROUPS + g[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
+    bits = (_keep_pair(w0, drop_below) | (_keep_pair(w1, drop_below) << 2)
+            | (_keep_pair(w2, drop_below) << 4) | (_keep_pair(w3, drop_below) << 6))
+    ok = (r[:, None] < ROWS) & (g[None, :] < GROUPS)
+    tl.store(MASK + offsets, bits.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _keep_pair(word, drop_below):
+    """Two keep flags from one 32-bit Philox word: bit 0 from its low half, bit 1 from its high."""
+    word = word.to(tl.uint32, bitcast=True)
+    low = ((word & 0xFFFF) >= drop_below).to(tl.int32)
+    high = ((word >> 16) >= drop_below).to(tl.int32)
+    return low | (high << 1)
+
+
+@triton.jit
+def _load_keep(MASK, row0, M, chunk, chunks, col0, groups, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags ``[BLOCK_M, BLOCK_N]`` of rows ``row0 + [0, BLOCK_M)`` and columns
+    ``col0 + [0, BLOCK_N)`` of ``chunk`` (``col0 % 8 == 0``), unpacked from
+    ``_boom_mask_kernel``'s bytes (rows past ``M`` read as dropped)."""
+    tile_rows = tl.arange(0, BLOCK_M)
+    group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    ok = (row0 + tile_rows < M)[:, None] & (group < groups)[None, :]
+    # A 64-bit base for the tile and 32-bit offsets within it (fewer live registers).
+    base = MASK + row0.to(tl.int64) * chunks * groups + chunk * groups
+    bits = tl.load(base + (tile_rows * chunks * groups)[:, None] + group[None, :], mask=ok, other=0)
+    # A trailing lane axis of 8, then the row-major reshape: lane l of group q is column 8q + l.
+    lane = tl.arange(0, 8)
+    keep = ((bits.to(tl.int32)[:, :, None] >> lane[None, None, :]) & 1) != 0
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 def _fwd_configs():
-    # Two fp32 tiles (the chunk's accumulator and the running sum) stay in registers, so the
-    # tiles are smaller than a plain GEMM's; 128x128 spills a little with dropout on sm_90.
+    # Two fp32 [BLOCK_M, BLOCK_N] tiles (the chunk's GEMM accumulator and the running chunk sum)
+    # live in registers for the whole program, so 128x128 (2 x 64 fp32 per thread at 8 warps)
+    # is the largest tile: 128x256 would need the whole register file for the two tiles.
     configs = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # Narrow layers (E <= 32): a 16-wide output tile and a short reduction step.
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
     # Small tiles under the interpreter so that the odd test shapes cross tile edges in every
     # dimension (rows, output columns and the reduction).
@@ -117,44 +157,58 @@ def _fwd_configs():
     return _common.autotune_configs(configs, interpreted)
 
 
-def _prune_spilling(configs, named_args, **kwargs):
-    """Drop the configs that spill registers (ptxas, sm_90 and sm_80, paper shape, compiled
-    offline with tools/compile_triton.py): with dropout, tiles over 32 elements per thread
-    (128x128 spills 300-650 B); in fp32 (IEEE dots), also BLOCK_K > 32 (0.8-1.6 KB on sm_80)."""
-    fp32 = named_args["X"].dtype == torch.float32
+def _prune(configs, named_args, **kwargs):
+    """The configs worth timing for these arguments (register counts and spills from
+    tools/compile_triton.py, sm_90 and sm_80, paper shape): fp32 (IEEE dots) keeps only
+    64x64x32; sm_8x drops 128x128; E <= 32 keeps only the 16-wide tile (wider ones are mostly masked work and
+    spill); otherwise tiles taller than the row bucket go when a shorter one remains."""
+    x = named_args["X"]
+    fp32 = x.dtype == torch.float32
+    width, rows = named_args["E"], named_args["ROWS_BUCKET"]
+    # Without wgmma (sm_80) the 128x128 tile spills 170-200 B; Hopper keeps it.
+    ampere = x.device.type == "cuda" and _common.cuda_capability(x.device)[0] < 9
 
     def fits(c):
-        per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+        block_m, block_n, block_k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if width <= 32:
+            return block_n == 16
+        if block_n == 16:
+            return False
         if fp32:
-            return per_thread <= 32 and c.kwargs["BLOCK_K"] <= 32
-        return per_thread <= 32 or not kwargs.get("HAS_DROPOUT", False)
+            return block_m * block_n <= 64 * 64 and block_k <= 32
+        if ampere and block_m * block_n > 128 * 64:
+            return False
+        return block_m <= max(64, rows)
 
     return [c for c in configs if fits(c)] or [configs[-1]]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["E", "C", "HAS_DROPOUT", "SAVE_PRE"],
-                 prune_configs_by={"early_config_prune": _prune_spilling})
+@triton.autotune(configs=_fwd_configs(), key=["E", "C", "ROWS_BUCKET", "HAS_DROPOUT", "SAVE_PRE"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _boom_fwd_kernel(
-    X, W, B, Y, PRE,
-    M, E, C,
+    X, W, B, Y, PRE, MASK,
+    M, E, C, ROWS_BUCKET,
     stride_xm, stride_xk, stride_wf, stride_wk, stride_ym, stride_pm,
-    seed, dropout_p, keep_scale,
+    keep_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_PRE: tl.constexpr,
-    DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Boom forward: ``Y = sum_c dropout(gelu(X W[cE:(c+1)E]^T + b[cE:(c+1)E]))``.
 
     Grid: ``cdiv(M, BLOCK_M) * cdiv(E, BLOCK_N)`` programs on one axis, in grouped order: runs
     of ``GROUP_M`` row tiles sweep the column tiles together so that the ``W`` rows they share
-    stay in L2.
+    stay in L2 (``ROWS_BUCKET`` is only an autotune key).
 
     Each program owns output tile ``Y[m0:m0+BLOCK_M, n0:n0+BLOCK_N]``. For every chunk ``c`` it
     accumulates ``X[m-tile, :] @ W[c*E + n-tile, :]^T`` over ``E`` in fp32 (the columns
     ``n, n+E, n+2E, ...`` of the F-wide activation), adds the bias, applies
     ``h * sigmoid(1.702 h)`` and dropout (Philox, one ``tl.rand4x`` call per four columns), and
-    adds the result into an fp32 sum that is stored once, after the last chunk.
+    adds the result into an fp32 sum that is stored once, after the last chunk. Rows and columns
+    past the edges load clamped (in-bounds) addresses instead of masks, so the K loop carries no
+    predicates; their results are never stored. ``EVEN_K`` (``E % BLOCK_K == 0``) drops the
+    reduction mask as well.
 
     Saved for backward (``SAVE_PRE``): the pre-activation ``PRE = X W[:F']^T + b`` in the input
     dtype, so that ``gelu'`` needs no GEMM in the backward. Nothing else is saved: the dropout
@@ -179,23 +233,25 @@ def _boom_fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < E
-    rows64 = rows.to(tl.int64)
-    x_rows = X + rows64[:, None] * stride_xm
+    # Clamped addresses for the loads: an edge tile re-reads the last row / column.
+    x_tile = X + tl.minimum(rows, M - 1).to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    w_tile = W + tl.minimum(cols, E - 1)[None, :] * stride_wf + ks[:, None] * stride_wk
     out_ok = row_ok[:, None] & col_ok[None, :]
+    mask_groups = tl.cdiv(E, 8)
 
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(C):
-        w_cols = W + (c * E + cols)[None, :] * stride_wf
-        if HAS_DROPOUT:
-            # Before the GEMM loop, while the accumulator is not live: the Philox state then
-            # does not compete with two fp32 tiles for registers (fewer spills on sm_90).
-            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, E, dropout_p, BLOCK_M, BLOCK_N)
+        x_ptrs = x_tile
+        w_ptrs = w_tile + c * E * stride_wf
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, E, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < E
-            x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = k0 + ks < E
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             if DOT_UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -203,24 +259,30 @@ def _boom_fwd_kernel(
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
             acc += tl.load(B + c * E + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SAVE_PRE:
-            tl.store(PRE + rows64[:, None] * stride_pm + (c * E + cols)[None, :],
-                     acc.to(PRE.dtype.element_ty), mask=out_ok)
+            pre_tile = PRE + (pid_m * BLOCK_M).to(tl.int64) * stride_pm + tl.arange(0, BLOCK_M)[:, None] * stride_pm
+            tl.store(pre_tile + (c * E + cols)[None, :], acc.to(PRE.dtype.element_ty), mask=out_ok)
         act = acc * tl.sigmoid(1.702 * acc)
         if HAS_DROPOUT:
+            keep = _load_keep(MASK, pid_m * BLOCK_M, M, c, C, pid_n * BLOCK_N, mask_groups, BLOCK_M, BLOCK_N)
             act = tl.where(keep, act * keep_scale, 0.0)
         y += act
-    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
+    # A 64-bit tile base and 32-bit offsets within the tile: fewer registers live to the end.
+    tile_rows = tl.arange(0, BLOCK_M)
+    y_tile = Y + (pid_m * BLOCK_M).to(tl.int64) * stride_ym + tile_rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_tile, y.to(Y.dtype.element_ty), mask=(pid_m * BLOCK_M + tile_rows < M)[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _boom_bwd_kernel(
-    DY, PRE, DU, DB_PARTIAL,
+    DY, PRE, MASK, DU, DB_PARTIAL,
     M, E, C,
     stride_dym, stride_dyn, stride_pm, stride_um,
-    seed, dropout_p, keep_scale,
+    keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -247,6 +309,7 @@ def _boom_bwd_kernel(
     col_ok = cols < E
     rows64 = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
+    mask_groups = tl.cdiv(E, 8)
 
     # Rows past M read dY = 0, so their dU is 0 and the column sums need no extra mask.
     dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0).to(tl.float32)
@@ -256,7 +319,7 @@ def _boom_bwd_kernel(
         s = tl.sigmoid(1.702 * h)
         du = dy * (s + 1.702 * h * s * (1.0 - s))
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, E, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _load_keep(MASK, pid_m * BLOCK_M, M, c, C, pid_n * BLOCK_N, mask_groups, BLOCK_M, BLOCK_N)
             du = tl.where(keep, du * keep_scale, 0.0)
         tl.store(DU + rows64[:, None] * stride_um + hidden_cols, du.to(DU.dtype.element_ty), mask=tile_ok)
         tl.store(DB_PARTIAL + pid_m * C * E + c * E + cols, tl.sum(du, axis=0), mask=col_ok)
@@ -270,9 +333,34 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _drop_below(dropout_p: float) -> int:
+    """The kernels' integer threshold: a 16-bit uniform below it drops its element, so the
+    drop probability is ``dropout_p`` rounded to a multiple of 2**-16."""
+    return round(dropout_p * 65536)
+
+
 def _keep_scale(dropout_p: float) -> float:
     # p = 1 drops everything; the scale is then irrelevant and must not divide by zero.
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
+def dropout_mask(rows: int, width: int, chunks: int, dropout_p: float, seed: int,
+                 device: torch.device) -> torch.Tensor:
+    """Launch ``_boom_mask_kernel``: the packed keep flags ``[rows * chunks, cdiv(width, 8)]``
+    uint8 (empty when ``dropout_p`` rounds to 0)."""
+    groups = triton.cdiv(width, 8)
+    count = rows * chunks if _drop_below(dropout_p) > 0 else 0
+    mask = torch.empty(count, groups, dtype=torch.uint8, device=device)
+    if count == 0:
+        return mask
+    block_r, block_g, warps = (16, 16, 1) if interpreter_enabled() else (64, 32, 4)
+    grid = (triton.cdiv(count, block_r), triton.cdiv(groups, block_g))
+    with _on_device(device):
+        _boom_mask_kernel[grid](
+            mask, count, groups, seed, _drop_below(dropout_p),
+            BLOCK_R=block_r, BLOCK_G=block_g, num_warps=warps,
+        )
+    return mask
 
 
 def boom_forward(
@@ -282,9 +370,10 @@ def boom_forward(
     dropout_p: float,
     seed: int,
     save_pre: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_boom_fwd_kernel``. Returns ``(y [..., E], pre)``: ``pre`` is the pre-activation
-    ``[M, F']`` when ``save_pre``, else an empty tensor."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch ``_boom_mask_kernel`` (with dropout) and ``_boom_fwd_kernel``. Returns
+    ``(y [..., E], pre, mask)``: ``pre`` is the pre-activation ``[M, F']`` when ``save_pre``,
+    else empty; ``mask`` the packed dropout flags (``dropout_mask``), empty without dropout."""
     width = x.shape[-1]
     chunks = weight.shape[0] // width
     x2d = x.reshape(-1, width)
@@ -292,31 +381,43 @@ def boom_forward(
     y = _common.empty(rows, width, dtype=x.dtype, device=x.device)
     pre = _common.empty(rows if save_pre else 0, chunks * width if save_pre else 0,
                         dtype=x.dtype, device=x.device)
+    mask = dropout_mask(rows, width, chunks, dropout_p, seed, x.device)
     if rows == 0:
-        return y.view(x.shape), pre
+        return y.view(x.shape), pre, mask
     upcast = interpreter_enabled() and x.dtype == torch.bfloat16
     bias = bias.contiguous() if bias is not None else None
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
+    bucket = _common.rows_bucket(rows)
+    has_dropout = mask.numel() > 0
+    args = (
+        x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
+        mask if has_dropout else y,
+        rows, width, chunks, bucket,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
+        pre.stride(0) if save_pre else 0,
+        _keep_scale(dropout_p),
+    )
+    # Every config's BLOCK_K divides 64 (the narrow one is used only for E <= 32, and the
+    # interpreter's is 16): E % 64 == 0 means no partial reduction step.
+    even_k = width % (16 if interpreter_enabled() else 64) == 0
+    kwargs = dict(
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, SAVE_PRE=save_pre,
+        DOT_IEEE=x.dtype == torch.float32 or upcast, DOT_UPCAST=upcast, EVEN_K=even_k,
+    )
+    key = ("boom_fwd", x.dtype, width, chunks, bucket, has_dropout, save_pre, bias is not None)
     with _on_device(x.device):
-        _boom_fwd_kernel[grid](
-            x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
-            rows, width, chunks,
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-            pre.stride(0) if save_pre else 0,
-            seed, dropout_p, _keep_scale(dropout_p),
-            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, SAVE_PRE=save_pre,
-            DOT_IEEE=x.dtype == torch.float32 or upcast, DOT_UPCAST=upcast,
-        )
-    return y.view(x.shape), pre
+        _common.launch_autotuned(_boom_fwd_kernel, grid, args, kwargs, key, x.device)
+    return y.view(x.shape), pre, mask
 
 
 def boom_backward(
-    grad_y: torch.Tensor, pre: torch.Tensor, dropout_p: float, seed: int
+    grad_y: torch.Tensor, pre: torch.Tensor, mask: torch.Tensor, dropout_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_boom_bwd_kernel``. Returns ``(dU [M, F'] in pre's dtype, db [F'] in fp32)``."""
+    """Launch ``_boom_bwd_kernel``. ``mask``: the forward's packed dropout flags (empty without
+    dropout). Returns ``(dU [M, F'] in pre's dtype, db [F'] in fp32)``."""
     width = grad_y.shape[-1]
     rows, hidden = pre.shape
     chunks = hidden // width
@@ -324,21 +425,25 @@ def boom_backward(
     du = _common.empty(rows, hidden, dtype=pre.dtype, device=pre.device)
     if rows == 0:
         return du, torch.zeros(hidden, dtype=torch.float32, device=pre.device)
+    # BLOCK_N >= 16: the flags come in bytes of eight columns and a tile needs >= 2 of them,
+    # so E = 1 or 2 still gets a 16-wide (masked) tile.
     if interpreter_enabled():
-        block_m, block_n, warps = 16, 32, 1
+        block_n = max(16, min(32, triton.next_power_of_2(width)))
+        block_m, warps = 16, 1
     else:
         # Memory-bound: 8 K elements per program and chunk, rows of 256 B of bf16.
-        block_n = min(128, triton.next_power_of_2(width))
-        block_m, warps = 8192 // block_n, 8
+        block_n = max(16, min(128, triton.next_power_of_2(width)))
+        block_m, warps = min(128, 8192 // block_n), 8
     row_tiles = triton.cdiv(rows, block_m)
     partial = _common.empty(row_tiles, hidden, dtype=torch.float32, device=pre.device)
+    has_dropout = mask.numel() > 0
     with _on_device(pre.device):
         _boom_bwd_kernel[(row_tiles, triton.cdiv(width, block_n))](
-            dy, pre, du, partial,
+            dy, pre, mask if has_dropout else pre, du, partial,
             rows, width, chunks,
             dy.stride(0), dy.stride(1), pre.stride(0), du.stride(0),
-            seed, dropout_p, _keep_scale(dropout_p),
-            HAS_DROPOUT=dropout_p > 0.0,
+            _keep_scale(dropout_p),
+            HAS_DROPOUT=has_dropout,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     return du, partial.sum(0)
@@ -355,7 +460,7 @@ def _boom_fwd_op(
     dropout_p: float,
     seed: int,
     save_pre: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return boom_forward(x, weight, bias, dropout_p, seed, save_pre)
 
 
@@ -363,44 +468,45 @@ def _boom_fwd_op(
 def _(x, weight, bias, dropout_p, seed, save_pre):
     width = x.shape[-1]
     rows = x.numel() // width
-    hidden = (weight.shape[0] // width) * width
-    pre_shape = (rows, hidden) if save_pre else (0, 0)
-    return x.new_empty(x.shape), x.new_empty(pre_shape)
+    chunks = weight.shape[0] // width
+    pre_shape = (rows, chunks * width) if save_pre else (0, 0)
+    mask_rows = rows * chunks if _drop_below(dropout_p) > 0 else 0
+    mask = x.new_empty((mask_rows, (width + 7) // 8), dtype=torch.uint8)
+    return x.new_empty(x.shape), x.new_empty(pre_shape), mask
 
 
 @torch.library.custom_op("sha_rnn_kernels::boom_bwd", mutates_args=())
 def _boom_bwd_op(
-    grad_y: torch.Tensor, pre: torch.Tensor, dropout_p: float, seed: int
+    grad_y: torch.Tensor, pre: torch.Tensor, mask: torch.Tensor, dropout_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return boom_backward(grad_y, pre, dropout_p, seed)
+    return boom_backward(grad_y, pre, mask, dropout_p)
 
 
 @_boom_bwd_op.register_fake
-def _(grad_y, pre, dropout_p, seed):
+def _(grad_y, pre, mask, dropout_p):
     return pre.new_empty(pre.shape), pre.new_empty((pre.shape[1],), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, dropout_p, seed, save_pre = inputs
-    _, pre = output
-    ctx.save_for_backward(x, weight, pre)
+    _, pre, mask = output
+    ctx.save_for_backward(x, weight, pre, mask)
     ctx.has_bias = bias is not None
     ctx.saved_pre = save_pre
     ctx.dropout_p = dropout_p
-    ctx.seed = seed
 
 
-def _backward(ctx, grad_y, grad_pre):
+def _backward(ctx, grad_y, grad_pre, grad_mask):
     if not ctx.saved_pre:
         raise RuntimeError(
             "sha_rnn_kernels::boom_fwd was called with save_pre=False, so it cannot be "
             "differentiated; call sha_rnn_kernels.ops.boom.boom instead"
         )
-    x, weight, pre = ctx.saved_tensors
+    x, weight, pre, mask = ctx.saved_tensors
     width = x.shape[-1]
     features = weight.shape[0]
     hidden = pre.shape[1]
-    du, db = _boom_bwd_op(grad_y, pre, ctx.dropout_p, ctx.seed)
+    du, db = _boom_bwd_op(grad_y, pre, mask, ctx.dropout_p)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.mm(du, weight[:hidden]).view(x.shape)
@@ -462,5 +568,5 @@ def boom(
     save_pre = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    y, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre)
+    y, _, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre)
     return y
