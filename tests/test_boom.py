@@ -47,8 +47,12 @@ def forward_backward(fn, x, weight, bias, grad_y):
     return (y.detach(), *grads)
 
 
-def kernel(dropout_p=0.0, seed=0):
-    return lambda x, w, b: boom_ops.boom(x, w, b, dropout_p=dropout_p, seed=seed)
+def kernel(dropout_p=0.0, seed=0, fused=False):
+    return lambda x, w, b: boom_ops.boom(x, w, b, dropout_p=dropout_p, seed=seed, fused=fused)
+
+
+# The two forward designs: a cuBLAS GEMM + the Triton sum kernel, and the one fused Triton GEMM.
+DESIGNS = pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
 
 
 def make_inputs(lead, width, features, dtype, device, bias=True, layout="contiguous"):
@@ -101,20 +105,23 @@ CASES = [
 ]
 
 
+@DESIGNS
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("lead,width,features,layout", CASES)
-def test_parity(lead, width, features, layout, dtype, device):
+def test_parity(lead, width, features, layout, dtype, fused, device):
     x, weight, bias = make_inputs(lead, width, features, dtype, device, layout=layout)
     grad_y = torch.randn(*lead, width, device=device).to(dtype)
-    got = forward_backward(kernel(), x, weight, bias, grad_y)
+    got = forward_backward(kernel(fused=fused), x, weight, bias, grad_y)
     assert got[0].shape == (*lead, width)
     check_parity(got, x, weight, bias, grad_y)
 
 
-def test_parity_without_bias(device):
+@DESIGNS
+def test_parity_without_bias(fused, device):
     x, weight, _ = make_inputs((13,), 40, 130, torch.float32, device, bias=False)
     grad_y = torch.randn(13, 40, device=device)
-    check_parity(forward_backward(kernel(), x, weight, None, grad_y), x, weight, None, grad_y)
+    got = forward_backward(kernel(fused=fused), x, weight, None, grad_y)
+    check_parity(got, x, weight, None, grad_y)
 
 
 def test_only_some_gradients(device):
@@ -128,11 +135,12 @@ def test_only_some_gradients(device):
     assert_parity("dX", x.grad, x64.grad)
 
 
-def test_no_rows(device):
+@DESIGNS
+def test_no_rows(fused, device):
     x = torch.randn(0, 3, 24, device=device, requires_grad=True)
     weight = torch.randn(96, 24, device=device, requires_grad=True)
     bias = torch.randn(96, device=device, requires_grad=True)
-    y = boom_ops.boom(x, weight, bias, dropout_p=0.1, seed=1)
+    y = boom_ops.boom(x, weight, bias, dropout_p=0.1, seed=1, fused=fused)
     assert y.shape == (0, 3, 24)
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -140,10 +148,11 @@ def test_no_rows(device):
     assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
-def test_inference_saves_nothing(device):
-    """Without autograd the forward op writes no pre-activation."""
+@DESIGNS
+def test_inference_saves_nothing(fused, device):
+    """Without autograd the forward op returns no pre-activation."""
     x, weight, bias = make_inputs((13,), 40, 130, torch.float32, device)
-    y, pre, mask = torch.ops.sha_rnn_kernels.boom_fwd(x, weight, bias, 0.0, 0, False)
+    y, pre, mask = torch.ops.sha_rnn_kernels.boom_fwd(x, weight, bias, 0.0, 0, False, fused)
     assert pre.numel() == 0 and mask.numel() == 0
     assert_parity("y", y, boom_formula(x.double(), weight.double(), bias.double()))
 
@@ -172,18 +181,19 @@ def recover_keep_scale(run, x, weight, bias, dropout_p, seed):
     return keep.double() / (1.0 - dropout_p)
 
 
+@DESIGNS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_dropout_parity_with_recovered_mask(dtype, device):
+def test_dropout_parity_with_recovered_mask(dtype, fused, device):
     """Forward and backward with dropout equal the float64 formula with the forward's own mask:
     the backward regenerates exactly the mask that the forward used."""
     lead, width, features, p, seed = (3, 5), 24, 130, 0.3, 1234
     x, weight, bias = make_inputs(lead, width, features, dtype, device, layout="transposed")
     grad_y = torch.randn(*lead, width, device=device).to(dtype)
     with torch.no_grad():
-        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
+        keep_scale = recover_keep_scale(kernel(p, seed, fused), x, weight, bias, p, seed)
     assert keep_scale.shape == (*lead, 5, width)
     assert 0 < (keep_scale == 0).double().mean().item() < 0.6  # some, not all, dropped
-    got = forward_backward(kernel(p, seed), x, weight, bias, grad_y)
+    got = forward_backward(kernel(p, seed, fused), x, weight, bias, grad_y)
     check_parity(got, x, weight, bias, grad_y, keep_scale=keep_scale)
 
 
@@ -193,15 +203,16 @@ def test_dropout_parity_with_recovered_mask(dtype, device):
     [((9,), 1, 3), ((3, 3), 2, 7), ((1,), 40, 130)],
     ids=["E=1", "E=2", "one row"],
 )
-def test_dropout_parity_narrow_and_single_row(lead, width, features, dtype, device):
+@DESIGNS
+def test_dropout_parity_narrow_and_single_row(lead, width, features, dtype, fused, device):
     """E of 1 or 2 (16-wide tiles, one mask byte covering the whole row of a chunk) and a
     single row, with dropout: forward and backward equal the formula with the forward's mask."""
     p, seed = 0.4, 321
     x, weight, bias = make_inputs(lead, width, features, dtype, device)
     grad_y = torch.randn(*lead, width, device=device).to(dtype)
     with torch.no_grad():
-        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
-    got = forward_backward(kernel(p, seed), x, weight, bias, grad_y)
+        keep_scale = recover_keep_scale(kernel(p, seed, fused), x, weight, bias, p, seed)
+    got = forward_backward(kernel(p, seed, fused), x, weight, bias, grad_y)
     check_parity(got, x, weight, bias, grad_y, keep_scale=keep_scale)
 
 
@@ -268,8 +279,8 @@ def test_dropout_seed_reproducible(device):
 
 
 def test_dropout_mask_independent_of_tiling(device):
-    """Launching the forward kernel with other tile sizes (and no grouping) gives the same
-    mask: the Philox counters name elements, not tiles."""
+    """Both designs and the fused kernel launched with other tile sizes (and no grouping) drop
+    the same elements: the Philox counters name elements, not tiles."""
     lead, width, features, p, seed = (20,), 40, 130, 0.5, 5
 
     def retiled(x, weight, bias):
@@ -290,7 +301,9 @@ def test_dropout_mask_independent_of_tiling(device):
     x, weight, bias = make_inputs(lead, width, features, torch.float32, device)
     with torch.no_grad():
         default = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
+        fused = recover_keep_scale(kernel(p, seed, True), x, weight, bias, p, seed)
         other = recover_keep_scale(retiled, x, weight, bias, p, seed)
+    assert torch.equal(default, fused)
     assert torch.equal(default, other)
 
 
@@ -352,12 +365,13 @@ def test_compile_fullgraph_traces_op(device):
     check_compiled(module, torch.randn(3, 5, 24, device=device), backend="aot_eager")
 
 
-def test_opcheck(device):
+@DESIGNS
+def test_opcheck(fused, device):
     x, weight, bias = make_inputs((13,), 24, 96, torch.float32, device)
     x.requires_grad_()
     weight.requires_grad_()
     torch.library.opcheck(
-        torch.ops.sha_rnn_kernels.boom_fwd.default, (x, weight, bias, 0.3, 11, True),
+        torch.ops.sha_rnn_kernels.boom_fwd.default, (x, weight, bias, 0.3, 11, True, fused),
         test_utils=(
             "test_schema",
             "test_faketensor",
@@ -384,12 +398,13 @@ def test_graph_capture_launches_without_autotuning(device, monkeypatch):
     monkeypatch.setattr(_common, "_capturing", lambda device: True)
     x, weight, bias = make_inputs((13,), 40, 130, torch.float32, device)
     grad_y = torch.randn(13, 40, device=device)
-    check_parity(forward_backward(kernel(), x, weight, bias, grad_y), x, weight, bias, grad_y)
+    got = forward_backward(kernel(fused=True), x, weight, bias, grad_y)
+    check_parity(got, x, weight, bias, grad_y)
     assert tuner_runs == []
     monkeypatch.setattr(_common, "_capturing", lambda device: False)
-    boom_ops.boom(x, weight, bias, dropout_p=0.0, seed=0)
+    boom_ops.boom(x, weight, bias, dropout_p=0.0, seed=0, fused=True)
     monkeypatch.setattr(_common, "_capturing", lambda device: True)
-    boom_ops.boom(x, weight, bias, dropout_p=0.0, seed=0)
+    boom_ops.boom(x, weight, bias, dropout_p=0.0, seed=0, fused=True)
     assert len(tuner_runs) == 2
 
 
@@ -413,25 +428,27 @@ def test_unsupported_reason(device, monkeypatch):
 # GPU only
 # --------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@DESIGNS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_paper_shape_parity(dtype, cuda):
+def test_paper_shape_parity(dtype, fused, cuda):
     """16384 rows (T=1024 x B=16), E=1024 -> F=4096, forward and backward."""
     x, weight, bias = make_inputs((1024, 16), 1024, 4096, dtype, cuda)
     grad_y = torch.randn(1024, 16, 1024, device=cuda).to(dtype)
-    got = forward_backward(kernel(), x, weight, bias, grad_y)
+    got = forward_backward(kernel(fused=fused), x, weight, bias, grad_y)
     check_parity(got, x, weight, bias, grad_y)
 
 
 @pytest.mark.gpu
-def test_paper_shape_dropout_parity(cuda):
+@DESIGNS
+def test_paper_shape_dropout_parity(fused, cuda):
     """With dropout at the paper's shape (the GPU tiles differ between the forward and the
     backward kernel): the backward uses the forward's mask."""
     lead, width, features, p, seed = (256, 16), 1024, 4096, 0.1, 2024
     x, weight, bias = make_inputs(lead, width, features, torch.bfloat16, cuda)
     grad_y = torch.randn(*lead, width, device=cuda).to(torch.bfloat16)
     with torch.no_grad():
-        keep_scale = recover_keep_scale(kernel(p, seed), x, weight, bias, p, seed)
-    got = forward_backward(kernel(p, seed), x, weight, bias, grad_y)
+        keep_scale = recover_keep_scale(kernel(p, seed, fused), x, weight, bias, p, seed)
+    got = forward_backward(kernel(p, seed, fused), x, weight, bias, grad_y)
     check_parity(got, x, weight, bias, grad_y, keep_scale=keep_scale)
 
 

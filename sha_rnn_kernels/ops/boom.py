@@ -278,6 +278,42 @@ def _boom_fwd_kernel(
 
 
 @triton.jit
+def _boom_sum_kernel(
+    PRE, MASK, Y,
+    M, E, C,
+    stride_pm, stride_ym,
+    keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Boom forward, second half of the split design: ``Y = sum_c dropout(gelu(PRE[:, cE:(c+1)E]))``
+    from the pre-activation ``PRE = X W[:F']^T + b`` that a cuBLAS GEMM wrote (input dtype).
+
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(E, BLOCK_N))``. Each program owns ``Y[m-tile, n-tile]``: for
+    every chunk it reads the ``PRE`` tile, applies ``h * sigmoid(1.702 h)`` and the packed
+    dropout mask (``_load_keep``) in fp32 and adds it into an fp32 sum, stored once.
+    Memory-bound: it reads ``PRE`` once and writes ``Y``; nothing is saved (the backward uses
+    ``PRE`` and the mask, which the caller keeps).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    tile_ok = (rows < M)[:, None] & (cols < E)[None, :]
+    mask_groups = tl.cdiv(E, 8)
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(C):
+        h = tl.load(PRE + rows64[:, None] * stride_pm + (c * E + cols)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        act = h * tl.sigmoid(1.702 * h)
+        if HAS_DROPOUT:
+            keep = _load_keep(MASK, pid_m * BLOCK_M, M, c, C, pid_n * BLOCK_N, mask_groups, BLOCK_M, BLOCK_N)
+            act = tl.where(keep, act * keep_scale, 0.0)
+        y += act
+    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
 def _boom_bwd_kernel(
     DY, PRE, MASK, DU, DB_PARTIAL,
     M, E, C,
@@ -344,6 +380,18 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
+def _elementwise_blocks(width: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of the memory-bound kernels (sum and backward).
+
+    ``BLOCK_N >= 16``: the mask comes in bytes of eight columns and a tile needs at least two of
+    them, so E = 1 or 2 still gets a 16-wide (masked) tile."""
+    if interpreter_enabled():
+        return 16, max(16, min(32, triton.next_power_of_2(width))), 1
+    # 8 K elements per program and chunk: rows of 256 B of bf16.
+    block_n = max(16, min(128, triton.next_power_of_2(width)))
+    return min(128, 8192 // block_n), block_n, 8
+
+
 def dropout_mask(rows: int, width: int, chunks: int, dropout_p: float, seed: int,
                  device: torch.device) -> torch.Tensor:
     """Launch ``_boom_mask_kernel``: the packed keep flags ``[rows * chunks, cdiv(width, 8)]``
@@ -370,18 +418,43 @@ def boom_forward(
     dropout_p: float,
     seed: int,
     save_pre: bool,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch ``_boom_mask_kernel`` (with dropout) and ``_boom_fwd_kernel``. Returns
-    ``(y [..., E], pre, mask)``: ``pre`` is the pre-activation ``[M, F']`` when ``save_pre``,
-    else empty; ``mask`` the packed dropout flags (``dropout_mask``), empty without dropout."""
+    """The Boom forward. Returns ``(y [..., E], pre, mask)``: ``pre`` is the pre-activation
+    ``[M, F']`` when ``save_pre``, else empty; ``mask`` the packed dropout flags
+    (``dropout_mask``), empty without dropout.
+
+    ``fused=False`` (the default, see the module docstring): ``pre`` from one cuBLAS GEMM
+    (``torch.addmm``), then ``_boom_sum_kernel``. ``fused=True``: ``_boom_fwd_kernel`` alone,
+    which never writes the F-wide activation unless ``save_pre``.
+    """
     width = x.shape[-1]
     chunks = weight.shape[0] // width
+    hidden = chunks * width
     x2d = x.reshape(-1, width)
     rows = x2d.shape[0]
     y = _common.empty(rows, width, dtype=x.dtype, device=x.device)
-    pre = _common.empty(rows if save_pre else 0, chunks * width if save_pre else 0,
-                        dtype=x.dtype, device=x.device)
     mask = dropout_mask(rows, width, chunks, dropout_p, seed, x.device)
+    has_dropout = mask.numel() > 0
+    if not fused:
+        w = weight[:hidden]
+        pre = torch.addmm(bias[:hidden], x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
+        if rows > 0:
+            block_m, block_n, warps = _elementwise_blocks(width)
+            with _on_device(x.device):
+                _boom_sum_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n))](
+                    pre, mask if has_dropout else pre, y,
+                    rows, width, chunks,
+                    pre.stride(0), y.stride(0),
+                    _keep_scale(dropout_p),
+                    HAS_DROPOUT=has_dropout,
+                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                )
+        # Without autograd the pre-activation is a temporary: drop it here, not in the caller.
+        return y.view(x.shape), pre if save_pre else pre.new_empty(0, 0), mask
+
+    pre = _common.empty(rows if save_pre else 0, hidden if save_pre else 0,
+                        dtype=x.dtype, device=x.device)
     if rows == 0:
         return y.view(x.shape), pre, mask
     upcast = interpreter_enabled() and x.dtype == torch.bfloat16
@@ -391,7 +464,6 @@ def boom_forward(
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
     bucket = _common.rows_bucket(rows)
-    has_dropout = mask.numel() > 0
     args = (
         x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
         mask if has_dropout else y,
@@ -425,15 +497,7 @@ def boom_backward(
     du = _common.empty(rows, hidden, dtype=pre.dtype, device=pre.device)
     if rows == 0:
         return du, torch.zeros(hidden, dtype=torch.float32, device=pre.device)
-    # BLOCK_N >= 16: the flags come in bytes of eight columns and a tile needs >= 2 of them,
-    # so E = 1 or 2 still gets a 16-wide (masked) tile.
-    if interpreter_enabled():
-        block_n = max(16, min(32, triton.next_power_of_2(width)))
-        block_m, warps = 16, 1
-    else:
-        # Memory-bound: 8 K elements per program and chunk, rows of 256 B of bf16.
-        block_n = max(16, min(128, triton.next_power_of_2(width)))
-        block_m, warps = min(128, 8192 // block_n), 8
+    block_m, block_n, warps = _elementwise_blocks(width)
     row_tiles = triton.cdiv(rows, block_m)
     partial = _common.empty(row_tiles, hidden, dtype=torch.float32, device=pre.device)
     has_dropout = mask.numel() > 0
@@ -460,12 +524,13 @@ def _boom_fwd_op(
     dropout_p: float,
     seed: int,
     save_pre: bool,
+    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return boom_forward(x, weight, bias, dropout_p, seed, save_pre)
+    return boom_forward(x, weight, bias, dropout_p, seed, save_pre, fused)
 
 
 @_boom_fwd_op.register_fake
-def _(x, weight, bias, dropout_p, seed, save_pre):
+def _(x, weight, bias, dropout_p, seed, save_pre, fused):
     width = x.shape[-1]
     rows = x.numel() // width
     chunks = weight.shape[0] // width
@@ -488,7 +553,7 @@ def _(grad_y, pre, mask, dropout_p):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, dropout_p, seed, save_pre = inputs
+    x, weight, bias, dropout_p, seed, save_pre, fused = inputs
     _, pre, mask = output
     ctx.save_for_backward(x, weight, pre, mask)
     ctx.has_bias = bias is not None
@@ -518,7 +583,7 @@ def _backward(ctx, grad_y, grad_pre, grad_mask):
         grad_b = db.to(weight.dtype)
         if hidden < features:
             grad_b = torch.nn.functional.pad(grad_b, (0, features - hidden))
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None
 
 
 _boom_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -546,15 +611,20 @@ def boom(
     *,
     dropout_p: float,
     seed: int,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """The fused Boom: ``sum_k chunk_k(dropout(gelu(x W^T + b)))``, differentiable.
+    """The Boom: ``sum_k chunk_k(dropout(gelu(x W^T + b)))``, differentiable.
 
     Args:
         x: ``[..., E]``, any strides, float32/float16/bfloat16.
         weight: ``[F, E]`` with ``F >= E``, same dtype and device.
         bias: ``[F]`` or None.
         dropout_p: drop probability (0 disables dropout).
-        seed: Philox seed of the dropout mask; the same seed gives the same mask.
+        seed: Philox seed of the dropout mask; the same seed gives the same mask (a host
+            integer baked into the launch: see the module docstring on CUDA graphs).
+        fused: ``False`` (default): a cuBLAS GEMM writes the pre-activation and one Triton
+            kernel applies GELU, dropout and the chunk sum. ``True``: one Triton GEMM with all
+            of that in its epilogue (see the module docstring for why it is not the default).
 
     Returns:
         ``[..., E]`` in ``x.dtype``.
@@ -568,5 +638,5 @@ def boom(
     save_pre = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    y, _, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre)
+    y, _, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre, bool(fused))
     return y
