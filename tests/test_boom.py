@@ -152,8 +152,8 @@ def test_no_rows(fused, device):
 def test_inference_saves_nothing(fused, device):
     """Without autograd the forward op returns no pre-activation."""
     x, weight, bias = make_inputs((13,), 40, 130, torch.float32, device)
-    y, pre, mask = torch.ops.sha_rnn_kernels.boom_fwd(x, weight, bias, 0.0, 0, False, fused)
-    assert pre.numel() == 0 and mask.numel() == 0
+    y, pre = torch.ops.sha_rnn_kernels.boom_fwd(x, weight, bias, 0.0, 0, False, fused)
+    assert pre.numel() == 0
     assert_parity("y", y, boom_formula(x.double(), weight.double(), bias.double()))
 
 
@@ -226,8 +226,8 @@ def unpack_mask(mask, rows, chunks, width):
 def test_dropout_statistics(device):
     """Kept fraction ~ 1 - p for every chunk and every lane of a Philox call (column % 8: low
     and high halves of four words), and the masks of different chunks and lanes uncorrelated.
-    Then, through the backward kernel with dY = 1 (``dU = mask / (1 - p) * gelu'(h)``), kept
-    values are scaled by exactly 1/(1-p) and the mask is the packed one."""
+    Then, through the backward kernel with dY = 1 (``dU = mask / (1 - p) * gelu'(h)``), the
+    backward regenerates the packed mask exactly and scales kept values by exactly 1/(1-p)."""
     rows, width, chunks, p, seed = 128, 64, 5, 0.25, 77
     mask = boom_ops.dropout_mask(rows, width, chunks, p, seed, device)
     assert mask.shape == (rows * chunks, width // 8) and mask.dtype == torch.uint8
@@ -247,8 +247,8 @@ def test_dropout_statistics(device):
 
     pre = torch.randn(rows, chunks * width, device=device)
     grad_y = torch.ones(rows, width, device=device)
-    dropped, _ = boom_ops.boom_backward(grad_y, pre, mask, p)
-    plain, _ = boom_ops.boom_backward(grad_y, pre, mask[:0], 0.0)
+    dropped, _ = boom_ops.boom_backward(grad_y, pre, p, seed)
+    plain, _ = boom_ops.boom_backward(grad_y, pre, 0.0, seed)
     assert not torch.any(plain == 0)
     assert torch.equal(dropped.view(rows, chunks, width) != 0, kept)
     flat = kept.view(rows, -1)

@@ -103,9 +103,9 @@ def _scenarios(op: str, dtype_name: str) -> Iterator[tuple[str, Callable[[], Non
 
                 def call(p=p, save_pre=save_pre, x=x, weight=weight, bias=bias, grad_y=grad_y,
                          pre=pre, fused=fused):
-                    _, _, mask = boom.boom_forward(x, weight, bias, p, SEED, save_pre, fused)
+                    boom.boom_forward(x, weight, bias, p, SEED, save_pre, fused)
                     if save_pre:
-                        boom.boom_backward(grad_y, pre, mask, p)
+                        boom.boom_backward(grad_y, pre, p, SEED)
 
                 yield name + (" fused" if fused else ""), call
     elif op == "attention":

@@ -82,42 +82,70 @@ __all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward"]
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _boom_mask_kernel(
-    MASK, ROWS, GROUPS, seed, drop_below,
-    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-):
-    """The dropout mask, packed eight flags to a byte: ``MASK[r, g]`` (``[M * C, cdiv(E, 8)]``
-    uint8, row ``r = row * C + chunk``) holds the keep flags of columns ``8g .. 8g + 7`` of that
-    row's chunk, bit ``l`` for column ``8g + l``.
-
-    Grid: ``(cdiv(M * C, BLOCK_R), cdiv(cdiv(E, 8), BLOCK_G))``; each program owns a
-    ``[BLOCK_R, BLOCK_G]`` block of bytes.
-
-    One Philox-4x32-10 call (``tl.randint4x``) per byte, counter ``r * cdiv(E, 8) + g``; each
-    of its four 32-bit words gives two 16-bit uniforms (low half: even lane, high half: odd
-    lane), and an element is kept when its uniform is ``>= drop_below = round(p * 65536)``. The
-    flags depend only on ``(seed, row, chunk, column)``, never on any kernel's tiling. The
-    forward GEMM reads them in its epilogue and the backward reads them again (saved, 1 bit per
-    element of the F'-wide activation: 8 MB at the paper's shape).
-    """
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    r64 = r.to(tl.int64)
-    offsets = r64[:, None] * GROUPS + g[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets)
-    bits = (_keep_pair(w0, drop_below) | (_keep_pair(w1, drop_below) << 2)
-            | (_keep_pair(w2, drop_below) << 4) | (_keep_pair(w3, drop_below) << 6))
-    ok = (r[:, None] < ROWS) & (g[None, :] < GROUPS)
-    tl.store(MASK + offsets, bits.to(tl.uint8), mask=ok)
-
-
-@triton.jit
 def _keep_pair(word, drop_below):
     """Two keep flags from one 32-bit Philox word: bit 0 from its low half, bit 1 from its high."""
     word = word.to(tl.uint32, bitcast=True)
     low = ((word & 0xFFFF) >= drop_below).to(tl.int32)
     high = ((word >> 16) >= drop_below).to(tl.int32)
     return low | (high << 1)
+
+
+@triton.jit
+def _dropout_bits(seed, counters, drop_below):
+    """The keep flags of eight consecutive columns per Philox counter, as the low byte of an
+    int32 (bit ``l``: column ``8 * group + l``).
+
+    One Philox-4x32-10 call (``tl.randint4x``) per counter
+    ``(row * chunks + chunk) * cdiv(E, 8) + column // 8``; each of its four 32-bit words gives
+    two 16-bit uniforms (low half: even lane, high half: odd lane), and an element is kept when
+    its uniform is ``>= drop_below = round(p * 65536)``. The flags depend only on
+    ``(seed, row, chunk, column)``, never on a kernel's tiling, so every kernel below computes
+    the same mask.
+    """
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    return (_keep_pair(w0, drop_below) | (_keep_pair(w1, drop_below) << 2)
+            | (_keep_pair(w2, drop_below) << 4) | (_keep_pair(w3, drop_below) << 6))
+
+
+@triton.jit
+def _unpack_keep(bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N // 8]`` flag bytes to booleans ``[BLOCK_M, BLOCK_N]``."""
+    # A trailing lane axis of 8, then the row-major reshape: lane l of group q is column 8q + l.
+    lane = tl.arange(0, 8)
+    keep = ((bits.to(tl.int32)[:, :, None] >> lane[None, None, :]) & 1) != 0
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _dropout_keep(seed, rows64, chunk, chunks, col0, groups, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags ``[BLOCK_M, BLOCK_N]`` of rows ``rows64`` and columns ``col0 + [0, BLOCK_N)``
+    of ``chunk`` (``col0 % 8 == 0``), from Philox (``_dropout_bits``)."""
+    group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    counters = (rows64[:, None] * chunks + chunk) * groups + group[None, :]
+    return _unpack_keep(_dropout_bits(seed, counters, drop_below), BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _boom_mask_kernel(
+    MASK, ROWS, GROUPS, seed, drop_below,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """The dropout mask for the fused forward, packed eight flags to a byte: ``MASK[r, g]``
+    (``[M * C, cdiv(E, 8)]`` uint8, row ``r = row * C + chunk``) holds the keep flags of columns
+    ``8g .. 8g + 7`` of that row's chunk (``_dropout_bits``: the same flags as everywhere).
+
+    Grid: ``(cdiv(M * C, BLOCK_R), cdiv(cdiv(E, 8), BLOCK_G))``; each program owns a
+    ``[BLOCK_R, BLOCK_G]`` block of bytes. ``_boom_fwd_kernel`` reads them in its epilogue: in
+    the GEMM's accumulator layout Triton would recompute each Philox call in the four threads
+    that share its eight columns, so the mask is made here once, in a layout without that
+    replication. It is transient (the backward regenerates its flags).
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offsets = r.to(tl.int64)[:, None] * GROUPS + g[None, :]
+    bits = _dropout_bits(seed, offsets, drop_below)
+    ok = (r[:, None] < ROWS) & (g[None, :] < GROUPS)
+    tl.store(MASK + offsets, bits.to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -131,10 +159,7 @@ def _load_keep(MASK, row0, M, chunk, chunks, col0, groups, BLOCK_M: tl.constexpr
     # A 64-bit base for the tile and 32-bit offsets within it (fewer live registers).
     base = MASK + row0.to(tl.int64) * chunks * groups + chunk * groups
     bits = tl.load(base + (tile_rows * chunks * groups)[:, None] + group[None, :], mask=ok, other=0)
-    # A trailing lane axis of 8, then the row-major reshape: lane l of group q is column 8q + l.
-    lane = tl.arange(0, 8)
-    keep = ((bits.to(tl.int32)[:, :, None] >> lane[None, None, :]) & 1) != 0
-    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+    return _unpack_keep(bits, BLOCK_M, BLOCK_N)
 
 
 def _fwd_configs():
@@ -279,10 +304,10 @@ def _boom_fwd_kernel(
 
 @triton.jit
 def _boom_sum_kernel(
-    PRE, MASK, Y,
+    PRE, Y,
     M, E, C,
     stride_pm, stride_ym,
-    keep_scale,
+    seed, drop_below, keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -307,7 +332,7 @@ def _boom_sum_kernel(
         h = tl.load(PRE + rows64[:, None] * stride_pm + (c * E + cols)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         act = h * tl.sigmoid(1.702 * h)
         if HAS_DROPOUT:
-            keep = _load_keep(MASK, pid_m * BLOCK_M, M, c, C, pid_n * BLOCK_N, mask_groups, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, mask_groups, drop_below, BLOCK_M, BLOCK_N)
             act = tl.where(keep, act * keep_scale, 0.0)
         y += act
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=tile_ok)
@@ -315,10 +340,10 @@ def _boom_sum_kernel(
 
 @triton.jit
 def _boom_bwd_kernel(
-    DY, PRE, MASK, DU, DB_PARTIAL,
+    DY, PRE, DU, DB_PARTIAL,
     M, E, C,
     stride_dym, stride_dyn, stride_pm, stride_um,
-    keep_scale,
+    seed, drop_below, keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -355,7 +380,7 @@ def _boom_bwd_kernel(
         s = tl.sigmoid(1.702 * h)
         du = dy * (s + 1.702 * h * s * (1.0 - s))
         if HAS_DROPOUT:
-            keep = _load_keep(MASK, pid_m * BLOCK_M, M, c, C, pid_n * BLOCK_N, mask_groups, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, mask_groups, drop_below, BLOCK_M, BLOCK_N)
             du = tl.where(keep, du * keep_scale, 0.0)
         tl.store(DU + rows64[:, None] * stride_um + hidden_cols, du.to(DU.dtype.element_ty), mask=tile_ok)
         tl.store(DB_PARTIAL + pid_m * C * E + c * E + cols, tl.sum(du, axis=0), mask=col_ok)
@@ -395,7 +420,8 @@ def _elementwise_blocks(width: int) -> tuple[int, int, int]:
 def dropout_mask(rows: int, width: int, chunks: int, dropout_p: float, seed: int,
                  device: torch.device) -> torch.Tensor:
     """Launch ``_boom_mask_kernel``: the packed keep flags ``[rows * chunks, cdiv(width, 8)]``
-    uint8 (empty when ``dropout_p`` rounds to 0)."""
+    uint8 (empty when ``dropout_p`` rounds to 0). Bit ``l`` of byte ``[row * chunks + c, g]``
+    keeps column ``8g + l`` of chunk ``c``."""
     groups = triton.cdiv(width, 8)
     count = rows * chunks if _drop_below(dropout_p) > 0 else 0
     mask = torch.empty(count, groups, dtype=torch.uint8, device=device)
@@ -419,10 +445,9 @@ def boom_forward(
     seed: int,
     save_pre: bool,
     fused: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Boom forward. Returns ``(y [..., E], pre, mask)``: ``pre`` is the pre-activation
-    ``[M, F']`` when ``save_pre``, else empty; ``mask`` the packed dropout flags
-    (``dropout_mask``), empty without dropout.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Boom forward. Returns ``(y [..., E], pre)``: ``pre`` is the pre-activation
+    ``[M, F']`` when ``save_pre``, else empty.
 
     ``fused=False`` (the default, see the module docstring): ``pre`` from one cuBLAS GEMM
     (``torch.addmm``), then ``_boom_sum_kernel``. ``fused=True``: ``_boom_fwd_kernel`` alone,
@@ -434,8 +459,7 @@ def boom_forward(
     x2d = x.reshape(-1, width)
     rows = x2d.shape[0]
     y = _common.empty(rows, width, dtype=x.dtype, device=x.device)
-    mask = dropout_mask(rows, width, chunks, dropout_p, seed, x.device)
-    has_dropout = mask.numel() > 0
+    has_dropout = _drop_below(dropout_p) > 0
     if not fused:
         w = weight[:hidden]
         pre = torch.addmm(bias[:hidden], x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
@@ -443,20 +467,21 @@ def boom_forward(
             block_m, block_n, warps = _elementwise_blocks(width)
             with _on_device(x.device):
                 _boom_sum_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n))](
-                    pre, mask if has_dropout else pre, y,
+                    pre, y,
                     rows, width, chunks,
                     pre.stride(0), y.stride(0),
-                    _keep_scale(dropout_p),
+                    seed, _drop_below(dropout_p), _keep_scale(dropout_p),
                     HAS_DROPOUT=has_dropout,
                     BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
                 )
         # Without autograd the pre-activation is a temporary: drop it here, not in the caller.
-        return y.view(x.shape), pre if save_pre else pre.new_empty(0, 0), mask
+        return y.view(x.shape), pre if save_pre else pre.new_empty(0, 0)
 
     pre = _common.empty(rows if save_pre else 0, hidden if save_pre else 0,
                         dtype=x.dtype, device=x.device)
     if rows == 0:
-        return y.view(x.shape), pre, mask
+        return y.view(x.shape), pre
+    mask = dropout_mask(rows, width, chunks, dropout_p, seed, x.device)
     upcast = interpreter_enabled() and x.dtype == torch.bfloat16
     bias = bias.contiguous() if bias is not None else None
 
@@ -482,14 +507,13 @@ def boom_forward(
     key = ("boom_fwd", x.dtype, width, chunks, bucket, has_dropout, save_pre, bias is not None)
     with _on_device(x.device):
         _common.launch_autotuned(_boom_fwd_kernel, grid, args, kwargs, key, x.device)
-    return y.view(x.shape), pre, mask
+    return y.view(x.shape), pre
 
 
 def boom_backward(
-    grad_y: torch.Tensor, pre: torch.Tensor, mask: torch.Tensor, dropout_p: float
+    grad_y: torch.Tensor, pre: torch.Tensor, dropout_p: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_boom_bwd_kernel``. ``mask``: the forward's packed dropout flags (empty without
-    dropout). Returns ``(dU [M, F'] in pre's dtype, db [F'] in fp32)``."""
+    """Launch ``_boom_bwd_kernel``. Returns ``(dU [M, F'] in pre's dtype, db [F'] in fp32)``."""
     width = grad_y.shape[-1]
     rows, hidden = pre.shape
     chunks = hidden // width
@@ -500,14 +524,13 @@ def boom_backward(
     block_m, block_n, warps = _elementwise_blocks(width)
     row_tiles = triton.cdiv(rows, block_m)
     partial = _common.empty(row_tiles, hidden, dtype=torch.float32, device=pre.device)
-    has_dropout = mask.numel() > 0
     with _on_device(pre.device):
         _boom_bwd_kernel[(row_tiles, triton.cdiv(width, block_n))](
-            dy, pre, mask if has_dropout else pre, du, partial,
+            dy, pre, du, partial,
             rows, width, chunks,
             dy.stride(0), dy.stride(1), pre.stride(0), du.stride(0),
-            _keep_scale(dropout_p),
-            HAS_DROPOUT=has_dropout,
+            seed, _drop_below(dropout_p), _keep_scale(dropout_p),
+            HAS_DROPOUT=_drop_below(dropout_p) > 0,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     return du, partial.sum(0)
@@ -525,7 +548,7 @@ def _boom_fwd_op(
     seed: int,
     save_pre: bool,
     fused: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return boom_forward(x, weight, bias, dropout_p, seed, save_pre, fused)
 
 
@@ -535,43 +558,42 @@ def _(x, weight, bias, dropout_p, seed, save_pre, fused):
     rows = x.numel() // width
     chunks = weight.shape[0] // width
     pre_shape = (rows, chunks * width) if save_pre else (0, 0)
-    mask_rows = rows * chunks if _drop_below(dropout_p) > 0 else 0
-    mask = x.new_empty((mask_rows, (width + 7) // 8), dtype=torch.uint8)
-    return x.new_empty(x.shape), x.new_empty(pre_shape), mask
+    return x.new_empty(x.shape), x.new_empty(pre_shape)
 
 
 @torch.library.custom_op("sha_rnn_kernels::boom_bwd", mutates_args=())
 def _boom_bwd_op(
-    grad_y: torch.Tensor, pre: torch.Tensor, mask: torch.Tensor, dropout_p: float
+    grad_y: torch.Tensor, pre: torch.Tensor, dropout_p: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return boom_backward(grad_y, pre, mask, dropout_p)
+    return boom_backward(grad_y, pre, dropout_p, seed)
 
 
 @_boom_bwd_op.register_fake
-def _(grad_y, pre, mask, dropout_p):
+def _(grad_y, pre, dropout_p, seed):
     return pre.new_empty(pre.shape), pre.new_empty((pre.shape[1],), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, dropout_p, seed, save_pre, fused = inputs
-    _, pre, mask = output
-    ctx.save_for_backward(x, weight, pre, mask)
+    _, pre = output
+    ctx.save_for_backward(x, weight, pre)
     ctx.has_bias = bias is not None
     ctx.saved_pre = save_pre
     ctx.dropout_p = dropout_p
+    ctx.seed = seed
 
 
-def _backward(ctx, grad_y, grad_pre, grad_mask):
+def _backward(ctx, grad_y, grad_pre):
     if not ctx.saved_pre:
         raise RuntimeError(
             "sha_rnn_kernels::boom_fwd was called with save_pre=False, so it cannot be "
             "differentiated; call sha_rnn_kernels.ops.boom.boom instead"
         )
-    x, weight, pre, mask = ctx.saved_tensors
+    x, weight, pre = ctx.saved_tensors
     width = x.shape[-1]
     features = weight.shape[0]
     hidden = pre.shape[1]
-    du, db = _boom_bwd_op(grad_y, pre, mask, ctx.dropout_p)
+    du, db = _boom_bwd_op(grad_y, pre, ctx.dropout_p, ctx.seed)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = torch.mm(du, weight[:hidden]).view(x.shape)
@@ -638,5 +660,5 @@ def boom(
     save_pre = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    y, _, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre, bool(fused))
+    y, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre, bool(fused))
     return y
