@@ -1,68 +1,116 @@
-"""The Boom feed-forward as Triton kernels: ``y = sum_k chunk_k(dropout(gelu(x W^T + b)))``.
+"""The Boom feed-forward on the GPU: ``y = sum_k chunk_k(dropout(gelu(x W^T + b)))``.
 
 ``x [..., E]``, ``W [F, E]``, ``b [F]``; GELU is ``h * sigmoid(1.702 h)``; the ``F``-wide
 activation is cut into ``C = F // E`` chunks of width ``E`` that are summed, and the trailing
-``F % E`` columns are dropped (their pre-activation is never even computed). Write
-``F' = C * E`` for the columns that count and ``M`` for the number of rows of ``x``.
+``F % E`` columns are dropped (their pre-activation is never computed). Write ``F' = C * E`` for
+the columns that count and ``M`` for the number of rows of ``x``.
 
-Forward: one GEMM kernel (``_boom_fwd_kernel``) whose programs each own one tile of the E-wide
-output, accumulate every chunk's tile of ``x W^T`` in fp32, apply bias, GELU and dropout in
-registers and sum the chunks before the only store of ``y``. The F-wide activation is never
-written. When autograd will need it, the same kernel also stores the pre-activation
-``h = x W^T + b`` (``[M, F']``, input dtype) for the backward.
+Forward, two designs (``boom(..., fused=)``):
 
-Backward (``dY`` is ``[M, E]``; ``mask`` is the forward's dropout mask, regenerated from the seed)::
+* split (default): one cuBLAS GEMM (``torch.addmm``) writes the pre-activation
+  ``h = x W[:F']^T + b`` in the input dtype, then ``_boom_sum_kernel`` reads it once and writes
+  ``y`` (GELU, dropout and the chunk sum in fp32 registers). In training ``h`` is exactly what
+  the backward needs, so the GEMM's output is saved, not written twice.
+* fused (``fused=True``): ``_boom_fwd_kernel``, one Triton GEMM whose programs own a tile of the
+  E-wide ``y`` and loop over the ``C`` chunks, each chunk's GELU and dropout applied to the fp32
+  accumulator before it is added to a second fp32 tile; the F-wide activation is written only
+  when autograd needs ``h``. Its dropout flags come from ``_boom_mask_kernel`` (see there).
+
+Backward (``dY`` is ``[M, E]``; ``mask`` the forward's dropout mask, regenerated from the seed)::
 
     dU = broadcast(dY) * mask / (1 - p) * gelu'(h)      [M, F'], zero on the dropped F % E columns
     dX = dU W[:F']       dW[:F'] = dU^T X       dW[F':] = 0       db = sum_rows dU
 
 ``_boom_bwd_kernel`` makes ``dU`` (input dtype) and per-tile column sums for ``db`` in one
-memory-bound pass; the two GEMMs are ``torch.mm`` (cuBLAS on a GPU).
+memory-bound pass; the two GEMMs are ``torch.mm`` (cuBLAS).
 
-Design decisions, reasoned at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, bf16, an
-H100 taken as ~990 TFLOP/s dense bf16 and ~3.3 TB/s HBM, 132 SMs at ~1.75 GHz). These numbers
-are estimates from FLOP and byte counts; none of them has been measured on a GPU yet.
+Dropout: element ``(row, chunk c, column n)`` is kept when its 16-bit uniform is
+``>= round(p * 65536)`` (so p is rounded to a multiple of 2**-16, at most 7.6e-6 away), and kept
+values are scaled by ``1 / (1 - p)``. One Philox-4x32-10 call (``tl.randint4x``) with counter
+``(row * C + c) * cdiv(E, 8) + n // 8`` serves eight neighbouring columns (two 16-bit halves of
+each of its four words): a quarter of the integer work of one 32-bit uniform per element. The
+mask depends only on ``(seed, row, c, n)``, never on the tiling, so every kernel computes the
+same one; it is never saved. The seed is a host integer baked into each launch: a CUDA graph
+that captures a training step replays the same mask on every replay (draw the seed outside the
+graph and re-capture, or leave the Boom out of the graph; seed and offset are not read from a
+device tensor).
 
-* Save ``h`` rather than recompute it. Each of the three GEMMs (forward, dX, dW) is
-  2 M E F = 137 GFLOP = 139 us at peak. ``h`` in bf16 is M F 2 B = 134 MB: writing it in the
-  forward and reading it once in the backward moves 268 MB = 81 us, while recomputing it in the
-  backward is another 137-GFLOP GEMM (>= 139 us, more at a realistic 70 % of peak). Saving costs
-  134 MB of activation memory per Boom call (PyTorch's eager Boom keeps more: the linear output,
-  the sigmoid and the dropout mask). Without autograd (inference) ``h`` is not written.
-* Materialise ``dU`` once instead of fusing ``gelu'``, the mask and the broadcast into the
-  prologue of both backward GEMMs. A fused prologue recomputes each ``dU`` element once per
-  output column tile, ``E / BLOCK_K = 8`` times per GEMM at ``BLOCK_K = 128``, and one element
-  costs ~0.4 SM-cycles (two MUFU ops for the sigmoid at 16/cycle, a quarter of a 10-round
-  Philox call at ~60 integer ops on 64 lanes, ~10 FMAs), while the tensor cores spend only
-  ``BLOCK_K / 2048 = 0.06`` cycles on it: the GEMMs would run at ~1/7 of their rate
-  (16 x 67 M elements x 0.4 cycles = ~1.8 ms of extra work). Materialising ``dU`` costs one
-  pass of ~300 MB (read ``h`` and ``dY``, write ``dU``) = ~0.1 ms and 134 MB of transient
-  memory, and the GEMMs then read ``dU`` where they would have read ``h``. Once ``dU`` exists
-  the backward GEMMs are plain GEMMs, which cuBLAS runs better than a hand-written Triton GEMM.
-* The forward epilogue is not free: per element of ``h`` it costs ~0.35 SM-cycles (sigmoid,
-  a quarter of a Philox call) against ``E / 2048 = 0.5`` cycles of tensor-core work at E = 1024,
-  and it does not overlap the GEMM loop of its own program. Compiled offline for sm_90 (triton
-  3.9, no GPU), the K loop is software-pipelined (async copies, wgmma); 128x128 tiles use all
-  255 registers and spill a few hundred bytes with dropout, 128x64 and 64x128 do not, which is
-  why the autotune list has both kinds; ``_prune_spilling`` drops the spilling ones (and in fp32
-  all but 64x64x32) before the autotuner times them.
-* Precision: bf16/fp16 operands, fp32 accumulation and epilogue, one rounding of ``y``. fp32
-  inputs: the forward kernel uses IEEE fp32 products (``input_precision="ieee"``, no TF32), so
-  fp32 parity is tight; the backward ``torch.mm`` calls follow
-  ``torch.backends.cuda.matmul.allow_tf32`` (off by default, so also IEEE by default).
+Autotuning (the fused kernel only; cuBLAS and the memory-bound kernels have fixed tiles): the key
+holds E, C, the dropout and save-``h`` switches and the row count rounded up to a power of two
+(``_common.rows_bucket``), so a config tuned for eval is never reused in training. A first launch
+of a key inside CUDA-graph capture cannot time configs: it launches the first config that
+``_prune`` keeps (the 128x128 tile on Hopper) without tuning (``_common.launch_autotuned``). Warm
+up outside the capture to use the tuned config.
 
-Dropout: element ``(row, chunk c, column n)`` is kept when its uniform number is ``>= p``, and
-kept values are scaled by ``1 / (1 - p)``. The numbers come from Triton's Philox
-(``tl.rand4x``): one call with counter ``(row * C + c) * cdiv(E, 4) + n // 4`` yields the numbers
-of four neighbouring columns, so each call serves four elements (``tl.rand`` would throw three of
-its four numbers away), and nothing is carried from one chunk to the next (keeping four fp32
-tiles of numbers alive across chunks spilled registers). The mask depends only on
-``(seed, row, c, n)``, never on the tiling, so the backward regenerates exactly the forward's
-mask; it is never stored.
+Design, estimated at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, C = 4, bf16) on an
+H100 SXM taken as 132 SMs at ~1.75 GHz, ~800 TFLOP/s measured bf16 matmul (cuBLAS), ~3 TB/s HBM,
+50 MB L2, 128 thread-instructions issued per clock per SM and 16 MUFU (ex2/rcp) results per
+clock per SM. No GPU measured any of it yet; ``benchmarks/boom.py`` measures both designs
+(impls ``triton`` and ``triton-fused``) in the train and eval configurations.
+
+* Work. Each of the three GEMMs (forward, dX, dW) is 2 M E F' = 137.4 GFLOP = 172 us at
+  800 TFLOP/s (139 us at the 989 TFLOP/s datasheet peak). Tensors: x, y, dY 33.6 MB each, W
+  8.4 MB, h and dU 134.2 MB each. Dropout: 67.1 M elements, 8.4 M Philox calls of ~100 issued
+  instructions = 0.84 G = 28 us of issue if nothing else ran.
+* Split forward: GEMM 172-183 us (800 TFLOP/s, or ~750 at K = 1024) + ``_boom_sum_kernel``,
+  which moves 168 MB (read h, write y) = 56 us and issues ~60 us of work per SM-clock budget
+  (sigmoid: 2 MUFU per element = 36 us of MUFU; Philox 28 us; ~10 other instructions per
+  element 23 us), so ~60 us: forward ~0.23-0.24 ms = ~72 % of the 800 TFLOP/s matmul rate, in
+  train and eval alike.
+* Fused forward: 128x128 output tiles (8 warps, 3-4 stages, BLOCK_K 64, GROUP_M 8 ordering):
+  1024 programs = 7.76 waves of 132 (97 % wave efficiency), one program per SM (255 registers
+  x 256 threads). Two fp32 tiles (GEMM accumulator and chunk sum, 2 x 64 registers per thread)
+  cap the tile at 128x128: 128x256 would need the whole register file for the two. Each program
+  streams x[128, 1024] and W[128, 1024] once per chunk: 2 MB per program, 2.15 GB from L2 in
+  all, 64 FLOP per L2 byte; at the ~7-10 TB/s that H100's L2 sustains in published
+  microbenchmarks this mainloop runs at 0.22-0.31 ms (55-80 % of 800 TFLOP/s; my central guess
+  for Triton's cp.async + wgmma path at this tile is ~65 %). The epilogue (bias, sigmoid,
+  dropout select, h store, sum) does not overlap the tensor cores (one program per SM, no warp
+  specialisation in triton >= 3.2): ~2-3.5 K clocks per 128x128 chunk tile, +40-65 us. With
+  the mask kernel (+31 us in training): ~0.29-0.40 ms, behind the split design unless
+  Triton's mainloop reached cuBLAS's rate; so split is the default, fused is kept and
+  benchmarked. TMA (and its multicast, which is how cuBLAS halves that L2 traffic) is not used:
+  triton 3.2's descriptors are experimental, differ from 3.9's, and do not run under the
+  interpreter. A persistent schedule would buy little at 97 % wave efficiency without
+  overlapping the epilogue.
+* Backward: ``_boom_bwd_kernel`` moves 302 MB (read h and dY, write dU) = 100 us; its ALU work
+  (gelu': 2 MUFU and ~12 FMA per element, Philox) is ~70 us and hides under it. The GEMMs read
+  dU instead of h: 2 x 172-183 us. Backward ~0.45-0.47 ms. The alternative, gelu' * mask * dY
+  in the prologue of Triton dX/dW GEMMs, recomputes each dU element once per output tile that
+  uses it (E / BLOCK_N = 4-8 times per GEMM): ~27 issued instructions and 2 MUFU per use
+  (0.21 + 0.125 SM-clocks) against 2 BLOCK_N / 3450 = 0.07-0.15 clocks of tensor-core work, so
+  those GEMMs would be ALU-bound at ~1 ms; saving gelu'(h) * mask instead of h would cut the
+  prologue to a multiply (~0.03 clocks per use) and the 100 us pass, but replaces cuBLAS with
+  Triton GEMMs that lose ~80-190 us at 65-80 % of its rate. dU is materialised (134 MB
+  transient).
+* torch.compile of the reference (estimated the same way): forward = cuBLAS GEMM writing h
+  (172-183 us) + one Inductor kernel for GELU, dropout and the chunk sum (reads h, writes y and,
+  in training, the bool mask of 67 MB for the backward: 235 MB = 78 us; but ``tl.rand`` spends a
+  whole Philox call on each of the 67 M elements, ~6 G instructions = ~200 us of issue, so that
+  kernel is ALU-bound at ~0.2 ms in training and ~56 us in eval): ~0.39 ms train, ~0.24 ms
+  eval. Backward: one kernel for dU and db (reads h, mask, dY; writes dU: 369 MB = 123 us) + the
+  same two GEMMs: ~0.47-0.49 ms. fwd+bwd ~0.86-0.88 ms train (~0.69 ms eval).
+* Goals: forward >= 70 % of the matmul rate: ~72 % (split, estimated). fwd+bwd >= 1.25x
+  torch.compile in training: ~0.68-0.71 ms against ~0.86-0.88 ms, ~1.24-1.26x; in eval the two
+  are the same design (GEMM + one memory-bound pass each way) and tie (~1.0x).
+* Compiled offline (tools/compile_triton.py, triton 3.9, paper shape, bf16/fp16/fp32, train
+  and eval; registers, spills): the default path never spills: ``_boom_sum_kernel`` 64x128,
+  8 warps: 64-128 registers on sm_90, 64-162 on sm_80; ``_boom_bwd_kernel`` 64x128, 8 warps:
+  97-164 / 125-165; ``_boom_mask_kernel`` 13-96. ``_boom_fwd_kernel`` 128x128x64, 8 warps:
+  255 registers; no spill in eval; with h saved (and dropout) 8-72 B of loop-invariant
+  addresses spilled on sm_90 (stored before the chunk loop, reloaded once per chunk, never
+  inside the K loop) and 170-200 B on sm_80, where ``_prune`` drops the tile at run time
+  (mma.sync keeps its operands in registers). 128x64 and 64x128 (8 warps) never spill; fp32's
+  64x64x32 spills 4-60 B and 64x64x64 with dropout 20 B on sm_80.
+* Precision: bf16/fp16 operands, fp32 accumulation, fp32 GELU/dropout/sum, one rounding of
+  ``y``. The split design rounds h to the input dtype before the GELU, as PyTorch does; the
+  fused one applies it to the fp32 accumulator. fp32 inputs: the fused kernel uses IEEE fp32
+  products (``input_precision="ieee"``); cuBLAS follows ``torch.backends.cuda.matmul.allow_tf32``
+  (off by default).
 
 Under ``TRITON_INTERPRET=1`` (triton 3.9) ``tl.dot`` on bfloat16 tiles multiplies their raw
-16-bit patterns, so there (and only there) bf16 tiles are widened to fp32 before the dot, which
-forms the same products with the same fp32 accumulation.
+16-bit patterns, so there (and only there) the fused kernel widens bf16 tiles to fp32 before the
+dot, which forms the same products with the same fp32 accumulation.
 """
 
 import contextlib
@@ -229,15 +277,16 @@ def _boom_fwd_kernel(
     Each program owns output tile ``Y[m0:m0+BLOCK_M, n0:n0+BLOCK_N]``. For every chunk ``c`` it
     accumulates ``X[m-tile, :] @ W[c*E + n-tile, :]^T`` over ``E`` in fp32 (the columns
     ``n, n+E, n+2E, ...`` of the F-wide activation), adds the bias, applies
-    ``h * sigmoid(1.702 h)`` and dropout (Philox, one ``tl.rand4x`` call per four columns), and
-    adds the result into an fp32 sum that is stored once, after the last chunk. Rows and columns
+    ``h * sigmoid(1.702 h)`` and dropout (flags from ``_boom_mask_kernel``'s bytes, read with
+    ``_load_keep``), and adds the result into an fp32 sum that is stored once, after the last chunk. Rows and columns
     past the edges load clamped (in-bounds) addresses instead of masks, so the K loop carries no
     predicates; their results are never stored. ``EVEN_K`` (``E % BLOCK_K == 0``) drops the
     reduction mask as well.
 
     Saved for backward (``SAVE_PRE``): the pre-activation ``PRE = X W[:F']^T + b`` in the input
-    dtype, so that ``gelu'`` needs no GEMM in the backward. Nothing else is saved: the dropout
-    mask is regenerated from ``seed``. Backward formulas (see ``_boom_bwd_kernel``):
+    dtype, so that ``gelu'`` needs no GEMM in the backward (recomputing h there would be a
+    fourth 137-GFLOP GEMM at the paper's shape to save a 134 MB write and read, ~90 us).
+    Nothing else is saved: the backward regenerates the dropout mask from the seed. Backward formulas (see ``_boom_bwd_kernel``):
     ``dX = dU W[:F']``, ``dW[:F'] = dU^T X``, ``db = sum_rows dU``.
     """
     pid = tl.program_id(0)
@@ -315,10 +364,11 @@ def _boom_sum_kernel(
     from the pre-activation ``PRE = X W[:F']^T + b`` that a cuBLAS GEMM wrote (input dtype).
 
     Grid: ``(cdiv(M, BLOCK_M), cdiv(E, BLOCK_N))``. Each program owns ``Y[m-tile, n-tile]``: for
-    every chunk it reads the ``PRE`` tile, applies ``h * sigmoid(1.702 h)`` and the packed
-    dropout mask (``_load_keep``) in fp32 and adds it into an fp32 sum, stored once.
-    Memory-bound: it reads ``PRE`` once and writes ``Y``; nothing is saved (the backward uses
-    ``PRE`` and the mask, which the caller keeps).
+    every chunk it reads the ``PRE`` tile, applies ``h * sigmoid(1.702 h)`` and dropout (flags
+    from Philox, ``_dropout_keep``) in fp32 and adds the result into an fp32 sum, stored once.
+    Memory-bound: it reads ``PRE`` once and writes ``Y``, and the sigmoid and Philox work fits
+    under that memory time. Nothing is saved here (the caller keeps ``PRE`` for the backward,
+    which regenerates the mask from ``seed``).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
