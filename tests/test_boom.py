@@ -458,3 +458,26 @@ def test_compile_fullgraph_inductor(dtype, cuda):
     """Inductor generates code around the op (tanh, residual, square-sum and their backward)."""
     module = TinyBoom(64, 256, 0.1, 3).to(device=cuda, dtype=dtype)
     check_compiled(module, torch.randn(7, 3, 64, device=cuda, dtype=dtype))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_before_autotuning(cuda, monkeypatch):
+    """The fused kernel captured in a CUDA graph before its key was ever autotuned: the capture
+    launches the first pruned config (compiled beforehand: compiling is not autotuning), and
+    the replay matches a launch outside the graph."""
+    monkeypatch.setattr(_common, "_TUNED_KEYS", set())
+    x, weight, bias = make_inputs((37,), 64, 256, torch.bfloat16, cuda)
+    run = kernel(0.1, 5, fused=True)
+    with torch.no_grad():
+        monkeypatch.setattr(_common, "_capturing", lambda device: True)
+        run(x, weight, bias)  # compiles the first config, times nothing
+        monkeypatch.undo()
+        monkeypatch.setattr(_common, "_TUNED_KEYS", set())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run(x, weight, bias)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not _common._TUNED_KEYS  # the autotuner never ran
+        expected = run(x, weight, bias)  # outside capture: autotuned, the same mask
+    assert_parity("y", captured.float(), expected.double(), dtype=torch.bfloat16)
