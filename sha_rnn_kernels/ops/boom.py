@@ -56,10 +56,12 @@ clock per SM. No GPU measured any of it yet; ``benchmarks/boom.py`` measures bot
   which moves 168 MB (read h, write y) = 56 us and issues ~60 us of work per SM-clock budget
   (sigmoid: 2 MUFU per element = 36 us of MUFU; Philox 28 us; ~10 other instructions per
   element 23 us), so ~60 us: forward ~0.23-0.24 ms = ~72 % of the 800 TFLOP/s matmul rate, in
-  train and eval alike.
+  train and eval alike. The GEMM writes h, not ``dropout(gelu(h))``: cuBLAS cannot apply this
+  GELU and mask in its epilogue, a Triton GEMM that did would have the fused kernel's mainloop
+  (below), and the backward needs h anyway (writing both would add 134 MB).
 * Fused forward: 128x128 output tiles (8 warps, 3-4 stages, BLOCK_K 64, GROUP_M 8 ordering):
   1024 programs = 7.76 waves of 132 (97 % wave efficiency), one program per SM (255 registers
-  x 256 threads). Two fp32 tiles (GEMM accumulator and chunk sum, 2 x 64 registers per thread)
+  x 256 threads; 96 KB of shared memory at 3 stages, 128 KB at 4). Two fp32 tiles (GEMM accumulator and chunk sum, 2 x 64 registers per thread)
   cap the tile at 128x128: 128x256 would need the whole register file for the two. Each program
   streams x[128, 1024] and W[128, 1024] once per chunk: 2 MB per program, 2.15 GB from L2 in
   all, 64 FLOP per L2 byte; at the ~7-10 TB/s that H100's L2 sustains in published
