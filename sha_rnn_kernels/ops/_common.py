@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton op files: output allocation, dtype checks, autotune configs."""
+"""Helpers shared by the Triton op files: output allocation, dtype checks, autotune configs and
+autotuned launches that survive CUDA-graph capture."""
 
 from __future__ import annotations
 

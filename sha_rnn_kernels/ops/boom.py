@@ -235,8 +235,9 @@ def _fwd_configs():
 def _prune(configs, named_args, **kwargs):
     """The configs worth timing for these arguments (register counts and spills from
     tools/compile_triton.py, sm_90 and sm_80, paper shape): fp32 (IEEE dots) keeps only
-    64x64x32; sm_8x drops 128x128; E <= 32 keeps only the 16-wide tile (wider ones are mostly masked work and
-    spill); otherwise tiles taller than the row bucket go when a shorter one remains."""
+    64x64x32; sm_8x drops 128x128; E <= 32 keeps only the 16-wide tile (wider ones are mostly
+    masked work, and spill); otherwise tiles taller than the row bucket go when a shorter one
+    remains. The first config kept is the one a CUDA-graph capture launches untuned."""
     if len(configs) == 1:  # the interpreter's single config
         return configs
     x = named_args["X"]
