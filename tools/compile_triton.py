@@ -87,22 +87,27 @@ def _scenarios(op: str, dtype_name: str) -> Iterator[tuple[str, Callable[[], Non
     if op == "boom":
         from sha_rnn_kernels.ops import boom
 
-        rows, width, features = 16384, 1024, 4096
-        x, weight, bias = meta(rows, width), meta(features, width), meta(features)
-        grad_y, pre = meta(rows, width), meta(rows, features)
-        # Training saves the pre-activation; inference (eval: no dropout) does not.
-        for name, p, save_pre in (
-            ("train", 0.1, True),
-            ("train p=0", 0.0, True),
-            ("eval", 0.0, False),
-        ):
+        paper = (16384, 1024, 4096)  # rows, E, F
+        # Training saves the pre-activation; inference (eval: no dropout) does not. "E=2" is
+        # the narrowest layer the API takes with dropout (16-wide tiles). Both forward designs:
+        # the default (cuBLAS GEMM + _boom_sum_kernel) and fused=True (_boom_fwd_kernel).
+        for fused in (False, True):
+            for name, (rows, width, features), p, save_pre in (
+                ("train", paper, 0.1, True),
+                ("train p=0", paper, 0.0, True),
+                ("eval", paper, 0.0, False),
+                ("train E=2", (paper[0], 2, 8), 0.1, True),
+            ):
+                x, weight, bias = meta(rows, width), meta(features, width), meta(features)
+                grad_y, pre = meta(rows, width), meta(rows, features)
 
-            def call(p=p, save_pre=save_pre):
-                boom.boom_forward(x, weight, bias, p, SEED, save_pre)
-                if save_pre:
-                    boom.boom_backward(grad_y, pre, p, SEED)
+                def call(p=p, save_pre=save_pre, x=x, weight=weight, bias=bias, grad_y=grad_y,
+                         pre=pre, fused=fused):
+                    boom.boom_forward(x, weight, bias, p, SEED, save_pre, fused)
+                    if save_pre:
+                        boom.boom_backward(grad_y, pre, p, SEED)
 
-            yield name, call
+                yield name + (" fused" if fused else ""), call
     elif op == "attention":
         from sha_rnn_kernels.ops import attention
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton op files: output allocation, dtype checks, autotune configs."""
+"""Helpers shared by the Triton op files: output allocation, dtype checks, autotune configs and
+autotuned launches that survive CUDA-graph capture."""
 
 from __future__ import annotations
 
@@ -63,3 +64,56 @@ def autotune_configs(configs, interpreter_config):
     """The autotune list: ``configs`` on a GPU, the single ``interpreter_config`` under the
     interpreter (autotuning there only multiplies the run time)."""
     return [interpreter_config] if interpreter_enabled() else list(configs)
+
+
+# --------------------------------------------------------------------------------------------
+# autotuning that survives CUDA-graph capture
+# --------------------------------------------------------------------------------------------
+_TUNED_KEYS: set = set()
+
+
+def cuda_capability(device: torch.device) -> tuple:
+    """``(major, minor)`` of a CUDA device (its index, or the current device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(_cuda_capability(index))
+
+
+def rows_bucket(rows: int) -> int:
+    """The row count rounded up to a power of two (at least 16): an autotune key entry, so a
+    config tuned for 16 rows is not reused for 16384 and the tuner runs once per bucket rather
+    than once per distinct row count."""
+    return max(16, 1 << max(0, int(rows) - 1).bit_length())
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _first_config(kernel, args: tuple, kwargs: dict):
+    configs = list(kernel.configs)
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune:
+        configs = prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
+    config = configs[0]
+    if hasattr(config, "all_kwargs"):
+        return config.all_kwargs()
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def launch_autotuned(kernel, grid, args: tuple, kwargs: dict, key: tuple, device: torch.device):
+    """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune`` kernel, safe inside CUDA-graph
+    capture.
+
+    The autotuner benchmarks its configs the first time it sees a key, which synchronises and
+    allocates: inside ``torch.cuda.graph`` capture that fails. ``key`` names the launch the way
+    the kernel's autotune key does (plus dtypes). Outside capture this launches through the
+    autotuner and remembers the key; inside capture, for a key never launched before, it
+    launches the first config that survives the kernel's ``early_config_prune`` (the list's
+    preferred tile for these arguments) without timing anything, and that choice is what the
+    graph replays. Warm up once outside capture to record the tuned config instead.
+    """
+    if key not in _TUNED_KEYS and _capturing(device):
+        kernel.fn[grid](*args, **kwargs, **_first_config(kernel, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+    _TUNED_KEYS.add(key)

@@ -1,68 +1,118 @@
-"""The Boom feed-forward as Triton kernels: ``y = sum_k chunk_k(dropout(gelu(x W^T + b)))``.
+"""The Boom feed-forward on the GPU: ``y = sum_k chunk_k(dropout(gelu(x W^T + b)))``.
 
 ``x [..., E]``, ``W [F, E]``, ``b [F]``; GELU is ``h * sigmoid(1.702 h)``; the ``F``-wide
 activation is cut into ``C = F // E`` chunks of width ``E`` that are summed, and the trailing
-``F % E`` columns are dropped (their pre-activation is never even computed). Write
-``F' = C * E`` for the columns that count and ``M`` for the number of rows of ``x``.
+``F % E`` columns are dropped (their pre-activation is never computed). Write ``F' = C * E`` for
+the columns that count and ``M`` for the number of rows of ``x``.
 
-Forward: one GEMM kernel (``_boom_fwd_kernel``) whose programs each own one tile of the E-wide
-output, accumulate every chunk's tile of ``x W^T`` in fp32, apply bias, GELU and dropout in
-registers and sum the chunks before the only store of ``y``. The F-wide activation is never
-written. When autograd will need it, the same kernel also stores the pre-activation
-``h = x W^T + b`` (``[M, F']``, input dtype) for the backward.
+Forward, two designs (``boom(..., fused=)``):
 
-Backward (``dY`` is ``[M, E]``; ``mask`` is the forward's dropout mask, regenerated from the seed)::
+* split (default): one cuBLAS GEMM (``torch.addmm``) writes the pre-activation
+  ``h = x W[:F']^T + b`` in the input dtype, then ``_boom_sum_kernel`` reads it once and writes
+  ``y`` (GELU, dropout and the chunk sum in fp32 registers). In training ``h`` is exactly what
+  the backward needs, so the GEMM's output is saved, not written twice.
+* fused (``fused=True``): ``_boom_fwd_kernel``, one Triton GEMM whose programs own a tile of the
+  E-wide ``y`` and loop over the ``C`` chunks, each chunk's GELU and dropout applied to the fp32
+  accumulator before it is added to a second fp32 tile; the F-wide activation is written only
+  when autograd needs ``h``. Its dropout flags come from ``_boom_mask_kernel`` (see there).
+
+Backward (``dY`` is ``[M, E]``; ``mask`` the forward's dropout mask, regenerated from the seed)::
 
     dU = broadcast(dY) * mask / (1 - p) * gelu'(h)      [M, F'], zero on the dropped F % E columns
     dX = dU W[:F']       dW[:F'] = dU^T X       dW[F':] = 0       db = sum_rows dU
 
 ``_boom_bwd_kernel`` makes ``dU`` (input dtype) and per-tile column sums for ``db`` in one
-memory-bound pass; the two GEMMs are ``torch.mm`` (cuBLAS on a GPU).
+memory-bound pass; the two GEMMs are ``torch.mm`` (cuBLAS).
 
-Design decisions, reasoned at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, bf16, an
-H100 taken as ~990 TFLOP/s dense bf16 and ~3.3 TB/s HBM, 132 SMs at ~1.75 GHz). These numbers
-are estimates from FLOP and byte counts; none of them has been measured on a GPU yet.
+Dropout: element ``(row, chunk c, column n)`` is kept when its 16-bit uniform is
+``>= round(p * 65536)`` (so p is rounded to a multiple of 2**-16, at most 7.6e-6 away), and kept
+values are scaled by ``1 / (1 - p)``. One Philox-4x32-10 call (``tl.randint4x``) with counter
+``(row * C + c) * cdiv(E, 8) + n // 8`` serves eight neighbouring columns (two 16-bit halves of
+each of its four words): a quarter of the integer work of one 32-bit uniform per element. The
+mask depends only on ``(seed, row, c, n)``, never on the tiling, so every kernel computes the
+same one; it is never saved. The seed is a host integer baked into each launch: a CUDA graph
+that captures a training step replays the same mask on every replay (draw the seed outside the
+graph and re-capture, or leave the Boom out of the graph; seed and offset are not read from a
+device tensor).
 
-* Save ``h`` rather than recompute it. Each of the three GEMMs (forward, dX, dW) is
-  2 M E F = 137 GFLOP = 139 us at peak. ``h`` in bf16 is M F 2 B = 134 MB: writing it in the
-  forward and reading it once in the backward moves 268 MB = 81 us, while recomputing it in the
-  backward is another 137-GFLOP GEMM (>= 139 us, more at a realistic 70 % of peak). Saving costs
-  134 MB of activation memory per Boom call (PyTorch's eager Boom keeps more: the linear output,
-  the sigmoid and the dropout mask). Without autograd (inference) ``h`` is not written.
-* Materialise ``dU`` once instead of fusing ``gelu'``, the mask and the broadcast into the
-  prologue of both backward GEMMs. A fused prologue recomputes each ``dU`` element once per
-  output column tile, ``E / BLOCK_K = 8`` times per GEMM at ``BLOCK_K = 128``, and one element
-  costs ~0.4 SM-cycles (two MUFU ops for the sigmoid at 16/cycle, a quarter of a 10-round
-  Philox call at ~60 integer ops on 64 lanes, ~10 FMAs), while the tensor cores spend only
-  ``BLOCK_K / 2048 = 0.06`` cycles on it: the GEMMs would run at ~1/7 of their rate
-  (16 x 67 M elements x 0.4 cycles = ~1.8 ms of extra work). Materialising ``dU`` costs one
-  pass of ~300 MB (read ``h`` and ``dY``, write ``dU``) = ~0.1 ms and 134 MB of transient
-  memory, and the GEMMs then read ``dU`` where they would have read ``h``. Once ``dU`` exists
-  the backward GEMMs are plain GEMMs, which cuBLAS runs better than a hand-written Triton GEMM.
-* The forward epilogue is not free: per element of ``h`` it costs ~0.35 SM-cycles (sigmoid,
-  a quarter of a Philox call) against ``E / 2048 = 0.5`` cycles of tensor-core work at E = 1024,
-  and it does not overlap the GEMM loop of its own program. Compiled offline for sm_90 (triton
-  3.9, no GPU), the K loop is software-pipelined (async copies, wgmma); 128x128 tiles use all
-  255 registers and spill a few hundred bytes with dropout, 128x64 and 64x128 do not, which is
-  why the autotune list has both kinds; ``_prune_spilling`` drops the spilling ones (and in fp32
-  all but 64x64x32) before the autotuner times them.
-* Precision: bf16/fp16 operands, fp32 accumulation and epilogue, one rounding of ``y``. fp32
-  inputs: the forward kernel uses IEEE fp32 products (``input_precision="ieee"``, no TF32), so
-  fp32 parity is tight; the backward ``torch.mm`` calls follow
-  ``torch.backends.cuda.matmul.allow_tf32`` (off by default, so also IEEE by default).
+Autotuning (the fused kernel only; cuBLAS and the memory-bound kernels have fixed tiles): the key
+holds E, C, the dropout and save-``h`` switches and the row count rounded up to a power of two
+(``_common.rows_bucket``), so a config tuned for eval is never reused in training. A first launch
+of a key inside CUDA-graph capture cannot time configs: it launches the first config that
+``_prune`` keeps (the 128x128 tile on Hopper) without tuning (``_common.launch_autotuned``). Warm
+up outside the capture to use the tuned config.
 
-Dropout: element ``(row, chunk c, column n)`` is kept when its uniform number is ``>= p``, and
-kept values are scaled by ``1 / (1 - p)``. The numbers come from Triton's Philox
-(``tl.rand4x``): one call with counter ``(row * C + c) * cdiv(E, 4) + n // 4`` yields the numbers
-of four neighbouring columns, so each call serves four elements (``tl.rand`` would throw three of
-its four numbers away), and nothing is carried from one chunk to the next (keeping four fp32
-tiles of numbers alive across chunks spilled registers). The mask depends only on
-``(seed, row, c, n)``, never on the tiling, so the backward regenerates exactly the forward's
-mask; it is never stored.
+Design, estimated at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, C = 4, bf16) on an
+H100 SXM taken as 132 SMs at ~1.75 GHz, ~800 TFLOP/s measured bf16 matmul (cuBLAS), ~3 TB/s HBM,
+50 MB L2, 128 thread-instructions issued per clock per SM and 16 MUFU (ex2/rcp) results per
+clock per SM. No GPU measured any of it yet; ``benchmarks/boom.py`` measures both designs
+(impls ``triton`` and ``triton-fused``) in the train and eval configurations.
+
+* Work. Each of the three GEMMs (forward, dX, dW) is 2 M E F' = 137.4 GFLOP = 172 us at
+  800 TFLOP/s (139 us at the 989 TFLOP/s datasheet peak). Tensors: x, y, dY 33.6 MB each, W
+  8.4 MB, h and dU 134.2 MB each. Dropout: 67.1 M elements, 8.4 M Philox calls of ~100 issued
+  instructions = 0.84 G = 28 us of issue if nothing else ran.
+* Split forward: GEMM 172-183 us (800 TFLOP/s, or ~750 at K = 1024) + ``_boom_sum_kernel``,
+  which moves 168 MB (read h, write y) = 56 us and issues ~60 us of work per SM-clock budget
+  (sigmoid: 2 MUFU per element = 36 us of MUFU; Philox 28 us; ~10 other instructions per
+  element 23 us), so ~60 us: forward ~0.23-0.24 ms = ~72 % of the 800 TFLOP/s matmul rate, in
+  train and eval alike. The GEMM writes h, not ``dropout(gelu(h))``: cuBLAS cannot apply this
+  GELU and mask in its epilogue, a Triton GEMM that did would have the fused kernel's mainloop
+  (below), and the backward needs h anyway (writing both would add 134 MB).
+* Fused forward: 128x128 output tiles (8 warps, 3-4 stages, BLOCK_K 64, GROUP_M 8 ordering):
+  1024 programs = 7.76 waves of 132 (97 % wave efficiency), one program per SM (255 registers
+  x 256 threads; 96 KB of shared memory at 3 stages, 128 KB at 4). Two fp32 tiles (GEMM accumulator and chunk sum, 2 x 64 registers per thread)
+  cap the tile at 128x128: 128x256 would need the whole register file for the two. Each program
+  streams x[128, 1024] and W[128, 1024] once per chunk: 2 MB per program, 2.15 GB from L2 in
+  all, 64 FLOP per L2 byte; at the ~7-10 TB/s that H100's L2 sustains in published
+  microbenchmarks this mainloop runs at 0.22-0.31 ms (55-80 % of 800 TFLOP/s; my central guess
+  for Triton's cp.async + wgmma path at this tile is ~65 %). The epilogue (bias, sigmoid,
+  dropout select, h store, sum) does not overlap the tensor cores (one program per SM, no warp
+  specialisation in triton >= 3.2): ~2-3.5 K clocks per 128x128 chunk tile, +40-65 us. With
+  the mask kernel (+31 us in training): ~0.29-0.40 ms, behind the split design unless
+  Triton's mainloop reached cuBLAS's rate; so split is the default, fused is kept and
+  benchmarked. TMA (and its multicast, which is how cuBLAS halves that L2 traffic) is not used:
+  triton 3.2's descriptors are experimental, differ from 3.9's, and do not run under the
+  interpreter. A persistent schedule would buy little at 97 % wave efficiency without
+  overlapping the epilogue.
+* Backward: ``_boom_bwd_kernel`` moves 302 MB (read h and dY, write dU) = 100 us; its ALU work
+  (gelu': 2 MUFU and ~12 FMA per element, Philox) is ~70 us and hides under it. The GEMMs read
+  dU instead of h: 2 x 172-183 us. Backward ~0.45-0.47 ms. The alternative, gelu' * mask * dY
+  in the prologue of Triton dX/dW GEMMs, recomputes each dU element once per output tile that
+  uses it (E / BLOCK_N = 4-8 times per GEMM): ~27 issued instructions and 2 MUFU per use
+  (0.21 + 0.125 SM-clocks) against 2 BLOCK_N / 3450 = 0.07-0.15 clocks of tensor-core work, so
+  those GEMMs would be ALU-bound at ~1 ms; saving gelu'(h) * mask instead of h would cut the
+  prologue to a multiply (~0.03 clocks per use) and the 100 us pass, but replaces cuBLAS with
+  Triton GEMMs that lose ~80-190 us at 65-80 % of its rate. dU is materialised (134 MB
+  transient).
+* torch.compile of the reference (estimated the same way): forward = cuBLAS GEMM writing h
+  (172-183 us) + one Inductor kernel for GELU, dropout and the chunk sum (reads h, writes y and,
+  in training, the bool mask of 67 MB for the backward: 235 MB = 78 us; but ``tl.rand`` spends a
+  whole Philox call on each of the 67 M elements, ~6 G instructions = ~200 us of issue, so that
+  kernel is ALU-bound at ~0.2 ms in training and ~56 us in eval): ~0.39 ms train, ~0.24 ms
+  eval. Backward: one kernel for dU and db (reads h, mask, dY; writes dU: 369 MB = 123 us) + the
+  same two GEMMs: ~0.47-0.49 ms. fwd+bwd ~0.86-0.88 ms train (~0.69 ms eval).
+* Goals: forward >= 70 % of the matmul rate: ~72 % (split, estimated). fwd+bwd >= 1.25x
+  torch.compile in training: ~0.68-0.71 ms against ~0.86-0.88 ms, ~1.24-1.26x; in eval the two
+  are the same design (GEMM + one memory-bound pass each way) and tie (~1.0x).
+* Compiled offline (tools/compile_triton.py, triton 3.9, paper shape, bf16/fp16/fp32, train
+  and eval; registers, spills): the default path never spills: ``_boom_sum_kernel`` 64x128,
+  8 warps: 64-128 registers on sm_90, 64-162 on sm_80; ``_boom_bwd_kernel`` 64x128, 8 warps:
+  97-164 / 125-165; ``_boom_mask_kernel`` 13-96. ``_boom_fwd_kernel`` 128x128x64, 8 warps:
+  255 registers; no spill in eval; with h saved (and dropout) 8-72 B of loop-invariant
+  addresses spilled on sm_90 (stored before the chunk loop, reloaded once per chunk, never
+  inside the K loop) and 170-200 B on sm_80, where ``_prune`` drops the tile at run time
+  (mma.sync keeps its operands in registers). 128x64 and 64x128 (8 warps) never spill; fp32's
+  64x64x32 spills 4-60 B and 64x64x64 with dropout 20 B on sm_80.
+* Precision: bf16/fp16 operands, fp32 accumulation, fp32 GELU/dropout/sum, one rounding of
+  ``y``. The split design rounds h to the input dtype before the GELU, as PyTorch does; the
+  fused one applies it to the fp32 accumulator. fp32 inputs: the fused kernel uses IEEE fp32
+  products (``input_precision="ieee"``); cuBLAS follows ``torch.backends.cuda.matmul.allow_tf32``
+  (off by default).
 
 Under ``TRITON_INTERPRET=1`` (triton 3.9) ``tl.dot`` on bfloat16 tiles multiplies their raw
-16-bit patterns, so there (and only there) bf16 tiles are widened to fp32 before the dot, which
-forms the same products with the same fp32 accumulation.
+16-bit patterns, so there (and only there) the fused kernel widens bf16 tiles to fp32 before the
+dot, which forms the same products with the same fp32 accumulation.
 """
 
 import contextlib
@@ -75,41 +125,106 @@ import triton.language as tl
 from .._backend import interpreter_enabled, triton_reason
 from . import _common
 
-__all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward"]
+__all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward", "dropout_mask"]
 
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _dropout_keep(seed, rows64, chunk, chunks, col0, width, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep flags ``[BLOCK_M, BLOCK_N]`` for rows ``rows64`` and columns ``col0 + [0, BLOCK_N)``
-    of ``chunk`` (``col0 % 4 == 0``).
+def _keep_pair(word, drop_below):
+    """Two keep flags from one 32-bit Philox word: bit 0 from its low half, bit 1 from its high."""
+    word = word.to(tl.uint32, bitcast=True)
+    low = ((word & 0xFFFF) >= drop_below).to(tl.int32)
+    high = ((word >> 16) >= drop_below).to(tl.int32)
+    return low | (high << 1)
 
-    One Philox call (``tl.rand4x``) per (row, chunk, group of four columns), counter
-    ``(row * chunks + chunk) * cdiv(width, 4) + column // 4``; its four numbers go to the four
-    columns of the group. The flags depend only on the element, never on the tiling.
+
+@triton.jit
+def _dropout_bits(seed, counters, drop_below):
+    """The keep flags of eight consecutive columns per Philox counter, as the low byte of an
+    int32 (bit ``l``: column ``8 * group + l``).
+
+    One Philox-4x32-10 call (``tl.randint4x``) per counter
+    ``(row * chunks + chunk) * cdiv(E, 8) + column // 8``; each of its four 32-bit words gives
+    two 16-bit uniforms (low half: even lane, high half: odd lane), and an element is kept when
+    its uniform is ``>= drop_below = round(p * 65536)``. The flags depend only on
+    ``(seed, row, chunk, column)``, never on a kernel's tiling, so every kernel below computes
+    the same mask.
     """
-    quads = tl.cdiv(width, 4)
-    quad = col0 // 4 + tl.arange(0, BLOCK_N // 4)
-    counters = (rows64[:, None] * chunks + chunk) * quads + quad[None, :]
-    r0, r1, r2, r3 = tl.rand4x(seed, counters)
-    # join(join(a, b), join(c, d)) is [BLOCK_M, BLOCK_N // 4, 2, 2] with r_(2i+j) at [..., i, j],
-    # so the row-major reshape puts lane l of group q at column 4q + l.
-    keep = tl.join(tl.join(r0 >= dropout_p, r1 >= dropout_p), tl.join(r2 >= dropout_p, r3 >= dropout_p))
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    return (_keep_pair(w0, drop_below) | (_keep_pair(w1, drop_below) << 2)
+            | (_keep_pair(w2, drop_below) << 4) | (_keep_pair(w3, drop_below) << 6))
+
+
+@triton.jit
+def _unpack_keep(bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N // 8]`` flag bytes to booleans ``[BLOCK_M, BLOCK_N]``."""
+    # A trailing lane axis of 8, then the row-major reshape: lane l of group q is column 8q + l.
+    lane = tl.arange(0, 8)
+    keep = ((bits.to(tl.int32)[:, :, None] >> lane[None, None, :]) & 1) != 0
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
+@triton.jit
+def _dropout_keep(seed, rows64, chunk, chunks, col0, groups, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags ``[BLOCK_M, BLOCK_N]`` of rows ``rows64`` and columns ``col0 + [0, BLOCK_N)``
+    of ``chunk`` (``col0 % 8 == 0``), from Philox (``_dropout_bits``)."""
+    group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    counters = (rows64[:, None] * chunks + chunk) * groups + group[None, :]
+    return _unpack_keep(_dropout_bits(seed, counters, drop_below), BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _boom_mask_kernel(
+    MASK, ROWS, GROUPS, seed, drop_below,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """The dropout mask for the fused forward, packed eight flags to a byte: ``MASK[r, g]``
+    (``[M * C, cdiv(E, 8)]`` uint8, row ``r = row * C + chunk``) holds the keep flags of columns
+    ``8g .. 8g + 7`` of that row's chunk (``_dropout_bits``: the same flags as everywhere).
+
+    Grid: ``(cdiv(M * C, BLOCK_R), cdiv(cdiv(E, 8), BLOCK_G))``; each program owns a
+    ``[BLOCK_R, BLOCK_G]`` block of bytes. ``_boom_fwd_kernel`` reads them in its epilogue: in
+    the GEMM's accumulator layout Triton would recompute each Philox call in the four threads
+    that share its eight columns, so the mask is made here once, in a layout without that
+    replication. It is transient (the backward regenerates its flags).
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offsets = r.to(tl.int64)[:, None] * GROUPS + g[None, :]
+    bits = _dropout_bits(seed, offsets, drop_below)
+    ok = (r[:, None] < ROWS) & (g[None, :] < GROUPS)
+    tl.store(MASK + offsets, bits.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _load_keep(MASK, row0, M, chunk, chunks, col0, groups, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep flags ``[BLOCK_M, BLOCK_N]`` of rows ``row0 + [0, BLOCK_M)`` and columns
+    ``col0 + [0, BLOCK_N)`` of ``chunk`` (``col0 % 8 == 0``), unpacked from
+    ``_boom_mask_kernel``'s bytes (rows past ``M`` read as dropped)."""
+    tile_rows = tl.arange(0, BLOCK_M)
+    group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
+    ok = (row0 + tile_rows < M)[:, None] & (group < groups)[None, :]
+    # A 64-bit base for the tile and 32-bit offsets within it (fewer live registers).
+    base = MASK + row0.to(tl.int64) * chunks * groups + chunk * groups
+    bits = tl.load(base + (tile_rows * chunks * groups)[:, None] + group[None, :], mask=ok, other=0)
+    return _unpack_keep(bits, BLOCK_M, BLOCK_N)
+
+
 def _fwd_configs():
-    # Two fp32 tiles (the chunk's accumulator and the running sum) stay in registers, so the
-    # tiles are smaller than a plain GEMM's; 128x128 spills a little with dropout on sm_90.
+    # Two fp32 [BLOCK_M, BLOCK_N] tiles (the chunk's GEMM accumulator and the running chunk sum)
+    # live in registers for the whole program, so 128x128 (2 x 64 fp32 per thread at 8 warps)
+    # is the largest tile: 128x256 would need the whole register file for the two tiles.
     configs = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # Narrow layers (E <= 32): a 16-wide output tile and a short reduction step.
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
     # Small tiles under the interpreter so that the odd test shapes cross tile edges in every
     # dimension (rows, output columns and the reduction).
@@ -117,48 +232,66 @@ def _fwd_configs():
     return _common.autotune_configs(configs, interpreted)
 
 
-def _prune_spilling(configs, named_args, **kwargs):
-    """Drop the configs that spill registers (ptxas, sm_90 and sm_80, paper shape, compiled
-    offline with tools/compile_triton.py): with dropout, tiles over 32 elements per thread
-    (128x128 spills 300-650 B); in fp32 (IEEE dots), also BLOCK_K > 32 (0.8-1.6 KB on sm_80)."""
-    fp32 = named_args["X"].dtype == torch.float32
+def _prune(configs, named_args, **kwargs):
+    """The configs worth timing for these arguments (register counts and spills from
+    tools/compile_triton.py, sm_90 and sm_80, paper shape): fp32 (IEEE dots) keeps only
+    64x64x32; sm_8x drops 128x128; E <= 32 keeps only the 16-wide tile (wider ones are mostly
+    masked work, and spill); otherwise tiles taller than the row bucket go when a shorter one
+    remains. The first config kept is the one a CUDA-graph capture launches untuned."""
+    if len(configs) == 1:  # the interpreter's single config
+        return configs
+    x = named_args["X"]
+    fp32 = x.dtype == torch.float32
+    width, rows = named_args["E"], named_args["ROWS_BUCKET"]
+    # Without wgmma (sm_80) the 128x128 tile spills 170-200 B; Hopper keeps it.
+    ampere = x.device.type == "cuda" and _common.cuda_capability(x.device)[0] < 9
 
     def fits(c):
-        per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / (32 * c.num_warps)
+        block_m, block_n, block_k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if width <= 32:
+            return block_n == 16
+        if block_n == 16:
+            return False
         if fp32:
-            return per_thread <= 32 and c.kwargs["BLOCK_K"] <= 32
-        return per_thread <= 32 or not kwargs.get("HAS_DROPOUT", False)
+            return block_m * block_n <= 64 * 64 and block_k <= 32
+        if ampere and block_m * block_n > 128 * 64:
+            return False
+        return block_m <= max(64, rows)
 
     return [c for c in configs if fits(c)] or [configs[-1]]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["E", "C", "HAS_DROPOUT", "SAVE_PRE"],
-                 prune_configs_by={"early_config_prune": _prune_spilling})
+@triton.autotune(configs=_fwd_configs(), key=["E", "C", "ROWS_BUCKET", "HAS_DROPOUT", "SAVE_PRE"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _boom_fwd_kernel(
-    X, W, B, Y, PRE,
-    M, E, C,
+    X, W, B, Y, PRE, MASK,
+    M, E, C, ROWS_BUCKET,
     stride_xm, stride_xk, stride_wf, stride_wk, stride_ym, stride_pm,
-    seed, dropout_p, keep_scale,
+    keep_scale,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_PRE: tl.constexpr,
-    DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Boom forward: ``Y = sum_c dropout(gelu(X W[cE:(c+1)E]^T + b[cE:(c+1)E]))``.
 
     Grid: ``cdiv(M, BLOCK_M) * cdiv(E, BLOCK_N)`` programs on one axis, in grouped order: runs
     of ``GROUP_M`` row tiles sweep the column tiles together so that the ``W`` rows they share
-    stay in L2.
+    stay in L2 (``ROWS_BUCKET`` is only an autotune key).
 
     Each program owns output tile ``Y[m0:m0+BLOCK_M, n0:n0+BLOCK_N]``. For every chunk ``c`` it
     accumulates ``X[m-tile, :] @ W[c*E + n-tile, :]^T`` over ``E`` in fp32 (the columns
     ``n, n+E, n+2E, ...`` of the F-wide activation), adds the bias, applies
-    ``h * sigmoid(1.702 h)`` and dropout (Philox, one ``tl.rand4x`` call per four columns), and
-    adds the result into an fp32 sum that is stored once, after the last chunk.
+    ``h * sigmoid(1.702 h)`` and dropout (flags from ``_boom_mask_kernel``'s bytes, read with
+    ``_load_keep``), and adds the result into an fp32 sum that is stored once, after the last chunk. Rows and columns
+    past the edges load clamped (in-bounds) addresses instead of masks, so the K loop carries no
+    predicates; their results are never stored. ``EVEN_K`` (``E % BLOCK_K == 0``) drops the
+    reduction mask as well.
 
     Saved for backward (``SAVE_PRE``): the pre-activation ``PRE = X W[:F']^T + b`` in the input
-    dtype, so that ``gelu'`` needs no GEMM in the backward. Nothing else is saved: the dropout
-    mask is regenerated from ``seed``. Backward formulas (see ``_boom_bwd_kernel``):
+    dtype, so that ``gelu'`` needs no GEMM in the backward (recomputing h there would be a
+    fourth 137-GFLOP GEMM at the paper's shape to save a 134 MB write and read, ~90 us).
+    Nothing else is saved: the backward regenerates the dropout mask from the seed. Backward formulas (see ``_boom_bwd_kernel``):
     ``dX = dU W[:F']``, ``dW[:F'] = dU^T X``, ``db = sum_rows dU``.
     """
     pid = tl.program_id(0)
@@ -179,23 +312,25 @@ def _boom_fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < E
-    rows64 = rows.to(tl.int64)
-    x_rows = X + rows64[:, None] * stride_xm
+    # Clamped addresses for the loads: an edge tile re-reads the last row / column.
+    x_tile = X + tl.minimum(rows, M - 1).to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    w_tile = W + tl.minimum(cols, E - 1)[None, :] * stride_wf + ks[:, None] * stride_wk
     out_ok = row_ok[:, None] & col_ok[None, :]
+    mask_groups = tl.cdiv(E, 8)
 
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(C):
-        w_cols = W + (c * E + cols)[None, :] * stride_wf
-        if HAS_DROPOUT:
-            # Before the GEMM loop, while the accumulator is not live: the Philox state then
-            # does not compete with two fp32 tiles for registers (fewer spills on sm_90).
-            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, E, dropout_p, BLOCK_M, BLOCK_N)
+        x_ptrs = x_tile
+        w_ptrs = w_tile + c * E * stride_wf
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, E, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < E
-            x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = k0 + ks < E
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             if DOT_UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -203,16 +338,59 @@ def _boom_fwd_kernel(
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, w, acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
             acc += tl.load(B + c * E + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SAVE_PRE:
-            tl.store(PRE + rows64[:, None] * stride_pm + (c * E + cols)[None, :],
-                     acc.to(PRE.dtype.element_ty), mask=out_ok)
+            pre_tile = PRE + (pid_m * BLOCK_M).to(tl.int64) * stride_pm + tl.arange(0, BLOCK_M)[:, None] * stride_pm
+            tl.store(pre_tile + (c * E + cols)[None, :], acc.to(PRE.dtype.element_ty), mask=out_ok)
         act = acc * tl.sigmoid(1.702 * acc)
         if HAS_DROPOUT:
+            keep = _load_keep(MASK, pid_m * BLOCK_M, M, c, C, pid_n * BLOCK_N, mask_groups, BLOCK_M, BLOCK_N)
             act = tl.where(keep, act * keep_scale, 0.0)
         y += act
-    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=out_ok)
+    # A 64-bit tile base and 32-bit offsets within the tile: fewer registers live to the end.
+    tile_rows = tl.arange(0, BLOCK_M)
+    y_tile = Y + (pid_m * BLOCK_M).to(tl.int64) * stride_ym + tile_rows[:, None] * stride_ym + cols[None, :]
+    tl.store(y_tile, y.to(Y.dtype.element_ty), mask=(pid_m * BLOCK_M + tile_rows < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _boom_sum_kernel(
+    PRE, Y,
+    M, E, C,
+    stride_pm, stride_ym,
+    seed, drop_below, keep_scale,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Boom forward, second half of the split design: ``Y = sum_c dropout(gelu(PRE[:, cE:(c+1)E]))``
+    from the pre-activation ``PRE = X W[:F']^T + b`` that a cuBLAS GEMM wrote (input dtype).
+
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(E, BLOCK_N))``. Each program owns ``Y[m-tile, n-tile]``: for
+    every chunk it reads the ``PRE`` tile, applies ``h * sigmoid(1.702 h)`` and dropout (flags
+    from Philox, ``_dropout_keep``) in fp32 and adds the result into an fp32 sum, stored once.
+    Memory-bound: it reads ``PRE`` once and writes ``Y``, and the sigmoid and Philox work fits
+    under that memory time. Nothing is saved here (the caller keeps ``PRE`` for the backward,
+    which regenerates the mask from ``seed``).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    tile_ok = (rows < M)[:, None] & (cols < E)[None, :]
+    mask_groups = tl.cdiv(E, 8)
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(C):
+        h = tl.load(PRE + rows64[:, None] * stride_pm + (c * E + cols)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        act = h * tl.sigmoid(1.702 * h)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, mask_groups, drop_below, BLOCK_M, BLOCK_N)
+            act = tl.where(keep, act * keep_scale, 0.0)
+        y += act
+    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -220,7 +398,7 @@ def _boom_bwd_kernel(
     DY, PRE, DU, DB_PARTIAL,
     M, E, C,
     stride_dym, stride_dyn, stride_pm, stride_um,
-    seed, dropout_p, keep_scale,
+    seed, drop_below, keep_scale,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -247,6 +425,7 @@ def _boom_bwd_kernel(
     col_ok = cols < E
     rows64 = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
+    mask_groups = tl.cdiv(E, 8)
 
     # Rows past M read dY = 0, so their dU is 0 and the column sums need no extra mask.
     dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=tile_ok, other=0.0).to(tl.float32)
@@ -256,7 +435,7 @@ def _boom_bwd_kernel(
         s = tl.sigmoid(1.702 * h)
         du = dy * (s + 1.702 * h * s * (1.0 - s))
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, E, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, rows64, c, C, pid_n * BLOCK_N, mask_groups, drop_below, BLOCK_M, BLOCK_N)
             du = tl.where(keep, du * keep_scale, 0.0)
         tl.store(DU + rows64[:, None] * stride_um + hidden_cols, du.to(DU.dtype.element_ty), mask=tile_ok)
         tl.store(DB_PARTIAL + pid_m * C * E + c * E + cols, tl.sum(du, axis=0), mask=col_ok)
@@ -270,9 +449,47 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _drop_below(dropout_p: float) -> int:
+    """The kernels' integer threshold: a 16-bit uniform below it drops its element, so the
+    drop probability is ``dropout_p`` rounded to a multiple of 2**-16."""
+    return round(dropout_p * 65536)
+
+
 def _keep_scale(dropout_p: float) -> float:
     # p = 1 drops everything; the scale is then irrelevant and must not divide by zero.
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
+def _elementwise_blocks(width: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of the memory-bound kernels (sum and backward).
+
+    ``BLOCK_N >= 16``: the mask comes in bytes of eight columns and a tile needs at least two of
+    them, so E = 1 or 2 still gets a 16-wide (masked) tile."""
+    if interpreter_enabled():
+        return 16, max(16, min(32, triton.next_power_of_2(width))), 1
+    # 8 K elements per program and chunk: rows of 256 B of bf16.
+    block_n = max(16, min(128, triton.next_power_of_2(width)))
+    return min(128, 8192 // block_n), block_n, 8
+
+
+def dropout_mask(rows: int, width: int, chunks: int, dropout_p: float, seed: int,
+                 device: torch.device) -> torch.Tensor:
+    """Launch ``_boom_mask_kernel``: the packed keep flags ``[rows * chunks, cdiv(width, 8)]``
+    uint8 (empty when ``dropout_p`` rounds to 0). Bit ``l`` of byte ``[row * chunks + c, g]``
+    keeps column ``8g + l`` of chunk ``c``."""
+    groups = triton.cdiv(width, 8)
+    count = rows * chunks if _drop_below(dropout_p) > 0 else 0
+    mask = torch.empty(count, groups, dtype=torch.uint8, device=device)
+    if count == 0:
+        return mask
+    block_r, block_g, warps = (16, 16, 1) if interpreter_enabled() else (64, 32, 4)
+    grid = (triton.cdiv(count, block_r), triton.cdiv(groups, block_g))
+    with _on_device(device):
+        _boom_mask_kernel[grid](
+            mask, count, groups, seed, _drop_below(dropout_p),
+            BLOCK_R=block_r, BLOCK_G=block_g, num_warps=warps,
+        )
+    return mask
 
 
 def boom_forward(
@@ -282,34 +499,69 @@ def boom_forward(
     dropout_p: float,
     seed: int,
     save_pre: bool,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch ``_boom_fwd_kernel``. Returns ``(y [..., E], pre)``: ``pre`` is the pre-activation
-    ``[M, F']`` when ``save_pre``, else an empty tensor."""
+    """The Boom forward. Returns ``(y [..., E], pre)``: ``pre`` is the pre-activation
+    ``[M, F']`` when ``save_pre``, else empty.
+
+    ``fused=False`` (the default, see the module docstring): ``pre`` from one cuBLAS GEMM
+    (``torch.addmm``), then ``_boom_sum_kernel``. ``fused=True``: ``_boom_fwd_kernel`` alone,
+    which never writes the F-wide activation unless ``save_pre``.
+    """
     width = x.shape[-1]
     chunks = weight.shape[0] // width
+    hidden = chunks * width
     x2d = x.reshape(-1, width)
     rows = x2d.shape[0]
     y = _common.empty(rows, width, dtype=x.dtype, device=x.device)
-    pre = _common.empty(rows if save_pre else 0, chunks * width if save_pre else 0,
+    has_dropout = _drop_below(dropout_p) > 0
+    if not fused:
+        w = weight[:hidden]
+        pre = torch.addmm(bias[:hidden], x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
+        if rows > 0:
+            block_m, block_n, warps = _elementwise_blocks(width)
+            with _on_device(x.device):
+                _boom_sum_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n))](
+                    pre, y,
+                    rows, width, chunks,
+                    pre.stride(0), y.stride(0),
+                    seed, _drop_below(dropout_p), _keep_scale(dropout_p),
+                    HAS_DROPOUT=has_dropout,
+                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+                )
+        # Without autograd the pre-activation is a temporary: drop it here, not in the caller.
+        return y.view(x.shape), pre if save_pre else pre.new_empty(0, 0)
+
+    pre = _common.empty(rows if save_pre else 0, hidden if save_pre else 0,
                         dtype=x.dtype, device=x.device)
     if rows == 0:
         return y.view(x.shape), pre
+    mask = dropout_mask(rows, width, chunks, dropout_p, seed, x.device)
     upcast = interpreter_enabled() and x.dtype == torch.bfloat16
     bias = bias.contiguous() if bias is not None else None
 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
+    bucket = _common.rows_bucket(rows)
+    args = (
+        x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
+        mask if has_dropout else y,
+        rows, width, chunks, bucket,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
+        pre.stride(0) if save_pre else 0,
+        _keep_scale(dropout_p),
+    )
+    # Every config's BLOCK_K divides 64 (the narrow one is used only for E <= 32, and the
+    # interpreter's is 16): E % 64 == 0 means no partial reduction step.
+    even_k = width % (16 if interpreter_enabled() else 64) == 0
+    kwargs = dict(
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, SAVE_PRE=save_pre,
+        DOT_IEEE=x.dtype == torch.float32 or upcast, DOT_UPCAST=upcast, EVEN_K=even_k,
+    )
+    key = ("boom_fwd", x.dtype, width, chunks, bucket, has_dropout, save_pre, bias is not None)
     with _on_device(x.device):
-        _boom_fwd_kernel[grid](
-            x2d, weight, bias if bias is not None else weight, y, pre if save_pre else y,
-            rows, width, chunks,
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-            pre.stride(0) if save_pre else 0,
-            seed, dropout_p, _keep_scale(dropout_p),
-            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, SAVE_PRE=save_pre,
-            DOT_IEEE=x.dtype == torch.float32 or upcast, DOT_UPCAST=upcast,
-        )
+        _common.launch_autotuned(_boom_fwd_kernel, grid, args, kwargs, key, x.device)
     return y.view(x.shape), pre
 
 
@@ -324,12 +576,7 @@ def boom_backward(
     du = _common.empty(rows, hidden, dtype=pre.dtype, device=pre.device)
     if rows == 0:
         return du, torch.zeros(hidden, dtype=torch.float32, device=pre.device)
-    if interpreter_enabled():
-        block_m, block_n, warps = 16, 32, 1
-    else:
-        # Memory-bound: 8 K elements per program and chunk, rows of 256 B of bf16.
-        block_n = min(128, triton.next_power_of_2(width))
-        block_m, warps = 8192 // block_n, 8
+    block_m, block_n, warps = _elementwise_blocks(width)
     row_tiles = triton.cdiv(rows, block_m)
     partial = _common.empty(row_tiles, hidden, dtype=torch.float32, device=pre.device)
     with _on_device(pre.device):
@@ -337,8 +584,8 @@ def boom_backward(
             dy, pre, du, partial,
             rows, width, chunks,
             dy.stride(0), dy.stride(1), pre.stride(0), du.stride(0),
-            seed, dropout_p, _keep_scale(dropout_p),
-            HAS_DROPOUT=dropout_p > 0.0,
+            seed, _drop_below(dropout_p), _keep_scale(dropout_p),
+            HAS_DROPOUT=_drop_below(dropout_p) > 0,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     return du, partial.sum(0)
@@ -355,16 +602,17 @@ def _boom_fwd_op(
     dropout_p: float,
     seed: int,
     save_pre: bool,
+    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return boom_forward(x, weight, bias, dropout_p, seed, save_pre)
+    return boom_forward(x, weight, bias, dropout_p, seed, save_pre, fused)
 
 
 @_boom_fwd_op.register_fake
-def _(x, weight, bias, dropout_p, seed, save_pre):
+def _(x, weight, bias, dropout_p, seed, save_pre, fused):
     width = x.shape[-1]
     rows = x.numel() // width
-    hidden = (weight.shape[0] // width) * width
-    pre_shape = (rows, hidden) if save_pre else (0, 0)
+    chunks = weight.shape[0] // width
+    pre_shape = (rows, chunks * width) if save_pre else (0, 0)
     return x.new_empty(x.shape), x.new_empty(pre_shape)
 
 
@@ -381,7 +629,7 @@ def _(grad_y, pre, dropout_p, seed):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, dropout_p, seed, save_pre = inputs
+    x, weight, bias, dropout_p, seed, save_pre, fused = inputs
     _, pre = output
     ctx.save_for_backward(x, weight, pre)
     ctx.has_bias = bias is not None
@@ -412,7 +660,7 @@ def _backward(ctx, grad_y, grad_pre):
         grad_b = db.to(weight.dtype)
         if hidden < features:
             grad_b = torch.nn.functional.pad(grad_b, (0, features - hidden))
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None
 
 
 _boom_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -440,15 +688,20 @@ def boom(
     *,
     dropout_p: float,
     seed: int,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """The fused Boom: ``sum_k chunk_k(dropout(gelu(x W^T + b)))``, differentiable.
+    """The Boom: ``sum_k chunk_k(dropout(gelu(x W^T + b)))``, differentiable.
 
     Args:
         x: ``[..., E]``, any strides, float32/float16/bfloat16.
         weight: ``[F, E]`` with ``F >= E``, same dtype and device.
         bias: ``[F]`` or None.
         dropout_p: drop probability (0 disables dropout).
-        seed: Philox seed of the dropout mask; the same seed gives the same mask.
+        seed: Philox seed of the dropout mask; the same seed gives the same mask (a host
+            integer baked into the launch: see the module docstring on CUDA graphs).
+        fused: ``False`` (default): a cuBLAS GEMM writes the pre-activation and one Triton
+            kernel applies GELU, dropout and the chunk sum. ``True``: one Triton GEMM with all
+            of that in its epilogue (see the module docstring for why it is not the default).
 
     Returns:
         ``[..., E]`` in ``x.dtype``.
@@ -462,5 +715,5 @@ def boom(
     save_pre = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    y, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre)
+    y, _ = _boom_fwd_op(x, weight, bias, float(dropout_p), int(seed), save_pre, bool(fused))
     return y
