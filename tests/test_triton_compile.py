@@ -56,6 +56,8 @@ def test_every_kernel_compiles_for_gpu_targets():
     for kernel in (
         "_boom_fwd_kernel",
         "_boom_bwd_kernel",
+        "_boom_sum_kernel",
+        "_boom_mask_kernel",
         "_attention_fwd_kernel",
         "_attention_bwd_preprocess_kernel",
         "_attention_bwd_kernel",
