@@ -358,7 +358,7 @@ def _lstm_class(x: Tensor, weight_hh: Tensor) -> tuple:
 def _known_lstm_verdict(device_type: str, index: int, dtype_name: str, shape: tuple) -> bool:
     """True when a passing verdict for the CUDA LSTM on this input class is known (this process
     or the disk cache). Runs no check: this is what ``auto`` uses under torch.compile."""
-    device = torch.device(device_type, index)
+    device = torch.device(device_type, index) if index >= 0 else torch.device(device_type)
     key = _device_check.FIRST_USE.key("lstm", "cuda", device, getattr(torch, dtype_name), shape)
     verdict = _device_check.FIRST_USE.lookup(key)
     return verdict is not None and verdict.passed
@@ -395,7 +395,7 @@ def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
         return "torch"
     shape = _lstm_class(x, weight_hh)
     if _device_check.is_compiling():
-        index = x.device.index if x.device.index is not None else 0
+        index = x.device.index if x.device.index is not None else -1
         known = _known_lstm_verdict(x.device.type, index, "bfloat16", shape)
         return "cuda" if known else "torch"
     reason = _cuda_reason(x, weight_ih, weight_hh)
