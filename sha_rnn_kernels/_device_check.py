@@ -429,6 +429,8 @@ class FirstUse:
         self._verdicts: Dict[str, Verdict] = {}
         self._identities: Dict[str, Dict[str, str]] = {}
         self._lock = threading.RLock()
+        # What ``auto`` decided per input class (filled by sha_rnn_kernels.functional).
+        self.choices: Dict[tuple, str] = {}
         self.runs = 0  # checks run by this process (for tests and the check command)
 
     def key(self, op: str, backend: str, device: torch.device, dtype: torch.dtype,
@@ -535,6 +537,7 @@ class FirstUse:
         with self._lock:
             self._verdicts.clear()
             self._identities.clear()
+            self.choices.clear()
 
 
 FIRST_USE = FirstUse()

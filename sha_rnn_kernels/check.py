@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from typing import Callable, List, Optional, Sequence
@@ -184,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(", ".join(f"{k} {v}" for k, v in identity.items() if v))
     print(f"first-use cache: {_device_check.cache_dir() / 'device-checks'}")
     rows = plan(device, [DTYPES[n] for n in names], args.hidden, args.batch, tiny)
-    verdicts = run_checks(rows, echo)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        verdicts = run_checks(rows, echo)
     print(table(verdicts))
     if failed(verdicts):
         print("FAILED: a kernel disagrees with PyTorch on this device (see above). "

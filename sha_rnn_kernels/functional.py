@@ -376,20 +376,26 @@ def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
       hidden size that fit, see ``sha_rnn_kernels._cuda.lstm_unsupported_reason``) and has
       passed its first-use check for this device, dtype, hidden size and batch bucket (see
       :mod:`sha_rnn_kernels._device_check`); otherwise cuDNN, with a one-time warning saying why.
-      PyTorch gives bf16 LSTMs cuDNN's step-by-step algorithm (estimated ~19 ms forward +
-      backward per layer at T=1024, B=16, H=1024 on an H100), against ~7.4 ms estimated for the
-      persistent kernel. Hidden sizes up to 128 stay on cuDNN, which runs them on its persistent
-      "small H" algorithm.
+      PyTorch runs bf16 LSTMs on cuDNN's standard (step-by-step) algorithm: cited at ~19 ms
+      forward + backward per layer at T=1024, B=16, I=H=1024 on an H100, consistent with ~6 us
+      per forward step (a separate [16, 1024] x [1024, 4096] GEMM launch that streams W_hh's
+      8 MiB from L2, plus the pointwise kernel) and twice that backward. Hidden sizes up to 128
+      stay on cuDNN, which runs them on its persistent "small H" algorithm.
     - float16: cuDNN. PyTorch picks cuDNN's persistent algorithm for fp16 LSTMs on sm_80+ GPUs
       with >= 98 SMs (not sm_86) when H <= 1024, H and I are multiples of 128 and the batch is
-      a multiple of 8 up to 128, which covers the paper's shape. Estimated per layer at the
-      paper's shape on an H100: cuDNN fp16 persistent ~6.2 ms, our kernel ~7.4 ms today, 4.5 ms
-      at its latency goal; until a measurement shows the kernel ahead, fp16 stays on cuDNN.
-    - float32: cuDNN (the CUDA kernel takes fp16 and bf16 only; fp32 recurrences are FMA-bound
-      and cuDNN's are fine).
+      a multiple of 8 up to 128, which covers the paper's shape (cited: ~6.2 ms per layer).
+      Our kernel, estimated: 2.4 us per forward and 4.1 us per backward step (grid barrier,
+      h_{t-1} or dpre_{t+1} read from L2 by every block, a short MMA chain; W_hh stays in
+      shared memory) = 6.7 ms over 1024 steps, plus ~0.7 ms for the four T*B x 1024 x 4096
+      GEMMs around the recurrence (4 x 137 GFLOP at ~800 TFLOP/s) = ~7.4 ms: slower than
+      cuDNN's 6.2 ms. At the kernel's latency goal (1.6 + 2.8 us per step) it would be
+      ~4.5 + 0.7 = ~5.2 ms, ahead by ~1.2x; fp16 moves to the kernel when a measurement shows
+      that, not before. Outside the shapes above, cuDNN's fp16 LSTM is step by step too.
+    - float32: cuDNN (the CUDA kernel takes fp16 and bf16 only).
 
     Under torch.compile tracing and CUDA-graph capture no check runs: a passing verdict already
-    known (from this process or the disk cache) is used, otherwise cuDNN.
+    known (from this process or the disk cache) is used, otherwise cuDNN. All figures are
+    estimates (no GPU measurement yet).
     """
     if x.dtype != torch.bfloat16 or weight_hh.shape[1] <= _CUDNN_SMALL_H:
         return "torch"
@@ -398,6 +404,21 @@ def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
         index = x.device.index if x.device.index is not None else -1
         known = _known_lstm_verdict(x.device.type, index, "bfloat16", shape)
         return "cuda" if known else "torch"
+    # The choice for an input class is fixed once made (the reason function and the check
+    # are not repeated on every call).
+    choices = _device_check.FIRST_USE.choices
+    choice_key = (str(x.device), tuple(x.shape[1:]), tuple(weight_hh.shape))
+    choice = choices.get(choice_key)
+    if choice is None:
+        choice = _lstm_auto_choice(x, weight_ih, weight_hh, shape)
+        if choice is not None:
+            choices[choice_key] = choice
+    return choice or "torch"
+
+
+def _lstm_auto_choice(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, shape: tuple):
+    """``_lstm_auto_pick``'s eager decision: "cuda", "torch", or None when no verdict can be had
+    now (capturing a CUDA graph: cuDNN this time, decided again at the next call)."""
     reason = _cuda_reason(x, weight_ih, weight_hh)
     if reason is not None:
         _backend.warn_once(
@@ -408,7 +429,7 @@ def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
         return "torch"
     verdict = _first_use_lstm(x.device, x.dtype, shape, int(x.shape[1]), weight_ih, weight_hh)
     if verdict is None:
-        return "torch"  # capturing a CUDA graph with no verdict known yet
+        return None
     if not verdict.passed:
         _backend.warn_once(
             f"lstm:first-use:{x.device}:{x.dtype}:{shape}",

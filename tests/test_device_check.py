@@ -248,13 +248,17 @@ def _lstm_inputs(dtype=torch.bfloat16, batch=3, hidden=136):
 
 
 def test_auto_uses_the_kernel_once_it_passed(first_use, monkeypatch):
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
+    reasons = []
+    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: reasons.append(1))
     monkeypatch.setattr(SF, "_cuda_lstm_kernel", torch_lstm)
     monkeypatch.setattr(_device_check, "check_lstm", _small_check(_device_check.check_lstm))
     x, w_ih, w_hh = _lstm_inputs()
     assert SF._lstm_auto_pick(x, w_ih, w_hh) == "cuda"
     assert first_use.runs == 1
     assert SF._lstm_auto_pick(x, w_ih, w_hh) == "cuda" and first_use.runs == 1
+    assert len(reasons) == 3  # the inputs and both check batches, once: the choice is kept
+    x2, w_ih2, w_hh2 = _lstm_inputs(batch=9)  # same bucket (16): the verdict is reused
+    assert SF._lstm_auto_pick(x2, w_ih2, w_hh2) == "cuda" and first_use.runs == 1
 
 
 def _small_check(check_lstm):
