@@ -362,3 +362,33 @@ def test_check_table_lists_every_column():
     assert header == ["op", "backend", "dtype", "shape", "verdict", "max", "error", "tolerance"]
     assert "pass" in text and "FAIL" in text and "ERROR" in text and "RuntimeError: boom" in text
     assert check.failed(rows) and not check.failed(rows[:1])
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_check_command_passes_on_the_gpu_and_feeds_auto(cuda, tmp_path, monkeypatch):
+    """The whole command on the device; afterwards a fresh store finds the CUDA LSTM's verdict
+    on disk, and auto runs bf16 on the kernel without checking again (where it is supported)."""
+    monkeypatch.setenv("SHA_RNN_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_device_check, "FIRST_USE", FirstUse())
+    assert check.main(["--quiet", "--hidden", "256", "--batch", "16"]) == 0
+    store = FirstUse()
+    monkeypatch.setattr(_device_check, "FIRST_USE", store)
+    from sha_rnn_kernels import _cuda
+
+    x = torch.randn(8, 16, 64, device=cuda, dtype=torch.bfloat16)
+    w_ih = torch.randn(1024, 64, device=cuda, dtype=torch.bfloat16) * 0.05
+    w_hh = torch.randn(1024, 256, device=cuda, dtype=torch.bfloat16) * 0.05
+    reason = _cuda.lstm_unsupported_reason(x, w_ih, w_hh)
+    if reason is not None:
+        pytest.skip(f"the CUDA LSTM cannot run here: {reason}")
+    calls = []
+    monkeypatch.setattr(_cuda, "lstm", lambda *a, _f=_cuda.lstm: calls.append(1) or _f(*a))
+    out, _ = SF.lstm(x, w_ih, w_hh)
+    assert calls and store.runs == 0
+    expected, _ = SF.lstm(x.float(), w_ih.float(), w_hh.float(), backend="torch")
+    assert (out.float() - expected).abs().max().item() < 5e-2
