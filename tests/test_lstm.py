@@ -5,7 +5,8 @@ torch.nn.LSTM run in float64 with the same weights (and, once, against a plain f
 with a loss that uses out, h_n and c_n together. Low precision follows the tolerance rule of
 sha_rnn_kernels.testing.assert_parity with torch.nn.LSTM in that dtype as the low-precision
 baseline. The GPU tests (paper shape, CUDA graph vs plain launches) need TRITON_INTERPRET=0 and a
-CUDA device.
+CUDA device. The CUDA-graph cache (shape keys, static workspace buffers, jittered lengths) is
+also tested on the CPU, with a stand-in graph that replays the recorded launches.
 """
 
 from dataclasses import dataclass
@@ -416,7 +417,7 @@ def test_graph_cache_is_keyed_on_shapes_with_static_buffers(device, monkeypatch)
         monkeypatch.setattr(lstm_ops, "_graphs_apply", lambda dev: True)
         monkeypatch.setattr(lstm_ops, "_capture", lambda launch_all, dev: _FakeGraph(launch_all))
         monkeypatch.setattr(lstm_ops, "_stream_id", lambda dev: 0)
-        monkeypatch.setattr(lstm_ops, "_CAPACITY_STEP", 4)
+    monkeypatch.setattr(lstm_ops, "_CAPACITY_STEP", 4)  # small capacities: regrowth at T=9
     previous = lstm_ops.set_cuda_graphs(True, capture_after=1)
     lstm_ops.clear_cuda_graphs()
     names = ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0")
