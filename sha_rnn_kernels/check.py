@@ -15,7 +15,7 @@ is set: then it runs the Triton checks through Triton's CPU interpreter at tiny 
 
 Example::
 
-    python -m sha_rnn_kernels.check                    # bf16, fp16 and fp32 at H = 1024, B = 16
+    python -m sha_rnn_kernels.check                    # bf16, fp16, fp32; LSTM H=1024, B=16
     python -m sha_rnn_kernels.check --hidden 1536 --batch 32 --dtypes bf16
 """
 
@@ -69,8 +69,8 @@ def plan(device: torch.device, dtypes: Sequence[torch.dtype], hidden: int, batch
     if tiny:  # the Triton interpreter on CPU: seconds, not hours
         boom_shape, attn_shape, lstm_shape = (7, 16, 40), (3, 7, 2, 16), (24, 3, 4)
     else:
-        boom_shape, attn_shape, lstm_shape = (512, 1024, 4096), (128, 640, 2, 1024), (hidden,
-                                                                                      batch, 16)
+        boom_shape, attn_shape = (512, 1024, 4096), (128, 640, 2, 1024)
+        lstm_shape = (hidden, batch, 64)
     rows = []
     for dtype in dtypes:
         rows.append(("boom", "triton", dtype, lambda d=dtype: _device_check.check_boom(
