@@ -18,7 +18,8 @@ and a hash of the kernel's source, so any of those changing runs the check again
 Where no check may run, only a verdict already known is used, and an unknown one counts as
 "not checked" (``auto`` then uses PyTorch): under ``torch.compile`` tracing (the inputs are
 fake tensors there, and the check would be baked into the graph) and while a CUDA graph is
-being captured. To have a compiled model use the kernel from its first call, run
+being captured. To have a compiled model use the kernel from its first call, call
+:func:`sha_rnn_kernels.check.prepare_lstm` before compiling, run
 ``python -m sha_rnn_kernels.check`` once on the machine (it writes the verdicts to the cache),
 or call the model once eagerly before compiling.
 

@@ -63,6 +63,36 @@ def _lstm_cuda_check(device, dtype, hidden, batch, steps) -> Verdict:
     return verdict
 
 
+def prepare_lstm(device, dtype: torch.dtype, hidden: int, batch: int) -> Verdict:
+    """Run, now, the first-use check ``backend="auto"`` would run for a CUDA LSTM of this
+    dtype, hidden size and batch (or find its verdict in the cache), and return the verdict.
+
+    Call it before ``torch.compile``: no check runs while Dynamo traces, so a compiled model
+    uses the CUDA kernel from its first call only when a verdict is already known. A verdict
+    with ``worst == "skipped"`` says why the kernel cannot take these inputs at all.
+
+    Example:
+        >>> prepare_lstm("cuda", torch.bfloat16, hidden=1024, batch=16).passed  # doctest: +SKIP
+        True
+    """
+    from . import functional
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    probe = torch.empty(1, batch, 1, device=device, dtype=dtype)
+    weight_hh = torch.empty(4 * hidden, hidden, device=device, dtype=dtype)
+    weight_ih = weight_hh[:, :1]
+    shape = functional._lstm_class(probe, weight_hh)
+    reason = functional._cuda_reason(probe, weight_ih, weight_hh)
+    if reason is not None:
+        return Verdict("lstm", "cuda", _device_check._dtype_name(dtype), str(shape), False,
+                       worst="skipped", error=reason)  # fmt: skip
+    verdict = functional._first_use_lstm(device, dtype, shape, batch, weight_ih, weight_hh)
+    assert verdict is not None, "prepare_lstm cannot run while a CUDA graph is being captured"
+    return verdict
+
+
 def plan(device: torch.device, dtypes: Sequence[torch.dtype], hidden: int, batch: int,
          tiny: bool) -> List[tuple]:  # fmt: skip
     """The checks to run: ``(op, backend, dtype, description, callable -> Verdict)``."""

@@ -319,6 +319,20 @@ def test_the_check_can_be_turned_off(first_use, monkeypatch):
     assert first_use.runs == 0
 
 
+def test_prepare_lstm_fills_the_cache_that_compile_reads(first_use, monkeypatch):
+    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
+    monkeypatch.setattr(SF, "_cuda_lstm_kernel", torch_lstm)
+    monkeypatch.setattr(_device_check, "check_lstm", _small_check(_device_check.check_lstm))
+    assert check.prepare_lstm("cpu", torch.bfloat16, hidden=136, batch=3).passed
+    assert first_use.runs == 1
+    monkeypatch.setattr(_device_check, "is_compiling", lambda: True)
+    monkeypatch.setattr(SF, "_cuda_lstm_kernel", raising_lstm)
+    assert SF._lstm_auto_pick(*_lstm_inputs(batch=3)) == "cuda" and first_use.runs == 1
+    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: "hidden size does not fit")
+    verdict = check.prepare_lstm("cpu", torch.bfloat16, hidden=4096, batch=3)
+    assert verdict.worst == "skipped" and "does not fit" in verdict.error
+
+
 # ----------------------------------------------------------------------------------------------
 # python -m sha_rnn_kernels.check
 # ----------------------------------------------------------------------------------------------
