@@ -6,24 +6,37 @@ Backends:
   on CUDA); for the other ops, which PyTorch has no single op for, the reference.
 - ``"triton"``: the Triton kernels of :mod:`sha_rnn_kernels.ops` (CUDA tensors, or CPU tensors
   when ``TRITON_INTERPRET=1`` was set before the ops were first imported).
-- ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (the persistent LSTM), built on first use.
+- ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (the persistent LSTM), built on first use. For an
+  op without a CUDA C++ kernel (Boom, attention) ``"cuda"`` means that op's Triton kernel, so
+  ``backend="cuda"`` asks for "our fastest CUDA code" everywhere.
 - ``"auto"``: on CUDA tensors, the fastest backend that can take the inputs; elsewhere the
   reference (PyTorch's own op for the LSTM). When a CUDA input cannot use any kernel, ``auto``
-  falls back to the reference and warns once per op and reason.
+  falls back to the reference and warns once per op and reason. For the LSTM, see
+  :func:`sha_rnn_kernels.functional.lstm` (bf16 goes to the CUDA kernel once it passed its
+  first-use check on the device, everything else to cuDNN).
 
-The environment variable ``SHA_RNN_KERNELS_BACKEND`` sets the default for ``backend=None``.
+A backend may be one name for every op or a per-op mapping: a dict such as
+``{"lstm": "cuda", "attention": "triton", "boom": "triton"}`` or the same as a string,
+``"lstm=cuda,attention=triton"``. Keys are :data:`OPS`; an op the mapping leaves out uses
+``"auto"``. The environment variable ``SHA_RNN_KERNELS_BACKEND`` sets the default for
+``backend=None`` and takes either form (``SHA_RNN_KERNELS_BACKEND=cuda`` or
+``SHA_RNN_KERNELS_BACKEND=lstm=cuda,boom=triton``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+OPS = ("lstm", "attention", "boom")
 ENV_VAR = "SHA_RNN_KERNELS_BACKEND"
+
+# A backend argument: a name, a per-op mapping, or a mapping written as "op=name,op=name".
+BackendSpec = Union[None, str, Mapping[str, str]]
 
 _warned: set = set()
 
@@ -32,26 +45,114 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run these inputs (the message says why)."""
 
 
-def default_backend() -> str:
-    """The backend used when an op is called with ``backend=None``."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}; got {value!r}")
-    return value
+def _name(value, where: str) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in BACKENDS:
+        raise ValueError(f"{where} must be one of {BACKENDS}; got {value!r}")
+    return value.strip().lower()
 
 
-def normalize_backend(backend: Optional[str], allowed: Sequence[str]) -> str:
-    """Validate a ``backend=`` argument against the backends an op has."""
+def parse_backend(backend: BackendSpec, where: str = "backend") -> Union[str, dict]:
+    """Validate a backend argument and return its canonical form.
+
+    Args:
+        backend: None (returned as None), a name from :data:`BACKENDS`, a mapping from op names
+            (:data:`OPS`) to backend names, or such a mapping written ``"lstm=cuda,boom=triton"``.
+        where: what to call the argument in error messages.
+
+    Returns:
+        A lower-case name, or a dict ``{op: name}`` holding only the ops that were given.
+
+    Example:
+        >>> parse_backend("lstm=cuda, attention=triton")
+        {'lstm': 'cuda', 'attention': 'triton'}
+    """
     if backend is None:
-        backend = default_backend()
-    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    backend = backend.lower()
-    if backend != "auto" and backend not in allowed:
+        return None
+    if isinstance(backend, str):
+        if "=" not in backend:
+            return _name(backend, where)
+        pairs = {}
+        for item in backend.split(","):
+            if not item.strip():
+                continue
+            op, sep, name = item.partition("=")
+            if not sep:
+                raise ValueError(
+                    f"{where}: {item.strip()!r} is not of the form op=backend (in {backend!r}); "
+                    f"write one name, or op=backend pairs separated by commas such as "
+                    f"'lstm=cuda,attention=triton'"
+                )
+            op = op.strip().lower()
+            if op in pairs:
+                raise ValueError(f"{where}: op {op!r} is given twice in {backend!r}")
+            pairs[op] = name
+        backend = pairs
+    if not isinstance(backend, Mapping):
         raise ValueError(
-            f"backend={backend!r} does not exist for this op; it has {('auto',) + tuple(allowed)}"
+            f"{where} must be one of {BACKENDS}, a mapping from ops {OPS} to backends, or a "
+            f"string such as 'lstm=cuda,attention=triton'; got {type(backend).__name__} "
+            f"{backend!r}"
         )
-    return backend
+    result = {}
+    for op, name in backend.items():
+        if not isinstance(op, str) or op.strip().lower() not in OPS:
+            raise ValueError(f"{where}: unknown op {op!r}; the ops are {OPS}")
+        result[op.strip().lower()] = _name(name, f"{where}[{op.strip().lower()!r}]")
+    return result
+
+
+def format_backend(backend: BackendSpec) -> str:
+    """The canonical string form of a backend argument (``"auto"`` for None): a name, or
+    ``"op=name,..."`` in the order of :data:`OPS` (what ``--backend`` and the environment take)."""
+    spec = parse_backend(backend)
+    if spec is None:
+        return "auto"
+    if isinstance(spec, str):
+        return spec
+    return ",".join(f"{op}={spec[op]}" for op in OPS if op in spec)
+
+
+def default_backend() -> Union[str, dict]:
+    """The backend used when an op is called with ``backend=None``: ``SHA_RNN_KERNELS_BACKEND``
+    (a name or an ``op=name,...`` mapping), else ``"auto"``."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return "auto"
+    try:
+        return parse_backend(value, ENV_VAR)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (from the environment variable {ENV_VAR})") from None
+
+
+def backend_for(op: str, backend: BackendSpec) -> str:
+    """The backend name ``op`` (one of :data:`OPS`) gets from a backend argument: the name
+    itself, the mapping's entry, ``"auto"`` for an op the mapping leaves out, and the
+    environment's choice for None."""
+    spec = default_backend() if backend is None else parse_backend(backend)
+    if isinstance(spec, str):
+        return spec
+    return spec.get(op, "auto")
+
+
+def normalize_backend(backend: BackendSpec, allowed: Sequence[str], op: str = "") -> str:
+    """Validate a ``backend=`` argument and return the name for ``op`` (a mapping's entry).
+
+    ``allowed``: the backends the op has besides ``"auto"``; ``"cuda"`` is always accepted
+    (an op without a CUDA C++ kernel runs its Triton kernel for it).
+    """
+    name = backend_for(op, backend) if op in OPS else _single(backend)
+    if name != "auto" and name not in allowed and name != "cuda":
+        raise ValueError(
+            f"backend={name!r} does not exist for this op; it has {('auto',) + tuple(allowed)}"
+        )
+    return name
+
+
+def _single(backend: BackendSpec) -> str:
+    spec = default_backend() if backend is None else parse_backend(backend)
+    if not isinstance(spec, str):
+        raise ValueError(f"a single backend name is needed here; got the mapping {spec!r}")
+    return spec
 
 
 def interpreter_enabled() -> bool:
@@ -85,43 +186,60 @@ def warn_once(key: str, message: str) -> None:
 
 def resolve(
     op: str,
-    backend: Optional[str],
+    backend: BackendSpec,
     device: torch.device,
     reasons: dict[str, Callable[[], Optional[str]]],
     auto_order: Sequence[str],
     cpu_default: str = "reference",
+    key: Optional[str] = None,
+    auto_pick: Optional[Callable[[], Optional[str]]] = None,
 ) -> str:
     """Pick the backend that runs ``op``.
 
     Args:
         op: the op's name, for messages.
-        backend: what the caller asked for (None: :func:`default_backend`).
+        backend: what the caller asked for: a name or a per-op mapping (None:
+            :func:`default_backend`).
         device: the device of the inputs.
         reasons: for each non-reference backend, a callable returning why it cannot take these
-            inputs (None when it can). Called lazily, only for the backends considered.
+            inputs (None when it can). Called lazily, only for the backends considered. An op
+            without a ``"cuda"`` entry runs its ``"triton"`` entry for ``"cuda"``.
         auto_order: the backends ``auto`` tries on CUDA tensors, fastest first.
         cpu_default: what ``auto`` uses on non-CUDA tensors.
+        key: the op's name in a per-op mapping (one of :data:`OPS`; default ``op``).
+        auto_pick: on CUDA tensors, consulted by ``auto`` before ``auto_order``: a backend name,
+            or None to go on with ``auto_order``.
     """
+    key = key or op
     allowed = ("reference", "torch") + tuple(reasons)
-    backend = normalize_backend(backend, allowed)
-    if backend == "torch" and "torch" not in reasons:
+    name = normalize_backend(backend, allowed, key if key in OPS else "")
+    if name == "cuda" and "cuda" not in reasons:
+        name = "triton"
+        label = f"{op}: backend='cuda' (the Triton kernel: {op} has no CUDA C++ kernel)"
+    else:
+        label = f"{op}: backend={name!r}"
+    if name == "torch" and "torch" not in reasons:
         # For ops without a fused PyTorch op of their own, PyTorch's ops are the reference.
         return "reference"
-    if backend == "reference":
-        return backend
-    if backend != "auto":
-        reason = reasons[backend]()
+    if name == "reference":
+        return name
+    if name != "auto":
+        reason = reasons[name]()
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend={backend!r} cannot run: {reason}")
-        return backend
+            raise BackendUnavailableError(f"{label} cannot run: {reason}")
+        return name
     if device.type != "cuda":
         return cpu_default
+    if auto_pick is not None:
+        picked = auto_pick()
+        if picked is not None:
+            return picked
     why = []
-    for name in auto_order:
-        reason = reasons[name]()
+    for candidate in auto_order:
+        reason = reasons[candidate]()
         if reason is None:
-            return name
-        why.append(f"{name}: {reason}")
+            return candidate
+        why.append(f"{candidate}: {reason}")
     warn_once(
         f"{op}:{';'.join(why)}",
         f"sha_rnn_kernels.{op}: no fused kernel can take these inputs, using the PyTorch "

@@ -3,7 +3,11 @@
 Each function checks every argument (the message names the argument, what was expected and what
 was received), casts to the autocast dtype when autocast is on, resolves the backend (see
 :mod:`sha_rnn_kernels._backend`) and runs it. ``backend=None`` means the environment variable
-``SHA_RNN_KERNELS_BACKEND``, or ``"auto"`` when it is unset.
+``SHA_RNN_KERNELS_BACKEND``, or ``"auto"`` when it is unset. ``backend`` may also be a per-op
+mapping (``{"lstm": "cuda", "attention": "triton"}`` or ``"lstm=cuda,attention=triton"``): each
+function takes its own entry (``"lstm"``, ``"attention"``, ``"boom"``) and ``"auto"`` when its op
+is left out. ``"cuda"`` for Boom and attention, which have no CUDA C++ kernel, runs their Triton
+kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _backend, reference
+from . import _backend, _device_check, reference
 
 __all__ = ["boom", "single_head_attention", "lstm"]
 
@@ -151,7 +155,9 @@ def boom(
         bias: ``[F]`` or None.
         dropout: probability of dropping an element of the activation (when ``training``).
         training: apply dropout.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``; None reads the environment.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` (= the reference), ``"triton"`` or
+            ``"cuda"`` (= the Triton kernel), or a per-op mapping (its ``"boom"`` entry); None
+            reads the environment.
         seed: dropout seed for the Triton kernel (default: drawn from torch's CPU generator).
 
     Returns:
@@ -241,7 +247,9 @@ def single_head_attention(
         dropout: dropout on the attention weights (when ``training``).
         training: apply the dropouts.
         batch_first: layout of q, k, v and of the result.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``; None reads the environment.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` (= the reference), ``"triton"`` or
+            ``"cuda"`` (= the Triton kernel), or a per-op mapping (its ``"attention"`` entry);
+            None reads the environment.
         key_gate: optional ``[E]`` gate multiplying every key (the SHA-RNN's ``sigmoid(ks)``).
         value_gate: optional ``[E]`` gate multiplying every value.
         value_dropout: elementwise dropout on the gated values (when ``training``).
@@ -299,6 +307,7 @@ def single_head_attention(
         q.device,
         {"triton": lambda: _triton_reason("attention", q.device, q, k, v)},
         auto_order=("triton",),
+        key="attention",
     )
     with _no_autocast(q.device):
         if name == "reference":
@@ -328,6 +337,138 @@ def _cuda_reason(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> Optional[st
     except ImportError as exc:
         return f"the CUDA extension loader cannot be imported ({exc})"
     return _cuda.lstm_unsupported_reason(x, weight_ih, weight_hh)
+
+
+def _cuda_lstm_kernel(*args):
+    from . import _cuda
+
+    return _cuda.lstm(*args)
+
+
+# cuDNN runs LSTMs with hidden sizes up to 128 on its persistent "small H" algorithm in every
+# dtype but float64, forward and backward (cuDNN >= 8.2.1; PyTorch's cuDNN RNN algorithm choice).
+_CUDNN_SMALL_H = 128
+
+
+def _lstm_class(x: Tensor, weight_hh: Tensor) -> tuple:
+    """The input class a first-use verdict covers: hidden size and batch bucket."""
+    return (("H", int(weight_hh.shape[1])), ("B", _device_check.batch_bucket(int(x.shape[1]))))
+
+
+def _known_lstm_verdict(device_type: str, index: int, dtype_name: str, shape: tuple) -> bool:
+    """True when a passing verdict for the CUDA LSTM on this input class is known (this process
+    or the disk cache). Runs no check: this is what ``auto`` uses under torch.compile."""
+    device = torch.device(device_type, index) if index >= 0 else torch.device(device_type)
+    key = _device_check.FIRST_USE.key("lstm", "cuda", device, getattr(torch, dtype_name), shape)
+    verdict = _device_check.FIRST_USE.lookup(key)
+    return verdict is not None and verdict.passed
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    # Traced as a constant: Dynamo runs it once while tracing (it reads a file) and guards on it.
+    _known_lstm_verdict = torch.compiler.assume_constant_result(_known_lstm_verdict)
+
+
+def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
+    """What ``backend="auto"`` runs an LSTM on, for CUDA tensors: ``"cuda"`` or ``"torch"``.
+
+    - bfloat16: the persistent CUDA kernel when it can take the inputs (sm_80+, a batch and
+      hidden size that fit, see ``sha_rnn_kernels._cuda.lstm_unsupported_reason``) and has
+      passed its first-use check for this device, dtype, hidden size and batch bucket (see
+      :mod:`sha_rnn_kernels._device_check`); otherwise cuDNN, with a one-time warning saying why.
+      PyTorch runs bf16 LSTMs on cuDNN's standard (step-by-step) algorithm: cited at ~19 ms
+      forward + backward per layer at T=1024, B=16, I=H=1024 on an H100, consistent with ~6 us
+      per forward step (a separate [16, 1024] x [1024, 4096] GEMM launch that streams W_hh's
+      8 MiB from L2, plus the pointwise kernel) and twice that backward. Hidden sizes up to 128
+      stay on cuDNN, which runs them on its persistent "small H" algorithm.
+    - float16: cuDNN. PyTorch picks cuDNN's persistent algorithm for fp16 LSTMs on sm_80+ GPUs
+      with >= 98 SMs (not sm_86) when H <= 1024, H and I are multiples of 128 and the batch is
+      a multiple of 8 up to 128, which covers the paper's shape (cited: ~6.2 ms per layer).
+      Our kernel, estimated: 2.4 us per forward and 4.1 us per backward step (grid barrier,
+      h_{t-1} or dpre_{t+1} read from L2 by every block, a short MMA chain; W_hh stays in
+      shared memory) = 6.7 ms over 1024 steps, plus ~0.7 ms for the four T*B x 1024 x 4096
+      GEMMs around the recurrence (4 x 137 GFLOP at ~800 TFLOP/s) = ~7.4 ms: slower than
+      cuDNN's 6.2 ms. At the kernel's latency goal (1.6 + 2.8 us per step) it would be
+      ~4.5 + 0.7 = ~5.2 ms, ahead by ~1.2x; fp16 moves to the kernel when a measurement shows
+      that, not before. Outside the shapes above, cuDNN's fp16 LSTM is step by step too.
+    - float32: cuDNN (the CUDA kernel takes fp16 and bf16 only).
+
+    Under torch.compile tracing and CUDA-graph capture no check runs: a passing verdict already
+    known (from this process or the disk cache) is used, otherwise cuDNN. All figures are
+    estimates (no GPU measurement yet).
+    """
+    if x.dtype != torch.bfloat16 or weight_hh.shape[1] <= _CUDNN_SMALL_H:
+        return "torch"
+    shape = _lstm_class(x, weight_hh)
+    if _device_check.is_compiling():
+        index = x.device.index if x.device.index is not None else -1
+        known = _known_lstm_verdict(x.device.type, index, "bfloat16", shape)
+        return "cuda" if known else "torch"
+    # The choice for an input class is fixed once made (the reason function and the check
+    # are not repeated on every call).
+    choices = _device_check.FIRST_USE.choices
+    choice_key = (str(x.device), tuple(x.shape[1:]), tuple(weight_hh.shape))
+    choice = choices.get(choice_key)
+    if choice is None:
+        choice = _lstm_auto_choice(x, weight_ih, weight_hh, shape)
+        if choice is not None:
+            choices[choice_key] = choice
+    return choice or "torch"
+
+
+def _lstm_auto_choice(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, shape: tuple):
+    """``_lstm_auto_pick``'s eager decision: "cuda", "torch", or None when no verdict can be had
+    now (capturing a CUDA graph: cuDNN this time, decided again at the next call)."""
+    reason = _cuda_reason(x, weight_ih, weight_hh)
+    if reason is not None:
+        _backend.warn_once(
+            f"lstm:auto:{reason}",
+            f"sha_rnn_kernels.lstm: the persistent CUDA LSTM cannot take these bf16 inputs "
+            f"({reason}); using cuDNN, whose bf16 LSTM runs step by step (several times slower)",
+        )
+        return "torch"
+    verdict = _first_use_lstm(x.device, x.dtype, shape, int(x.shape[1]), weight_ih, weight_hh)
+    if verdict is None:
+        return None
+    if not verdict.passed:
+        _backend.warn_once(
+            f"lstm:first-use:{x.device}:{x.dtype}:{shape}",
+            f"sha_rnn_kernels.lstm: the persistent CUDA LSTM failed its first-use check on "
+            f"{x.device} ({verdict.dtype}, {verdict.shape}: {verdict.describe()}); using cuDNN "
+            f"for these inputs. `python -m sha_rnn_kernels.check` prints every op's check.",
+        )
+        return "torch"
+    return "cuda"
+
+
+def _first_use_lstm(device, dtype, shape, batch, weight_ih, weight_hh):
+    """The first-use verdict of the CUDA LSTM for this input class (running the check if it is
+    unknown), or a process-only "trusted" verdict when checks are turned off."""
+    first_use = _device_check.FIRST_USE
+    if not _device_check.checks_enabled():
+        # Trusted, for this process only (so that torch.compile, which runs no check, sees it).
+        note = f"not checked ({_device_check.CHECK_ENV}=0)"
+        verdict = _device_check.Verdict("lstm", "cuda", str(dtype), str(shape), True, worst=note)
+        first_use.remember(first_use.key("lstm", "cuda", device, dtype, shape), verdict)
+        return verdict
+    hidden = int(weight_hh.shape[1])
+    batches = []
+    for check_batch in _device_check.check_batches(batch):
+        probe = torch.empty(1, check_batch, 1, device=device, dtype=dtype)
+        ok = _cuda_reason(probe, weight_ih[:, :1], weight_hh) is None
+        batches.append(check_batch if ok else batch)
+
+    def run() -> _device_check.Verdict:
+        verdict = None
+        for check_batch in dict.fromkeys(batches):
+            verdict = _device_check.check_lstm(
+                _cuda_lstm_kernel, device, dtype, hidden, check_batch, backend="cuda"
+            )
+            if not verdict.passed:
+                break
+        return verdict
+
+    return first_use.verdict("lstm", "cuda", device, dtype, shape, run)
 
 
 def _check_state(op: str, name: str, t, batch: int, hidden_size: int) -> Tensor:
@@ -361,8 +502,12 @@ def lstm(
         state: ``(h0, c0)``, each ``[B, H]`` or ``[1, B, H]``; None starts from zeros.
         batch_first: layout of ``x`` and of the output.
         backend: ``"auto"``, ``"reference"`` (a step loop), ``"torch"`` (``torch.lstm``: cuDNN
-            on CUDA), ``"triton"`` or ``"cuda"``; None reads the environment. ``"auto"`` uses
-            ``"torch"`` everywhere until the fused kernels are measured faster on a GPU.
+            on CUDA), ``"triton"`` or ``"cuda"`` (the persistent CUDA C++ kernel), or a per-op
+            mapping (its ``"lstm"`` entry); None reads the environment. On CUDA tensors
+            ``"auto"`` runs bfloat16 on the persistent CUDA kernel where it fits and has passed
+            its first-use check on the device, everything else on cuDNN (the reasons are in
+            ``_lstm_auto_pick``); elsewhere it runs ``torch.lstm``. An explicit ``"cuda"`` runs
+            no first-use check.
 
     Returns:
         ``(out, (h_n, c_n))``: ``out [T, B, H]`` (``[B, T, H]`` with ``batch_first``),
@@ -420,10 +565,9 @@ def lstm(
             "triton": lambda: _triton_reason("lstm", x.device, x, weight_ih, weight_hh),
             "cuda": lambda: _cuda_reason(x, weight_ih, weight_hh),
         },
-        # Nothing fused has been timed on a GPU yet, so "auto" stays on cuDNN until the
-        # benchmarks show a kernel ahead (see README, Limits).
         auto_order=("torch",),
         cpu_default="torch",
+        auto_pick=lambda: _lstm_auto_pick(x, weight_ih, weight_hh),
     )
     args = (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
     with _no_autocast(x.device):

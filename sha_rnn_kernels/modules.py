@@ -1,9 +1,13 @@
 """Drop-in ``torch.nn`` modules of the SHA-RNN.
 
 Parameter names follow the original code (shared/SPEC.md), so its state dicts load with
-``strict=True``. Every module takes ``backend=`` (``"auto"``, ``"reference"``, ``"triton"``,
-``"cuda"``; None reads ``SHA_RNN_KERNELS_BACKEND``) and passes it to
-:mod:`sha_rnn_kernels.functional`.
+``strict=True``. Every module takes ``backend=``: one of ``"auto"``, ``"reference"``,
+``"torch"``, ``"triton"``, ``"cuda"`` for every op, or a per-op mapping such as
+``{"lstm": "cuda", "attention": "triton", "boom": "triton"}`` (or the string
+``"lstm=cuda,attention=triton"``; an op left out uses ``"auto"``); None reads
+``SHA_RNN_KERNELS_BACKEND`` at each call. ``"cuda"`` runs the CUDA C++ LSTM, and the Triton
+kernels of Boom and attention, which have no CUDA C++ kernel. The modules pass it to
+:mod:`sha_rnn_kernels.functional`; see :mod:`sha_rnn_kernels._backend`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as SF
-from ._backend import autocast_dtype, default_backend, normalize_backend
+from ._backend import BackendSpec, autocast_dtype, backend_for, default_backend, parse_backend
 from .reference import LAYER_NORM_EPS
 
 __all__ = ["Boom", "LSTM", "SingleHeadAttention", "SHALayer", "SHARNN", "Overparam"]
@@ -24,14 +28,24 @@ __all__ = ["Boom", "LSTM", "SingleHeadAttention", "SHALayer", "SHARNN", "Overpar
 HiddenState = tuple[Tensor, Tensor]
 
 
-def _check_backend(backend: Optional[str], *ops: str) -> Optional[str]:
-    """Validate ``backend`` and, unless it rules Triton out, import the Triton files of ``ops``
-    now: torch.compile(fullgraph=True) cannot trace that import at the first call."""
-    if backend is not None:
-        normalize_backend(backend, ("reference", "torch", "triton", "cuda"))
-    if ops and (backend or default_backend()) in ("auto", "triton"):
-        SF.preload(*ops)
-    return backend
+def _check_backend(backend: BackendSpec, *ops: str) -> BackendSpec:
+    """Validate ``backend`` (a name or a per-op mapping) and return its canonical form (a
+    lower-case name, a dict, or None for "read the environment at each call").
+
+    The Triton files of those ``ops`` that may run Triton under it are imported now:
+    torch.compile(fullgraph=True) cannot trace that import at the first call.
+    """
+    spec = parse_backend(backend)
+    effective = default_backend() if spec is None else spec
+    # "auto" and "cuda" run Triton for Boom and attention; the LSTM runs Triton only on request.
+    triton_ops = [
+        op
+        for op in ops
+        if backend_for(op, effective) == "triton"
+        or (op != "lstm" and backend_for(op, effective) in ("auto", "cuda"))
+    ]
+    SF.preload(*triton_ops)
+    return spec
 
 
 def _check_positive(name: str, value) -> int:
@@ -101,7 +115,7 @@ class Boom(nn.Module):
         embed_dim: int,
         hidden_dim: Optional[int] = None,
         dropout: float = 0.0,
-        backend: Optional[str] = None,
+        backend: BackendSpec = None,
     ) -> None:
         super().__init__()
         embed_dim = _check_positive("embed_dim", embed_dim)
@@ -156,7 +170,7 @@ class LSTM(nn.Module):
         hidden_size: int,
         bias: bool = True,
         batch_first: bool = False,
-        backend: Optional[str] = None,
+        backend: BackendSpec = None,
     ) -> None:
         super().__init__()
         self.input_size = _check_positive("input_size", input_size)
@@ -251,7 +265,7 @@ class SingleHeadAttention(nn.Module):
         embed_dim: int,
         dropout: float = 0.0,
         batch_first: bool = False,
-        backend: Optional[str] = None,
+        backend: BackendSpec = None,
     ) -> None:
         super().__init__()
         self.embed_dim = _check_positive("embed_dim", embed_dim)
@@ -372,7 +386,7 @@ class SHALayer(nn.Module):
         dropout: float = 0.0,
         max_positions: int = 5000,
         batch_first: bool = False,
-        backend: Optional[str] = None,
+        backend: BackendSpec = None,
     ) -> None:
         super().__init__()
         e = self.embed_dim = _check_positive("embed_dim", embed_dim)
@@ -505,7 +519,7 @@ class SHARNN(nn.Module):
         dropouti: float = 0.1,
         max_positions: int = 5000,
         tie_weights: bool = True,
-        backend: Optional[str] = None,
+        backend: BackendSpec = None,
     ) -> None:
         super().__init__()
         self.ntoken = _check_positive("ntoken", ntoken)

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as data_lib
+from ._backend import format_backend
 from .optim import Lamb
 
 LN2 = math.log(2.0)
@@ -114,6 +115,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 _MACHINE_KEYS = ("device", "quiet", "threads")
 
 
+def _backend_arg(value: str) -> str:
+    """``--backend``: validated, in canonical form (a name, or ``op=name,...``)."""
+    try:
+        return format_backend(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line. Every option defaults to None: unset options come from the preset or,
     on ``--resume``, from the checkpoint."""
@@ -152,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--backend",
+        type=_backend_arg,
         default=None,
-        help="kernel backend passed to SHARNN (auto, reference, torch, triton, cuda)",
+        help="kernel backend passed to SHARNN: one of auto, reference, torch, triton, cuda for "
+        "every op, or op=backend pairs for the ops lstm, attention, boom (e.g. "
+        "'lstm=cuda,attention=triton'; ops left out use auto)",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")

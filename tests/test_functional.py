@@ -23,8 +23,8 @@ def test_boom_validation_names_the_argument():
         SF.boom(x, w, dropout=1.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         SF.boom(x, w, backend="fastest")
-    with pytest.raises(ValueError, match="backend='cuda' does not exist for this op"):
-        SF.boom(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="backend\\['boom'\\] must be one of"):
+        SF.boom(x, w, backend={"boom": "fastest"})
     # "torch" means PyTorch's own ops: the reference for an op without a fused torch version
     torch.testing.assert_close(SF.boom(x, w, backend="torch"), SF.boom(x, w, backend="reference"))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
@@ -210,7 +210,9 @@ _COMPILE_SCRIPT = """
 import torch
 from sha_rnn_kernels import SHALayer
 torch.manual_seed(0)
-layer = SHALayer(16, 40, use_attn=True, backend="triton").eval()
+# A per-op mapping, with "cuda" (= Triton) for the attention, traces like one name.
+backend = {"lstm": "triton", "attention": "cuda", "boom": "triton"}
+layer = SHALayer(16, 40, use_attn=True, backend=backend).eval()
 x, mem = torch.randn(3, 2, 16, requires_grad=True), torch.randn(4, 2, 16)
 compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
 out, new_mem, _ = compiled(x, mem)

@@ -5,7 +5,8 @@ torch.nn.LSTM run in float64 with the same weights (and, once, against a plain f
 with a loss that uses out, h_n and c_n together. Low precision follows the tolerance rule of
 sha_rnn_kernels.testing.assert_parity with torch.nn.LSTM in that dtype as the low-precision
 baseline. The GPU tests (paper shape, CUDA graph vs plain launches) need TRITON_INTERPRET=0 and a
-CUDA device.
+CUDA device. The CUDA-graph cache (shape keys, static workspace buffers, jittered lengths) is
+also tested on the CPU, with a stand-in graph that replays the recorded launches.
 """
 
 from dataclasses import dataclass
@@ -350,3 +351,133 @@ def test_lstm_cuda_graph_matches_plain_launches(cuda):
     for label, got, want in zip(labels, changed_graphed, changed_plain):
         assert torch.equal(got, want), f"{label}: graph replay after in-place change differs"
     assert not torch.equal(changed_plain[0], plain[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration, 32-bit offsets and the CUDA-graph cache (CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "B, expected", [(1, (16, 16, 64, 1)), (16, (16, 16, 64, 1)), (17, (32, 16, 64, 2)),
+                    (64, (64, 16, 64, 4)), (200, (64, 16, 64, 4))],
+)  # fmt: skip
+def test_one_warp_per_16_batch_rows(B, expected):
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _ops()._blocks(B, dtype) == expected
+    assert _ops()._blocks(B, torch.float32) == expected[:3] + (4,)  # FMA dots: no MMA copies
+
+
+def test_offsets_past_int32_are_guarded():
+    lstm_ops = _ops()
+    # A [T, B, H] gradient whose hidden dimension is strided past 2^31 elements (a view into
+    # a larger buffer) is made contiguous; steps and batch rows are 64-bit in the kernels.
+    odd = torch.empty_strided((4, 2, 3), (1, 4, 2**30), device="meta")
+    fixed = lstm_ops._int32_safe(odd, (2,))
+    assert fixed.is_contiguous() and fixed.shape == odd.shape
+    normal = torch.empty(4, 2, 3, device="meta")
+    assert lstm_ops._int32_safe(normal, (2,)) is normal
+    batch_strided = torch.empty_strided((4, 2, 3), (3, 2**31, 1), device="meta")
+    assert lstm_ops._int32_safe(batch_strided, (2,)) is batch_strided  # batch is int64
+    assert lstm_ops.size_reason(23170) is None
+    reason = lstm_ops.size_reason(23171)
+    assert reason is not None and "2^31" in reason and "H=23171" in reason
+    x = torch.empty(2, 1, 8, device="meta")
+    w_hh = torch.empty(4 * 23171, 23171, device="meta")
+    with pytest.raises(ValueError, match="H=23171 is too large"):
+        lstm_ops.lstm_forward(x, torch.empty(4 * 23171, 8, device="meta"), w_hh, None, None,
+                              None, None)  # fmt: skip
+
+
+def test_workspace_capacity_grows_in_steps():
+    capacity = _ops().workspace_capacity
+    assert capacity(1) == 64 and capacity(64) == 64 and capacity(65) == 128
+    assert capacity(1000, 1024) == 1024  # jittered lengths below the capacity: no reallocation
+    assert capacity(1030, 1024) == 1280  # at least 1.25x when it must grow
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on the CPU: capture records the launches without running
+    them; replay runs them again, on whatever the captured buffers hold then."""
+
+    def __init__(self, launch_all):
+        self.launch_all = launch_all
+
+    def replay(self):
+        self.launch_all()
+
+
+def test_graph_cache_is_keyed_on_shapes_with_static_buffers(device, monkeypatch):
+    """The graph path with a stand-in graph under the interpreter: every call brings new
+    tensors (new addresses) and the lengths jitter, yet each length is captured once and
+    replayed after, and every result equals the plain launches' bit for bit (a replay reads
+    only what was copied into the workspace, so a missed copy or a stale graph shows)."""
+    lstm_ops = _ops()
+    if device.type == "cpu":
+        monkeypatch.setattr(lstm_ops, "_graphs_apply", lambda dev: True)
+        monkeypatch.setattr(lstm_ops, "_capture", lambda launch_all, dev: _FakeGraph(launch_all))
+        monkeypatch.setattr(lstm_ops, "_stream_id", lambda dev: 0)
+    monkeypatch.setattr(lstm_ops, "_CAPACITY_STEP", 4)  # small capacities: regrowth at T=9
+    previous = lstm_ops.set_cuda_graphs(True, capture_after=1)
+    lstm_ops.clear_cuda_graphs()
+    names = ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "h0", "c0")
+    lengths = [5, 6, 5, 3, 6, 5, 9, 5, 5]  # 9 outgrows the first workspace (capacity 8)
+
+    def run(seed, steps):
+        torch.manual_seed(seed)
+        case = make_case(steps, 3, 8, 16)
+        leaves = _leaves(case, torch.float32, device)
+        out, h_n, c_n = lstm_ops.lstm(*[leaves.get(n) for n in names])
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad((out, h_n, c_n), [leaves[n] for n in names],
+                                    (grad, torch.ones_like(h_n), c_n.detach()))  # fmt: skip
+        return [t.detach() for t in (out, h_n, c_n, *grads)]
+
+    try:
+        before = lstm_ops.cuda_graph_stats()
+        graphed = [run(seed, steps) for seed, steps in enumerate(lengths)]
+        stats = {k: v - before[k] for k, v in lstm_ops.cuda_graph_stats().items()}
+        workspaces = list(lstm_ops._WORKSPACES.values())
+        graph_keys = list(lstm_ops._GRAPHS)
+        if device.type == "cpu":
+            monkeypatch.setattr(lstm_ops, "_graphs_apply", lambda dev: False)
+        else:
+            lstm_ops.set_cuda_graphs(False)
+        plain = [run(seed, steps) for seed, steps in enumerate(lengths)]
+    finally:
+        lstm_ops.set_cuda_graphs(*previous)
+        lstm_ops.clear_cuda_graphs()
+    for call, (got, want) in enumerate(zip(graphed, plain)):
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"call {call} (T={lengths[call]}), result {index} differs"
+    assert len(workspaces) == 1 and workspaces[0].capacity == 12
+    assert workspaces[0].generation == 2
+    # T=5: plain, capture+replay, replay; T=6: plain, capture+replay; T=3: plain; T=9: plain
+    # (it regrows the workspace: graphs of the old buffers are dropped); T=5 again: plain,
+    # capture+replay. Forward and backward alike.
+    assert stats == {"plain": 10, "captures": 6, "replays": 8}, stats
+    assert sorted(k[2] for k in graph_keys if k[0] == "fwd") == [5]
+    assert {k[1][1] for k in graph_keys} == {2}
+
+
+def test_returned_tensors_do_not_alias_the_workspace(device, monkeypatch):
+    lstm_ops = _ops()
+    if device.type == "cpu":
+        monkeypatch.setattr(lstm_ops, "_graphs_apply", lambda dev: True)
+        monkeypatch.setattr(lstm_ops, "_capture", lambda launch_all, dev: _FakeGraph(launch_all))
+        monkeypatch.setattr(lstm_ops, "_stream_id", lambda dev: 0)
+    lstm_ops.clear_cuda_graphs()
+    try:
+        case = make_case(4, 2, 8, 16)
+        args = [getattr(case, n) for n in ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                           "h0", "c0")]  # fmt: skip
+        args = [a.to(device=device, dtype=torch.float32) for a in args]
+        results = lstm_ops.lstm_forward(*args)
+        (ws,) = lstm_ops._WORKSPACES.values()
+        buffers = [ws.pre, ws.gates, ws.seq, ws.cells, ws.h_n, ws.c_n, ws.state]
+        for result in results:
+            for buffer in buffers:
+                start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.nbytes
+                assert not start <= result.data_ptr() < end
+    finally:
+        lstm_ops.clear_cuda_graphs()
