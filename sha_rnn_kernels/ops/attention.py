@@ -279,12 +279,14 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_value_dropout_kernel(
-    X, OUT, n_rows, width, stride_x_row, stride_x_col, value_dropout_p, keep_scale, value_seed,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    X, OUT, n_rows, width, stride_x_row, stride_x_col, first_row, value_dropout_p, keep_scale,
+    value_seed, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """``OUT[r, e] = X[r, e] * keep(r*E + e) / (1 - p_v)`` over the rows r = (j, b) of a
-    ``[K, B, E]`` tensor: the dropped values W in forward, ``dv`` from ``dW`` in backward (in
-    place, X = OUT). The mask is drawn once per element, from the Philox key ``seed + 2**32``.
+    """``OUT[r, e] = X[r, e] * keep((first_row + r)*E + e) / (1 - p_v)`` over the rows
+    r = (j, b) of a ``[K', B, E]`` tensor that starts at row ``first_row`` of the full
+    ``[K, B, E]`` one: the dropped values W in forward (first_row 0), ``dv`` from ``dW`` in
+    backward (in place, X = OUT; only the keys past the detached ones). The mask is drawn once per
+    element, from the Philox key ``seed + 2**32`` on the full tensor's element index.
     Grid ``(cdiv(rows, BLOCK_R), cdiv(E, BLOCK_E))``. Nothing is saved (backward redraws the mask).
     """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -294,7 +296,7 @@ def _attention_value_dropout_kernel(
     x_ptrs = X + rows64[:, None] * stride_x_row + offs_e[None, :] * stride_x_col
     x = tl.load(x_ptrs, mask=mask, other=0.0)
     elems = rows64[:, None] * width + offs_e[None, :]
-    keep = tl.rand(value_seed, elems) >= value_dropout_p
+    keep = tl.rand(value_seed, elems + first_row.to(tl.int64) * width) >= value_dropout_p
     out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
     tl.store(OUT + elems, out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -392,9 +394,11 @@ def _gate_rows(
 
 
 def _drop_values(
-    x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None
+    x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None, first_key: int = 0
 ) -> torch.Tensor:
-    """``dropout(x)`` with the value stream of ``seed`` into ``out`` (contiguous [K, B, E])."""
+    """``dropout(x)`` with the value stream of ``seed`` into ``out`` (contiguous [K', B, E]);
+    ``x`` holds keys ``first_key..first_key+K'-1`` of the full value tensor (the mask is the
+    full tensor's)."""
     key_len, batch, width = x.shape
     x_rows, stride_row, stride_col = _as_rows(x)
     if out is None:
@@ -402,8 +406,8 @@ def _drop_values(
     block_r, block_e, warps = _rows_blocks(width, 4)
     grid = (triton.cdiv(key_len * batch, block_r), triton.cdiv(width, block_e))
     _attention_value_dropout_kernel[grid](
-        x_rows, out, key_len * batch, width, stride_row, stride_col, p, _keep_scale(p),
-        seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+        x_rows, out, key_len * batch, width, stride_row, stride_col, first_key * batch, p,
+        _keep_scale(p), seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
     )
     return out
 
@@ -451,7 +455,8 @@ def attention_forward(
     """Forward. Returns ``out [T, B, E]`` and what backward needs: ``out_ungated`` (``P_d W``,
     [T, B, E], empty without a value gate), ``probs`` and ``dropped`` ([B, T, K]; empty when
     chunked, dropped also without attention dropout), ``lse [B, T]`` fp32 (base 2) and
-    ``values`` (the dropped values W [K, B, E], empty without value dropout). All contiguous."""
+    ``values`` (the dropped values W [K, B, E], empty without value dropout). All contiguous.
+    The forward reads every key and value: ``detached_keys`` only changes the backward."""
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     memory_len = key_len - seq_len
@@ -521,11 +526,15 @@ def attention_backward(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward. Returns ``dq, dk, dv`` (contiguous) and the gate gradients (``[E]``, or empty
-    tensors for an absent gate)."""
+    tensors for an absent gate). The first ``detached_keys`` rows of dk and dv are zero-filled
+    and no product, nor the value-dropout pass, touches them (dq and the gate gradients still
+    see every key: they come from dS and dO)."""
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
+    detached = detached_keys
     memory_len = key_len - seq_len
     device, dtype = q.device, q.dtype
     attn_dropout = dropout_p > 0.0
@@ -545,11 +554,15 @@ def attention_backward(
         dq_gated = empty(seq_len, batch, width, dtype=dtype, device=device)
         dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
         dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
+        # Rows of detached keys: an exact zero gradient, one memset each, no product.
+        dk[:detached].zero_()
+        dv[:detached].zero_()
         size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
         grad_scores = empty(size, dtype=dtype, device=device)
         scratch = None if saved else empty(size, dtype=dtype, device=device)
         qk_scale = math.log2(math.e) / math.sqrt(width)
-        # The last chunk sees every key, so it writes dk and dv whole; earlier ones add to them.
+        # The last chunk sees every key, so it writes dk and dv (past the detached keys) whole;
+        # earlier ones add to the keys they see.
         for index, (t0, t1, cols) in enumerate(reversed(plan)):
             rows = t1 - t0
             grad_gated_c = _batch_major(grad_gated)[:, t0:t1]
@@ -570,13 +583,18 @@ def attention_backward(
                 qk_scale, 1.0 / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
                 RECOMPUTE=not saved, ATTN_DROPOUT=attn_dropout, WRITE_PD=not saved,
             )
-            first = index == 0
-            _accumulate(_batch_major(dv)[:, :cols], p_drop.transpose(1, 2), grad_gated_c, first)
-            queries = _batch_major(q_gated)[:, t0:t1]
-            _accumulate(_batch_major(dk)[:, :cols], ds.transpose(1, 2), queries, first)
+            if cols > detached:
+                first = index == 0
+                live = slice(detached, cols)
+                p_live = p_drop[:, :, live].transpose(1, 2)
+                _accumulate(_batch_major(dv)[:, live], p_live, grad_gated_c, first)
+                queries = _batch_major(q_gated)[:, t0:t1]
+                _accumulate(_batch_major(dk)[:, live], ds[:, :, live].transpose(1, 2), queries,
+                            first)
             torch.bmm(ds, _batch_major(k)[:, :cols], out=_batch_major(dq_gated)[:, t0:t1])
-        if value_dropout_p > 0.0:
-            _drop_values(dv, value_dropout_p, seed, out=dv)
+        if value_dropout_p > 0.0 and detached < key_len:
+            dv_live = dv[detached:]
+            _drop_values(dv_live, value_dropout_p, seed, out=dv_live, first_key=detached)
         if key_gate is not None:
             dq, _, dkg = _gate_rows(dq_gated, key_gate, q, partial=True)
         else:
@@ -597,12 +615,14 @@ def _attention_fwd_op(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # detached_keys is in the schema for the autograd context; the forward reads every key.
     return attention_forward(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed):
+def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys):
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     single = _fits(batch, seq_len, key_len, q.dtype)
@@ -634,16 +654,17 @@ def _attention_bwd_op(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(
         grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-        dropout_p, value_dropout_p, seed,
+        dropout_p, value_dropout_p, seed, detached_keys,
     )
 
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-      dropout_p, value_dropout_p, seed):
+      dropout_p, value_dropout_p, seed, detached_keys):
     def gate_grad(gate):
         return gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
 
@@ -654,9 +675,9 @@ def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed = inputs
+    q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys = inputs
     ctx.save_for_backward(q, k, v, key_gate, value_gate, *output)
-    ctx.dropout = (dropout_p, value_dropout_p, seed)
+    ctx.dropout = (dropout_p, value_dropout_p, seed, detached_keys)
     ctx.has_gates = (key_gate is not None, value_gate is not None)
 
 
@@ -668,7 +689,7 @@ def _backward(ctx, grad_out, *unused):
     has_key_gate, has_value_gate = ctx.has_gates
     return (
         dq, dk, dv, dkg if has_key_gate else None, dvg if has_value_gate else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 
@@ -695,6 +716,7 @@ def attention(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int = 0,
 ) -> torch.Tensor:
     """Single-head causal attention over memory + segment (cuBLAS + Triton), differentiable.
 
@@ -705,6 +727,10 @@ def attention(
             ``k * key_gate``, the values ``dropout(v * value_gate, value_dropout_p)``.
         dropout_p: dropout on the attention weights; value_dropout_p: elementwise dropout on the
             gated values; seed: the Philox seed of both (drawn by the caller).
+        detached_keys: ``0 <= n <= K``: the first n keys and values receive no gradient (the
+            memory of earlier segments), as if the op ran on ``cat([k[:n].detach(), k[n:]])``
+            (and the same for v). Their rows of dk and dv are exactly zero and cost no product;
+            the gates' and q's gradients still include them.
 
     Returns:
         ``[T, B, E]`` contiguous: ``dropout(softmax(q k_eff^T / sqrt(E) + causal mask)) @ v_eff``,
@@ -718,7 +744,10 @@ def attention(
     # The kernels read the gates as contiguous [E] vectors (a strided or expanded gate is copied).
     key_gate = key_gate.contiguous() if key_gate is not None else None
     value_gate = value_gate.contiguous() if value_gate is not None else None
+    if not 0 <= detached_keys <= k.shape[0]:
+        raise ValueError(f"detached_keys must be in [0, K = {k.shape[0]}]; got {detached_keys}")
     outputs = _attention_fwd_op(
-        q, k, v, key_gate, value_gate, float(dropout_p), float(value_dropout_p), int(seed)
+        q, k, v, key_gate, value_gate, float(dropout_p), float(value_dropout_p), int(seed),
+        int(detached_keys),
     )
     return outputs[0]
