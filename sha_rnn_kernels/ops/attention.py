@@ -26,6 +26,25 @@ memory-bound Triton kernels:
   ``dQ_g = dS k``, ``dk = dS^T (q * gk)`` (cuBLAS); ``dv = dW * keep_v / (1-p_v)``
   (``_attention_value_dropout_kernel``, in place); ``dq = dQ_g * gk``, ``dgk = sum_rows(dQ_g * q)``.
 
+Detached keys (``detached_keys = n``). In an SHA-RNN the first ``M = K - T`` keys and values are
+the memory of earlier segments, detached: their dk and dv are thrown away. The op then returns
+exactly what it would for ``cat([k[:n].detach(), k[n:]])`` (same for v), and computes
+``dW = P_d[:, :, n:]^T dO_g``, ``dk = dS[:, :, n:]^T (q * gk)`` and the value-dropout pass only for
+keys ``j >= n``; rows ``j < n`` of dk and dv are zero-filled (one memset each: a custom op must
+return a gradient of k's shape). Nothing else depends on them. With ``S_ij = sum_e q_ie gk_e k_je``
+and ``O = gv * (P_d W)``:
+
+- ``dq = gk * dQ_g`` with ``dQ_g = dS k`` over every key, detached or not;
+- ``dgk_e = sum_ij dS_ij q_ie k_je = sum_i q_ie dQ_g,ie``: the key gate multiplies the detached
+  keys too, and their share reaches it through the scores (dS covers every key), not through dk;
+- ``dgv_e = sum_i dO_ie O_u,ie`` with ``O_u = P_d W`` over every value;
+- ``dk_j = (dS^T (q * gk))_j`` and ``dv_j = keep_v * (P_d^T dO_g)_j / (1-p_v)`` for ``j >= n``,
+  0 for ``j < n``.
+
+So dq and both gate gradients are bit for bit those of ``detached_keys=0``. The forward reads every
+key and value as before; the chunked path skips the dk/dv products of chunks that see only
+detached keys and restricts the others to keys ``n..K_c-1``.
+
 Gates are folded, never materialised on the long [K, B, E] tensors: ``(q*gk).k = q.(gk*k)``
 and ``P (gv * W) = gv * (P W)``. The value-dropout mask is drawn once per element, by one
 elementwise kernel in forward (``W``) and once more in backward (``dv``); the attention-dropout
@@ -42,46 +61,66 @@ chunk's S (one extra product, the design's "one recompute") and accumulates dk, 
 with ``baddbmm_`` in the compute dtype (one extra rounding per chunk in fp16/bf16).
 
 Estimates (no GPU here; figures are **estimated** by counting, not measured). Paper shape T=1024,
-K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), H100 (about
-800 TFLOP/s measured bf16 GEMM on large square shapes, ~3 TB/s HBM).
-- One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP. Visible (query, key) pairs:
-  ``B (T M + T (T+1)/2)`` = 73.54M, so ``G = 2 E pairs`` = 150.6 GFLOP.
-  cuBLAS cannot skip the masked triangle, so each product costs 167.8 GFLOP (1.114 G).
-- FLOPs run: forward 2 products (S, O) = 335.5 GFLOP; backward 4 (dP, dV, dQ, dK; P is saved,
-  so S is not recomputed) = 671 GFLOP; total 1006.6 GFLOP = ``12 B T K E`` = 0.86x the
-  ``14 B T K E`` budget (1174 GFLOP). The chunked path adds the recompute of S but each chunk
-  only sees ``t1 + M`` keys: at most ``14 B T K E`` (1.0x). A "minimum of 2G forward and 5G
-  backward" counts a recompute of S that saving P avoids (6G here, not 7G), and a "floor of
-  ~1.1 ms" for 7G holds at the 989 TFLOP/s datasheet peak, not at the 800 TFLOP/s measured rate
-  (1.32 ms).
+K=5000 (M = 3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), as the
+SHA-RNN runs it (``detached_keys = M``) unless said otherwise; H100 (about 800 TFLOP/s measured
+bf16 GEMM on large square shapes, ~3 TB/s HBM).
+- One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP; one over the segment keys only
+  (``2 B T T E``) = 34.4 GFLOP. Visible (query, key) pairs: ``B (T M + T (T+1)/2)`` = 73.54M,
+  so ``G = 2 E pairs`` = 150.6 GFLOP. cuBLAS cannot skip the masked triangle, so each
+  full product costs 167.8 GFLOP (1.114 G).
+- FLOPs run: forward 2 products (S, O) = 335.5 GFLOP; backward dP, dQ over every key
+  (335.5 GFLOP) and dV, dK over the T non-detached keys (68.7 GFLOP; P is saved, so S is not
+  recomputed) = 404.3 GFLOP; total 739.8 GFLOP = 0.63x the ``14 B T K E`` budget (1174 GFLOP).
+  Without detached keys the backward runs 4 full products (671 GFLOP; total 1006.6 GFLOP =
+  ``12 B T K E``, 0.86x): detaching the memory saves 266.8 GFLOP, 26.5% of the FLOPs. The
+  chunked path adds the recompute of S, each chunk against the ``t1 + M`` keys it sees: at most
+  ``14 B T K E`` (1.0x) without detached keys, ~0.77x with. Counting visible pairs only, the
+  least a design could run (no recompute, dK/dV over the segment's visible pairs) is 636.8
+  GFLOP; a "minimum of 2G forward and 5G backward" counts a recompute of S that saving P avoids,
+  and a "floor of ~1.1 ms" for 7G holds at the 989 TFLOP/s datasheet peak, not at the
+  800 TFLOP/s measured rate (1.32 ms).
 - GEMM time: these are large, well-shaped batched GEMMs (every dimension >= 1024, 16 batches,
-  5120 tiles of 128x128 per product), but 5000 is not a multiple of 128 (2% padding) and the
-  operands are strided (ld = B*E), so we assume 650-800 TFLOP/s: 1.26-1.55 ms for the six.
+  5120 tiles of 128x128 per full product, 1024 per segment-only one: 7.8 waves of 132 SMs), but
+  5000 is not a multiple of 128 (2% padding) and the operands are strided (ld = B*E), so we
+  assume 650-800 TFLOP/s: 0.92-1.14 ms for the six (1.26-1.55 ms without detached keys).
 - HBM bytes of the memory-bound passes (one [B, T, K] bf16 tensor = 163.8 MB, of which 89.8%
-  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB): forward ``q*gk`` 67 MB, value dropout W
-  328 MB, row pass (read the visible S once, the second read assumed to hit L2; write P and P_d)
-  475 MB, ``O_u*gv`` 67 MB: ~0.94 GB, 0.31 ms. Backward preprocess 101 MB, ``q*gk`` again 67 MB,
-  row pass (read the visible P and dP, write dS) 458 MB, dv dropout 328 MB, ``dq``/``dgk``
-  101 MB: ~1.06 GB, 0.35 ms. The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under
-  their compute (0.21-0.26 ms each).
+  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB; [M, B, E] = 130.3 MB): forward ``q*gk``
+  67 MB, value dropout W 328 MB, row pass (read the visible S once, the second read assumed to
+  hit L2; write P and P_d) 475 MB, ``O_u*gv`` 67 MB: ~0.94 GB, 0.31 ms. Backward preprocess
+  101 MB, ``q*gk`` again 67 MB, row pass (read the visible P and dP, write dS) 458 MB, dv dropout
+  over the T live keys 67 MB (328 MB over all K), the zero fill of the detached rows of dk and
+  dv 2 x 130 MB (write only, ~0.087 ms), ``dq``/``dgk`` 101 MB: ~1.05 GB, 0.35 ms, the same as
+  without detached keys (the zero fill costs what the shorter dv pass saves). The GEMMs' own
+  traffic (<= ~0.4 GB each, ~0.13 ms) hides under their compute.
 - Estimated total, training config: forward 0.42-0.52 + 0.31 = 0.73-0.83 ms; forward+backward
-  1.26-1.55 + 0.66 = 1.9-2.2 ms. Against earlier estimates by the same kind of analysis (the
-  previous flash-style kernels ~44 ms, the eager reference ~5.3 ms, torch.compile of it ~2.6 ms):
-  about 20x, 2.4-2.8x and only 1.2-1.35x, since torch.compile runs the same six cuBLAS products
-  plus fused elementwise kernels. A 1.5 ms target is NOT met by this estimate: the memory-bound
-  passes (~0.66 ms) would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which
-  this design leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward
-  ~0.42-0.52 + 0.15 = 0.57-0.67 ms.
+  0.92-1.14 + 0.66 = 1.59-1.80 ms with ``detached_keys = M`` (1.9-2.2 ms with 0). Against
+  earlier estimates by the same kind of analysis (the previous flash-style kernels ~44 ms, the
+  eager reference ~5.3 ms, torch.compile of it ~2.6 ms): about 25x, 2.9-3.3x and 1.4-1.65x.
+  Neither the eager reference nor its compiled form can skip the memory's dK: their key-gate
+  gradient is ``sum(d(k*gk) * k)`` over every key, which needs the full product.
+  **The 1.5 ms goal is NOT met by this estimate** (1.59-1.80 ms). What is left, estimated:
+  (a) skip the masked triangle of the segment: split the queries into 4 blocks of 256, each
+  against the keys it can see (``t1 + M``; P written into the full [B, T, K] buffer through
+  views, so the row passes need a row stride) and compute dK/dV by blocks of keys, each against
+  the queries that see it (no accumulation): 3/8 of the T x T triangle per batch is skipped in
+  S, O, dP, dQ (7.7% of each, 51.5 GFLOP) and in the segment-only dV, dK (25.8 GFLOP), 77 GFLOP,
+  ~0.10-0.12 ms; not done here (it restructures both row passes and the backward loop);
+  (b) drop the 0.087 ms zero fill with a form of the op that takes memory and segment keys as
+  two tensors (the memory never differentiated); (c) move the memory-bound passes (~0.66 ms)
+  into GEMM prologues/epilogues (Triton GEMMs), which this design leaves to cuBLAS. (a) + (b)
+  give ~1.40-1.59 ms: the goal would be met only at the upper GEMM efficiency. Eval config
+  (gates, no dropout): no W, no P_d, forward ~0.42-0.52 + 0.15 = 0.57-0.67 ms.
 - Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
   switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
   autotuning (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
 - Peak memory above the inputs, training config, forward+backward: forward allocates W, P, P_d
   (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all but q*gk; backward adds dP/dS,
-  dk, dv (3 x 164 MB) and dO_g, q*gk, dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager
-  reference keeps k*gk, dropout(v*gv) and its mask, the fp32 softmax, the dropped bf16 weights
-  and their mask (~0.98 GB), peaks at ~1.1 GB in forward (two fp32 score temporaries) and at
-  ~1.7-2 GB in backward (its fp32 score gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the
-  recompute of S (+168 GFLOP, ~0.22 ms) for ~0.5 GB.
+  dk, dv (3 x 164 MB: dk and dv stay full-size, with zero-filled detached rows) and dO_g, q*gk,
+  dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager reference keeps k*gk, dropout(v*gv) and
+  its mask, the fp32 softmax, the dropped bf16 weights and their mask (~0.98 GB), peaks at
+  ~1.1 GB in forward (two fp32 score temporaries) and at ~1.7-2 GB in backward (its fp32 score
+  gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the recompute of S (+168 GFLOP, ~0.22 ms)
+  for ~0.5 GB.
 """
 
 import contextlib
