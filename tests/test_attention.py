@@ -5,8 +5,11 @@ Parity against float64 (forward, dQ, dK, dV, d key_gate, d value_gate) on odd sh
 chunk and with the query chunking forced by a tiny score budget; the causal mask with its memory
 offset; a NaN in a future key (kernel and reference); dropout masks recovered from the kernel and
 checked between forward and backward, identical when chunked, reproducible from the seed;
-strided and batch-first inputs, strided and expanded gates, autocast; and GPU-only checks at the
-paper's shape (parity, peak memory against the eager reference, device guard).
+strided and batch-first inputs, strided and expanded gates, autocast; ``detached_keys`` (the
+memory's keys and values get an exactly zero gradient, everything else as on
+``cat([k[:n].detach(), k[n:]])``, chunked or not, with dropout; SHALayer passes its memory
+length); the query blocks that skip the masked triangle; and GPU-only checks at the paper's
+shape (parity, peak memory against the eager reference, device guard).
 """
 
 import math
