@@ -4,6 +4,11 @@ width E, causal with the memory fully visible, key and value gates ``[E]``.
 Two configurations, as the model runs them: ``fwd`` rows are inference (``"config": "eval"``:
 gates on, no dropout, ``no_grad``); ``fwd+bwd`` rows are training (``"config": "train"``: gates
 on, attention-weight dropout and value dropout both 0.1, gradients of q, k, v and both gates).
+As in the model, whose memory is detached, the ``sha_rnn_kernels`` and ``triton`` training rows
+pass ``detached_keys = K - T`` (the row's ``detached_keys``): the first K - T keys and values get
+a zero gradient and no dK/dV product. The baselines run as they would in the model: their
+key-gate gradient needs ``d(k * gate)`` over every key, so they compute the full products
+whether or not the memory is detached (an explicit detach would only add a copy).
 
 Impls: ``sha_rnn_kernels`` (``functional.single_head_attention``, ``backend="auto"``),
 ``triton``, ``sdpa``, ``eager`` (the reference), ``compile`` (``torch.compile`` of the
@@ -141,10 +146,12 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
             import sha_rnn_kernels.functional as SF
 
             backend = {"sha_rnn_kernels": "auto", "eager": "reference"}.get(impl, impl)
+            detached = shape["K"] - shape["T"] if grad and impl != "eager" else 0
+            extra["detached_keys"] = detached
             forward = lambda p: SF.single_head_attention(
                 p["q"], p["k"], p["v"], backend=backend, key_gate=p["key_gate"],
                 value_gate=p["value_gate"], dropout=dropout, value_dropout=dropout,
-                training=training,
+                training=training, detached_keys=detached,
             )  # fmt: skip
             with torch.no_grad():  # raises BackendUnavailableError when the backend cannot run
                 forward(rotation.first)

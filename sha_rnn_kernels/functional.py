@@ -234,6 +234,7 @@ def single_head_attention(
     value_gate: Optional[Tensor] = None,
     value_dropout: float = 0.0,
     seed: Optional[int] = None,
+    detached_keys: int = 0,
 ) -> Tensor:
     """One attention head of width ``E`` over ``K >= T`` keys (memory, then the segment).
 
@@ -254,6 +255,10 @@ def single_head_attention(
         value_gate: optional ``[E]`` gate multiplying every value.
         value_dropout: elementwise dropout on the gated values (when ``training``).
         seed: dropout seed for the Triton kernel (default: drawn from torch's CPU generator).
+        detached_keys: ``0 <= n <= K``: the first n keys and values receive no gradient (the
+            memory of earlier segments); the result is that of ``cat([k[:n].detach(), k[n:]])``
+            (and the same for v), so the gates' gradients still include them. The Triton
+            backward skips their share of the dK and dV products.
 
     Returns:
         ``[T, B, E]`` (``[B, T, E]`` with ``batch_first``).
@@ -285,6 +290,14 @@ def single_head_attention(
             f"{op}: k must hold at least as many keys as there are queries (K >= T, the segment's "
             f"own keys come last); got K = {key_len}, T = {query_len}"
         )
+    if (
+        isinstance(detached_keys, bool)
+        or not isinstance(detached_keys, int)
+        or not 0 <= detached_keys <= key_len
+    ):
+        raise ValueError(
+            f"{op}: detached_keys must be an int in [0, K = {key_len}]; got {detached_keys!r}"
+        )
     key_gate = _gate(op, "key_gate", key_gate, width)
     value_gate = _gate(op, "value_gate", value_gate, width)
     p = check_probability("dropout", dropout, op)
@@ -313,7 +326,7 @@ def single_head_attention(
         if name == "reference":
             out = reference.single_head_attention(
                 q, k, v, dropout_p=p, training=training, key_gate=key_gate,
-                value_gate=value_gate, value_dropout_p=pv,
+                value_gate=value_gate, value_dropout_p=pv, detached_keys=detached_keys,
             )  # fmt: skip
         else:
             module, _ = _triton_module("attention")
@@ -321,7 +334,7 @@ def single_head_attention(
                 seed = _backend.draw_seed()
             out = module.attention(
                 q, k, v, key_gate=key_gate, value_gate=value_gate, dropout_p=p,
-                value_dropout_p=pv, seed=0 if seed is None else seed,
+                value_dropout_p=pv, seed=0 if seed is None else seed, detached_keys=detached_keys,
             )  # fmt: skip
     return out.transpose(0, 1) if batch_first else out
 

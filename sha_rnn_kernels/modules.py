@@ -316,7 +316,11 @@ class SingleHeadAttention(nn.Module):
         self.vs.copy_(self.value_gate().reshape_as(self.vs))
         self.vq = None
 
-    def forward(self, query: Tensor, key: Tensor, value: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Optional[Tensor] = None, detached_keys: int = 0
+    ) -> Tensor:
+        """``detached_keys``: the first n keys and values get no gradient (earlier segments'
+        memory; see :func:`sha_rnn_kernels.functional.single_head_attention`)."""
         if value is None:
             value = key
         e = self.embed_dim
@@ -336,7 +340,7 @@ class SingleHeadAttention(nn.Module):
             q, key, value, dropout=self.dropout, training=self.training,
             batch_first=self.batch_first, backend=self.backend,
             key_gate=torch.sigmoid(self.ks).reshape(e), value_gate=self.value_gate(),
-            value_dropout=self.dropout,
+            value_dropout=self.dropout, detached_keys=detached_keys,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -456,13 +460,15 @@ class SHALayer(nn.Module):
         if self.attn is not None:
             mh = _layer_norm(self.lnmem, h, dtype)
             h = _layer_norm(self.lnmid, h, dtype)
-            if mem is None or mem.shape[0] == 0:
+            memory_len = 0 if mem is None else mem.shape[0]
+            if memory_len == 0:
                 big = mh
             else:
                 mem = mem.detach()
                 big = torch.cat([mem if dtype is None else mem.to(dtype), mh], 0)
             new_mem = big[-self.max_positions :]
-            h = F.dropout(self.attn(h, big, big), p, training) + h
+            # The memory is detached: its keys and values need no dK/dV products.
+            h = F.dropout(self.attn(h, big, big, detached_keys=memory_len), p, training) + h
         ff_in = _layer_norm(self.lnxff, h, dtype)
         h = _layer_norm(self.lnff, h, dtype)
         h = F.dropout(self.ff(ff_in), p, training) + h

@@ -65,6 +65,7 @@ def single_head_attention(
     key_gate: Optional[Tensor] = None,
     value_gate: Optional[Tensor] = None,
     value_dropout_p: float = 0.0,
+    detached_keys: int = 0,
 ) -> Tensor:
     """One attention head of width E over ``K >= T`` keys, causal with the memory visible.
 
@@ -72,9 +73,15 @@ def single_head_attention(
 
         k' = k * key_gate;  v' = dropout(v * value_gate, value_dropout_p)
         out = dropout(softmax(q k'^T / sqrt(E) + mask), dropout_p) v'
+
+    The first ``detached_keys`` keys and values receive no gradient (the memory of earlier
+    segments): k and v are ``cat([k[:n].detach(), k[n:]])``; the gates still see every key.
     """
     query_len, _, width = q.shape
     key_len = k.shape[0]
+    if detached_keys > 0:
+        k = torch.cat([k[:detached_keys].detach(), k[detached_keys:]])
+        v = torch.cat([v[:detached_keys].detach(), v[detached_keys:]])
     if key_gate is not None:
         k = k * key_gate
     if value_gate is not None:

@@ -5,8 +5,11 @@ Parity against float64 (forward, dQ, dK, dV, d key_gate, d value_gate) on odd sh
 chunk and with the query chunking forced by a tiny score budget; the causal mask with its memory
 offset; a NaN in a future key (kernel and reference); dropout masks recovered from the kernel and
 checked between forward and backward, identical when chunked, reproducible from the seed;
-strided and batch-first inputs, strided and expanded gates, autocast; and GPU-only checks at the
-paper's shape (parity, peak memory against the eager reference, device guard).
+strided and batch-first inputs, strided and expanded gates, autocast; ``detached_keys`` (the
+memory's keys and values get an exactly zero gradient, everything else as on
+``cat([k[:n].detach(), k[n:]])``, chunked or not, with dropout; SHALayer passes its memory
+length); the query blocks that skip the masked triangle; and GPU-only checks at the paper's
+shape (parity, peak memory against the eager reference, device guard).
 """
 
 import math
@@ -39,10 +42,13 @@ def _visible(seq_len: int, key_len: int, device=None) -> torch.Tensor:
 
 
 def reference(q, k, v, key_gate=None, value_gate=None, attn_keep=None, value_keep=None,
-              dropout_p=0.0, value_dropout_p=0.0):
-    """The issue's formula in the inputs' dtype; attn_keep [B, T, K], value_keep [K, B, E]."""
+              dropout_p=0.0, value_dropout_p=0.0, detached_keys=0):
+    """The issue's formula in the inputs' dtype; attn_keep [B, T, K], value_keep [K, B, E];
+    the first detached_keys keys and values are detached."""
     seq_len, _, width = q.shape
     key_len = k.shape[0]
+    k = torch.cat([k[:detached_keys].detach(), k[detached_keys:]])
+    v = torch.cat([v[:detached_keys].detach(), v[detached_keys:]])
     k_eff = k * key_gate if key_gate is not None else k
     v_eff = v * value_gate if value_gate is not None else v
     if value_keep is not None:
@@ -156,11 +162,11 @@ def test_chunked_path_equals_one_chunk(ops, device, monkeypatch):
     grad_out = torch.randn(seq_len, batch, width, device=device)
     kwargs = dict(dropout_p=0.3, value_dropout_p=0.2, seed=99)
     out, grads = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
-    saved = ops._attention_fwd_op(*inputs, 0.3, 0.2, 99)
+    saved = ops._attention_fwd_op(*inputs, 0.3, 0.2, 99, 0)
     assert saved[2].shape == (batch, seq_len, key_len)  # one chunk: P is saved
 
     _force_chunks(ops, monkeypatch, batch, seq_len, key_len, torch.float32, rows=4)
-    saved = ops._attention_fwd_op(*inputs, 0.3, 0.2, 99)
+    saved = ops._attention_fwd_op(*inputs, 0.3, 0.2, 99, 0)
     assert saved[2].numel() == 0 and saved[3].numel() == 0  # chunked: only the LSE is saved
     out_c, grads_c = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
     assert_parity("out", out_c, out.double(), atol=1e-6)
@@ -353,6 +359,176 @@ def test_dropout_masks_shared_by_forward_and_backward(ops, device):
         assert_parity(name, got, want)
 
 
+def test_one_buffer_path_skips_the_masked_block_triangle(ops, device):
+    """The saved [B, T, K] probabilities are written block by block, each block of queries only
+    up to the last key it can see: the masked corners above the blocks stay unwritten (NaN in
+    tests), so no product reads them; the paper shape gets 4 blocks of 256 queries."""
+    assert ops._triangle_blocks(1024, 5000) == [
+        (0, 256, 4232), (256, 512, 4488), (512, 768, 4744), (768, 1024, 5000)
+    ]
+    seq_len, memory_len, batch, width = 7, 3, 2, 16
+    key_len = seq_len + memory_len
+    blocks = ops._triangle_blocks(seq_len, key_len)
+    assert blocks == [(0, 2, 5), (2, 4, 7), (4, 6, 9), (6, 7, 10)]
+    q = torch.randn(seq_len, batch, width, device=device)
+    k = torch.randn(key_len, batch, width, device=device)
+    saved = ops._attention_fwd_op(q, k, k, None, None, 0.1, 0.0, 3, 0)
+    for probs in saved[2:4]:
+        for t0, t1, cols in blocks:
+            assert torch.isfinite(probs[:, t0:t1, :cols]).all()
+            assert torch.isnan(probs[:, t0:t1, cols:]).all()
+
+
+# detached_keys n: none, part of the memory, the memory (K - T), memory and part of the segment
+# (a chunk of 3 queries then sees only detached keys), every key. T = 7, memory 6, K = 13.
+DETACHED_KEYS = [0, 4, 6, 9, 13]
+
+
+@pytest.mark.parametrize(
+    "chunked,dropout,dtype",
+    [
+        (False, False, torch.float32),
+        (True, False, torch.float32),
+        (False, True, torch.float32),
+        (True, True, torch.float32),
+        (False, False, torch.bfloat16),
+    ],
+)
+def test_detached_keys_parity(ops, device, monkeypatch, chunked, dropout, dtype):
+    """``detached_keys=n`` equals the float64 formula on ``cat([k[:n].detach(), k[n:]])`` (and
+    the same for v): the output, dq, the gate gradients (the key gate multiplies the detached
+    keys too and still gets their share through the scores, the value gate through the output)
+    and dk, dv, whose first n rows are exactly zero (NaN-poisoned buffers: they are written).
+    In one chunk and chunked, with both dropouts (masks read back from the kernel) and without."""
+    seq_len, memory_len, batch, width = 7, 6, 2, 40
+    key_len = seq_len + memory_len
+    p, pv, seed = (0.3, 0.25, 77) if dropout else (0.0, 0.0, 0)
+    masks = {}
+    if dropout:
+        masks = dict(
+            attn_keep=_recover_attention_keep(ops, seq_len, key_len, batch, p, seed, device),
+            value_keep=_recover_value_keep(ops, seq_len, key_len, batch, width, pv, seed, device),
+            dropout_p=p, value_dropout_p=pv,
+        )
+    if chunked:
+        plan = _force_chunks(ops, monkeypatch, batch, seq_len, key_len, dtype, rows=3)
+        assert [cols for _, _, cols in plan] == [9, 12, 13]
+    inputs = (
+        _time_major(seq_len, batch, width, dtype, device),
+        _time_major(key_len, batch, width, dtype, device),
+        _time_major(key_len, batch, width, dtype, device),
+        torch.sigmoid(torch.randn(width, device=device)).to(dtype),
+        torch.sigmoid(torch.randn(width, device=device)).to(dtype),
+    )
+    grad_out = torch.randn(seq_len, batch, width, device=device).to(dtype)
+    for n in DETACHED_KEYS:
+        out, grads = _kernel_and_grads(ops, inputs, grad_out, dropout_p=p, value_dropout_p=pv,
+                                       seed=seed, detached_keys=n)
+        out64, grads64 = _reference_and_grads(inputs, grad_out, torch.float64, detached_keys=n,
+                                              **masks)
+        lowp_out, lowp_grads = None, [None] * len(grads)
+        if dtype != torch.float32:
+            lowp_out, lowp_grads = _reference_and_grads(inputs, grad_out, dtype, detached_keys=n)
+        assert_parity(f"out (n={n})", out, out64, lowp=lowp_out, dtype=dtype)
+        names = _grad_names(*inputs[3:])
+        for name, got, want, lowp in zip(names, grads, grads64, lowp_grads):
+            assert_parity(f"{name} (n={n})", got, want, lowp=lowp, dtype=dtype)
+        for name, grad in (("dk", grads[1]), ("dv", grads[2])):
+            assert torch.equal(grad[:n], torch.zeros_like(grad[:n])), f"{name}[:{n}] not zero"
+            if n < key_len:
+                assert grad[n:].abs().amax(dim=(1, 2)).min() > 0, f"{name}[{n}:] has a zero row"
+
+
+def test_detached_keys_change_only_dk_dv(ops, device):
+    """Detaching keys leaves the output, dq and both gate gradients bit for bit as they were
+    (they never depend on dk, dv), and dk, dv past the detached rows equal up to the rounding of
+    differently shaped products."""
+    seq_len, memory_len, batch, width = 5, 8, 3, 24
+    key_len = seq_len + memory_len
+    inputs = (
+        torch.randn(seq_len, batch, width, device=device),
+        torch.randn(key_len, batch, width, device=device),
+        torch.randn(key_len, batch, width, device=device),
+        torch.rand(width, device=device),
+        torch.rand(width, device=device),
+    )
+    grad_out = torch.randn(seq_len, batch, width, device=device)
+    kwargs = dict(dropout_p=0.2, value_dropout_p=0.3, seed=5)
+    out, grads = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
+    out_d, grads_d = _kernel_and_grads(ops, inputs, grad_out, detached_keys=memory_len, **kwargs)
+    assert torch.equal(out, out_d)
+    for name, a, b in zip(_grad_names(*inputs[3:]), grads, grads_d):
+        if name in ("dk", "dv"):
+            assert_parity(name, b[memory_len:], a[memory_len:].double(), atol=1e-6)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bad", [-1, 14, 2.0, True, None])
+def test_detached_keys_must_be_an_int_in_range(ops, device, bad):
+    import sha_rnn_kernels.functional as SF
+
+    q, kv = torch.randn(5, 2, 8, device=device), torch.randn(13, 2, 8, device=device)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"detached_keys must be an int in \[0, K = 13\]"):
+            SF.single_head_attention(q, kv, kv, backend=backend, detached_keys=bad)
+    if isinstance(bad, int) and not isinstance(bad, bool):
+        with pytest.raises(ValueError, match="detached_keys"):
+            ops.attention(q, kv, kv, key_gate=None, value_gate=None, dropout_p=0.0,
+                          value_dropout_p=0.0, seed=0, detached_keys=bad)
+
+
+def test_shalayer_detaches_its_memory_keys(device, monkeypatch):
+    """SHALayer passes ``detached_keys = memory length`` to its attention, and its output and
+    every gradient (input, LSTM, LayerNorms, q projection, the gates qs, ks, vs and vq) match
+    the all-reference layer in float64 with the Triton attention in float32."""
+    import copy
+
+    import sha_rnn_kernels.functional as SF
+    from sha_rnn_kernels import SHALayer
+
+    seq_len, memory_len, batch, width = 5, 7, 2, 24
+    layer = SHALayer(width, use_attn=True, backend="reference").to(device)
+    with torch.no_grad():
+        for gate in (layer.attn.qs, layer.attn.ks, layer.attn.vs):
+            gate.normal_()
+    layer64 = copy.deepcopy(layer).double()
+    layer.attn.backend = "triton"
+    h = torch.randn(seq_len, batch, width, device=device)
+    mem = torch.randn(memory_len, batch, width, device=device)
+    grad_h = torch.randn(seq_len, batch, width, device=device)
+
+    seen = []
+    attention = SF.single_head_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("detached_keys"))
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(SF, "single_head_attention", spy)
+
+    def run(module, dtype):
+        x = h.to(dtype).requires_grad_()
+        out, new_mem, _ = module(x, mem.to(dtype))
+        params = [p for _, p in module.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out, [x] + params, grad_h.to(dtype), allow_unused=True)
+        names = ["dh"] + [n for n, p in module.named_parameters() if p.requires_grad]
+        return out.detach(), new_mem, dict(zip(names, grads))
+
+    out, new_mem, grads = run(layer, torch.float32)
+    out64, new_mem64, grads64 = run(layer64, torch.float64)
+    assert seen == [memory_len, memory_len]
+    assert_parity("out", out, out64)
+    assert_parity("new memory", new_mem.detach(), new_mem64.detach())
+    for name in ("attn.qs", "attn.ks", "attn.vs", "attn.vq.l1.weight", "attn.q.weight"):
+        assert grads[name] is not None and grads[name].abs().max() > 0, name
+    for name, want in grads64.items():
+        if want is None:
+            assert grads[name] is None, name
+        else:
+            assert_parity(name, grads[name], want)
+
+
 def _binomial_ok(kept: int, total: int, keep_prob: float) -> bool:
     sigma = math.sqrt(total * keep_prob * (1.0 - keep_prob))
     return abs(kept - total * keep_prob) <= 5.0 * sigma
@@ -413,10 +589,10 @@ def test_unsupported_reason(ops, device):
     assert reason is not None and "empty" in reason
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_custom_op_registration(ops, device, monkeypatch, chunked):
+@pytest.mark.parametrize("chunked,detached_keys", [(False, 0), (False, 4), (True, 6)])
+def test_custom_op_registration(ops, device, monkeypatch, chunked, detached_keys):
     """Schema, fake (meta) kernel and autograd registration agree with the real kernel, in one
-    chunk (P saved) and chunked (only the LSE saved)."""
+    chunk (P saved) and chunked (only the LSE saved), with and without detached keys."""
     if chunked:
         _force_chunks(ops, monkeypatch, 2, 5, 9, torch.float32)
     q = torch.randn(5, 2, 16, device=device, requires_grad=True)
@@ -425,7 +601,7 @@ def test_custom_op_registration(ops, device, monkeypatch, chunked):
     gate = torch.rand(16, device=device, requires_grad=True)
     torch.library.opcheck(
         torch.ops.sha_rnn_kernels.attention_fwd.default,
-        (q, k, v, gate, None, 0.1, 0.1, 3),
+        (q, k, v, gate, None, 0.1, 0.1, 3, detached_keys),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 

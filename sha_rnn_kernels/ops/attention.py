@@ -26,6 +26,25 @@ memory-bound Triton kernels:
   ``dQ_g = dS k``, ``dk = dS^T (q * gk)`` (cuBLAS); ``dv = dW * keep_v / (1-p_v)``
   (``_attention_value_dropout_kernel``, in place); ``dq = dQ_g * gk``, ``dgk = sum_rows(dQ_g * q)``.
 
+Detached keys (``detached_keys = n``). In an SHA-RNN the first ``M = K - T`` keys and values are
+the memory of earlier segments, detached: their dk and dv are thrown away. The op then returns
+exactly what it would for ``cat([k[:n].detach(), k[n:]])`` (same for v), and computes
+``dW = P_d[:, :, n:]^T dO_g``, ``dk = dS[:, :, n:]^T (q * gk)`` and the value-dropout pass only for
+keys ``j >= n``; rows ``j < n`` of dk and dv are zero-filled (one memset each: a custom op must
+return a gradient of k's shape). Nothing else depends on them. With ``S_ij = sum_e q_ie gk_e k_je``
+and ``O = gv * (P_d W)``:
+
+- ``dq = gk * dQ_g`` with ``dQ_g = dS k`` over every key, detached or not;
+- ``dgk_e = sum_ij dS_ij q_ie k_je = sum_i q_ie dQ_g,ie``: the key gate multiplies the detached
+  keys too, and their share reaches it through the scores (dS covers every key), not through dk;
+- ``dgv_e = sum_i dO_ie O_u,ie`` with ``O_u = P_d W`` over every value;
+- ``dk_j = (dS^T (q * gk))_j`` and ``dv_j = keep_v * (P_d^T dO_g)_j / (1-p_v)`` for ``j >= n``,
+  0 for ``j < n``.
+
+So dq and both gate gradients are bit for bit those of ``detached_keys=0``. The forward reads every
+key and value as before; the chunked path skips the dk/dv products of chunks that see only
+detached keys and restricts the others to keys ``n..K_c-1``.
+
 Gates are folded, never materialised on the long [K, B, E] tensors: ``(q*gk).k = q.(gk*k)``
 and ``P (gv * W) = gv * (P W)``. The value-dropout mask is drawn once per element, by one
 elementwise kernel in forward (``W``) and once more in backward (``dv``); the attention-dropout
@@ -33,6 +52,16 @@ mask once per score in each row pass. Both are Philox on global element indices 
 ``(b*T + i)*K + j`` with key ``seed``; values: ``(j*B + b)*E + e`` with key ``seed + 2**32``), so
 they are reproducible from the seed and identical however the queries are chunked. No atomics:
 every output element is written by one program or one GEMM, so dq, dk and dv are deterministic.
+
+Masked triangle. cuBLAS cannot skip the masked (future) corner of a product, so the queries run
+in ``TRIANGLE_BLOCKS`` (4) blocks (a multiple of 128 rows each when >= 128: 256 at the paper
+shape), block ``[t0, t1)`` against the ``t1 + M`` keys it can see. With one buffer, the blocks
+write views of the saved [B, T, K] S/P, P_d and dS buffers (row stride K; the corners above the
+blocks are never written, and no product reads them); backward computes dV and dK by blocks of
+keys: the keys first seen by block ``[t0, t1)`` (the memory and the first block's keys for
+t0 = 0; only those ``>= detached_keys``) against the queries ``t0..T-1`` that can see them, each
+row of dk, dv written once by one GEMM, no accumulation. Every product skips 3/8 of the
+segment's T x T triangle per batch (the chunked path below skips it chunk by chunk).
 
 Bounded memory. When one [B, T, K] buffer would exceed ``SCORE_BUDGET_BYTES`` (512 MiB; tests
 lower it), the queries are processed in chunks of ``Tc`` rows, each against the keys it can see
@@ -42,46 +71,66 @@ chunk's S (one extra product, the design's "one recompute") and accumulates dk, 
 with ``baddbmm_`` in the compute dtype (one extra rounding per chunk in fp16/bf16).
 
 Estimates (no GPU here; figures are **estimated** by counting, not measured). Paper shape T=1024,
-K=5000 (3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), H100 (about
-800 TFLOP/s measured bf16 GEMM on large square shapes, ~3 TB/s HBM).
-- One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP. Visible (query, key) pairs:
-  ``B (T M + T (T+1)/2)`` = 73.54M, so ``G = 2 E pairs`` = 150.6 GFLOP.
-  cuBLAS cannot skip the masked triangle, so each product costs 167.8 GFLOP (1.114 G).
-- FLOPs run: forward 2 products (S, O) = 335.5 GFLOP; backward 4 (dP, dV, dQ, dK; P is saved,
-  so S is not recomputed) = 671 GFLOP; total 1006.6 GFLOP = ``12 B T K E`` = 0.86x the
-  ``14 B T K E`` budget (1174 GFLOP). The chunked path adds the recompute of S but each chunk
-  only sees ``t1 + M`` keys: at most ``14 B T K E`` (1.0x). A "minimum of 2G forward and 5G
-  backward" counts a recompute of S that saving P avoids (6G here, not 7G), and a "floor of
+K=5000 (M = 3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), as the
+SHA-RNN runs it (``detached_keys = M``) unless said otherwise; H100 (about 800 TFLOP/s measured
+bf16 GEMM on large square shapes, ~3 TB/s HBM).
+- One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP; one over the segment keys only
+  (``2 B T T E``) = 34.4 GFLOP. Visible (query, key) pairs: ``B (T M + T (T+1)/2)`` = 73.54M,
+  so ``G = 2 E pairs`` = 150.6 GFLOP. cuBLAS cannot skip masked entries inside a block: the
+  4 query blocks of 256 see 4232, 4488, 4744 and 5000 keys, 92.3% of the full rectangle, so S,
+  O, dP and dQ cost 154.9 GFLOP each (1.028 G); dV and dK over the 1024 non-detached keys, by
+  blocks of 256 keys against 1024, 768, 512 and 256 queries, 21.5 GFLOP each.
+- FLOPs run: forward 309.8 GFLOP (S, O); backward dP, dQ (309.8) and dV, dK (42.9; P is saved,
+  so S is not recomputed) = 352.7 GFLOP; total 662.5 GFLOP = 0.56x the ``14 B T K E`` budget
+  (1174 GFLOP). Without detached keys dV and dK cost 154.9 GFLOP each (total 929.3 GFLOP,
+  0.79x); with neither the blocks nor the detached keys, 6 full products (1006.6 GFLOP,
+  ``12 B T K E``): the detached memory saves 266.8 GFLOP (26.5%), the blocks a further
+  77.3 GFLOP. The chunked path recomputes S, each chunk against the ``t1 + M`` keys it sees and
+  dV, dK over its non-detached ones: at most ``14 B T K E`` (1.0x) without detached keys,
+  ~0.77x with. Counting visible pairs only, the least any design could run (no recompute,
+  dK/dV over the segment's visible pairs) is 636.8 GFLOP, 4% below this; a "minimum of 2G
+  forward and 5G backward" counts a recompute of S that saving P avoids, and a "floor of
   ~1.1 ms" for 7G holds at the 989 TFLOP/s datasheet peak, not at the 800 TFLOP/s measured rate
   (1.32 ms).
-- GEMM time: these are large, well-shaped batched GEMMs (every dimension >= 1024, 16 batches,
-  5120 tiles of 128x128 per product), but 5000 is not a multiple of 128 (2% padding) and the
-  operands are strided (ld = B*E), so we assume 650-800 TFLOP/s: 1.26-1.55 ms for the six.
+- GEMM time: S, O, dP, dQ are large, well-shaped batched GEMMs (every dimension >= 256,
+  16 batches, 256-1280 tiles of 128x128 per block: 2-10 waves of 132 SMs), but K is not a
+  multiple of 128 and the operands are strided (ld = B*E or K), so we assume 650-800 TFLOP/s;
+  the eight 256-key dV/dK GEMMs (42.9 GFLOP, 256 tiles each) may run slower. 0.83-1.02 ms for
+  all (1.26-1.55 ms for the six full products without blocks or detached keys).
 - HBM bytes of the memory-bound passes (one [B, T, K] bf16 tensor = 163.8 MB, of which 89.8%
-  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB): forward ``q*gk`` 67 MB, value dropout W
-  328 MB, row pass (read the visible S once, the second read assumed to hit L2; write P and P_d)
-  475 MB, ``O_u*gv`` 67 MB: ~0.94 GB, 0.31 ms. Backward preprocess 101 MB, ``q*gk`` again 67 MB,
-  row pass (read the visible P and dP, write dS) 458 MB, dv dropout 328 MB, ``dq``/``dgk``
-  101 MB: ~1.06 GB, 0.35 ms. The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under
-  their compute (0.21-0.26 ms each).
-- Estimated total, training config: forward 0.42-0.52 + 0.31 = 0.73-0.83 ms; forward+backward
-  1.26-1.55 + 0.66 = 1.9-2.2 ms. Against earlier estimates by the same kind of analysis (the
-  previous flash-style kernels ~44 ms, the eager reference ~5.3 ms, torch.compile of it ~2.6 ms):
-  about 20x, 2.4-2.8x and only 1.2-1.35x, since torch.compile runs the same six cuBLAS products
-  plus fused elementwise kernels. A 1.5 ms target is NOT met by this estimate: the memory-bound
-  passes (~0.66 ms) would have to move into the GEMMs' prologues/epilogues (Triton GEMMs), which
-  this design leaves to cuBLAS. Eval config (gates, no dropout): no W, no P_d, forward
-  ~0.42-0.52 + 0.15 = 0.57-0.67 ms.
+  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB; [M, B, E] = 130.3 MB): forward ``q*gk``
+  67 MB, value dropout W 328 MB, row pass (read the visible S once, the second read assumed to
+  hit L2; write P and P_d over the blocks) ~463 MB, ``O_u*gv`` 67 MB: ~0.93 GB, 0.31 ms.
+  Backward preprocess 101 MB, ``q*gk`` again 67 MB, row pass (read the visible P and dP, write
+  dS over the blocks) ~452 MB, dv dropout over the T live keys 67 MB (328 MB over all K), the
+  zero fill of the detached rows of dk and dv 2 x 130 MB (write only, ~0.087 ms), ``dq``/``dgk``
+  101 MB: ~1.05 GB, 0.35 ms, as without detached keys (the zero fill costs what the shorter dv
+  pass saves). The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under their compute.
+- Estimated total, training config: forward 0.39-0.48 + 0.31 = 0.70-0.79 ms; forward+backward
+  0.83-1.02 + 0.66 = 1.49-1.68 ms with ``detached_keys = M`` (1.9-2.2 ms before the blocks and
+  the detached keys). Against earlier estimates by the same kind of analysis (the previous
+  flash-style kernels ~44 ms, the eager reference ~5.3 ms, torch.compile of it ~2.6 ms): about
+  26-29x, 3.1-3.5x and 1.55-1.75x. Neither the eager reference nor its compiled form can skip
+  the memory's dK: their key-gate gradient is ``sum(d(k*gk) * k)`` over every key, which needs
+  the full product. **The 1.5 ms goal is met only at the upper end of the assumed GEMM
+  efficiency (1.49 ms at 800 TFLOP/s; 1.68 ms at 650): not met with margin by this estimate.**
+  What is left, estimated: (a) drop the 0.087 ms zero fill with a form of the op that takes
+  memory and segment keys as two tensors (the memory never differentiated): 1.40-1.60 ms;
+  (b) move the memory-bound passes (~0.66 ms) into GEMM prologues/epilogues (Triton GEMMs),
+  which this design leaves to cuBLAS; (c) 8 query blocks instead of 4 skip 7/16 instead of 3/8
+  of the triangle (a further ~13 GFLOP, ~0.02 ms) for 2x the launches of half the size. Eval
+  config (gates, no dropout): no W, no P_d, forward ~0.39-0.48 + 0.15 = 0.54-0.63 ms.
 - Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
   switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
   autotuning (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
 - Peak memory above the inputs, training config, forward+backward: forward allocates W, P, P_d
   (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all but q*gk; backward adds dP/dS,
-  dk, dv (3 x 164 MB) and dO_g, q*gk, dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager
-  reference keeps k*gk, dropout(v*gv) and its mask, the fp32 softmax, the dropped bf16 weights
-  and their mask (~0.98 GB), peaks at ~1.1 GB in forward (two fp32 score temporaries) and at
-  ~1.7-2 GB in backward (its fp32 score gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the
-  recompute of S (+168 GFLOP, ~0.22 ms) for ~0.5 GB.
+  dk, dv (3 x 164 MB: dk and dv stay full-size, with zero-filled detached rows) and dO_g, q*gk,
+  dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager reference keeps k*gk, dropout(v*gv) and
+  its mask, the fp32 softmax, the dropped bf16 weights and their mask (~0.98 GB), peaks at
+  ~1.1 GB in forward (two fp32 score temporaries) and at ~1.7-2 GB in backward (its fp32 score
+  gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the recompute of S (+168 GFLOP, ~0.22 ms)
+  for ~0.5 GB.
 """
 
 import contextlib
@@ -98,6 +147,9 @@ from ._common import capability_reason, dtype_reason, empty
 # Largest [B, T_chunk, K_chunk] score buffer, in bytes. Larger problems are processed in chunks
 # of queries. Tests lower it to force the chunked path.
 SCORE_BUDGET_BYTES = 1 << 29
+# Query blocks of the one-buffer path: block c sees keys up to its last row + M only, so the
+# products skip (TRIANGLE_BLOCKS - 1) / (2 TRIANGLE_BLOCKS) of the segment's T x T triangle.
+TRIANGLE_BLOCKS = 4
 # Value dropout draws from the Philox key (seed_lo, 1); attention-weight dropout from (seed_lo, 0).
 _VALUE_STREAM = 2**32
 
@@ -105,14 +157,14 @@ _VALUE_STREAM = 2**32
 @triton.jit
 def _attention_fwd_kernel(
     S, P, PD, LSE,
-    rows, key_cols, seq_len, key_len, batch, row0, memory_len,
+    rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
     qk_scale, dropout_p, keep_scale, seed,
     ATTN_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Softmax row pass over the raw scores of one chunk of queries.
 
-    ``S [B, rows, key_cols]`` holds ``(q*gk) . k`` for queries ``row0 + r`` and keys
-    ``0..key_cols-1``. Writes ``P = softmax_j(S * log2(e)/sqrt(E) + mask)`` (base 2, fp32
+    ``S [B, rows, key_cols]`` (strides ``stride_b, stride_row, 1``, shared by P and PD) holds
+    ``(q*gk) . k`` for queries ``row0 + r`` and keys ``0..key_cols-1``. Writes ``P = softmax_j(S * log2(e)/sqrt(E) + mask)`` (base 2, fp32
     statistics) to ``P`` (may be S itself: each program reads its rows before it overwrites
     them), the dropped ``P_d = keep * P / (1-p)`` to ``PD`` (with ATTN_DROPOUT) and the base-2
     row log-sum-exp to ``LSE [B, T]``. Masked (future) scores are never read, so a NaN in a
@@ -130,7 +182,7 @@ def _attention_fwd_kernel(
     m_valid = offs_m < rows
     query = row0 + offs_m
     n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
-    row_offs = (b * rows + offs_m).to(tl.int64) * key_cols
+    row_offs = b.to(tl.int64) * stride_b + offs_m.to(tl.int64) * stride_row
     # The block's last row sees the most keys; nothing past it is read.
     last = tl.minimum((pid % blocks + 1) * BLOCK_M, rows)
     end_n = tl.minimum(key_cols, row0 + last + memory_len)
@@ -172,14 +224,15 @@ def _attention_fwd_kernel(
 @triton.jit
 def _attention_bwd_kernel(
     P, DP, PD, LSE, DELTA,
-    rows, key_cols, seq_len, key_len, batch, row0, memory_len,
+    rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
     qk_scale, score_scale, dropout_p, keep_scale, seed,
     RECOMPUTE: tl.constexpr, ATTN_DROPOUT: tl.constexpr, WRITE_PD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Softmax-backward row pass of one chunk of queries: ``dS`` in place of ``dP``.
 
-    ``DP [B, rows, key_cols]`` holds ``dP_d = dO_g W^T`` and is overwritten with
+    ``DP [B, rows, key_cols]`` (strides ``stride_b, stride_row, 1``, shared by P and PD) holds
+    ``dP_d = dO_g W^T`` and is overwritten with
     ``dS = P * (keep/(1-p) * dP_d - delta) / sqrt(E)``, the gradient of the raw score
     ``(q*gk) . k`` (0 on masked keys, whatever dP holds there), where
     ``delta[i, b] = rowsum(dO * O)`` (``DELTA [T, B]``, fp32): the identity
@@ -197,7 +250,7 @@ def _attention_bwd_kernel(
     m_valid = offs_m < rows
     query = row0 + offs_m
     n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
-    row_offs = (b * rows + offs_m).to(tl.int64) * key_cols
+    row_offs = b.to(tl.int64) * stride_b + offs_m.to(tl.int64) * stride_row
     delta = tl.load(DELTA + query * batch + b, mask=m_valid, other=0.0)
     if RECOMPUTE:
         lse = tl.load(LSE + b * seq_len + query, mask=m_valid, other=0.0)
@@ -279,12 +332,14 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_value_dropout_kernel(
-    X, OUT, n_rows, width, stride_x_row, stride_x_col, value_dropout_p, keep_scale, value_seed,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    X, OUT, n_rows, width, stride_x_row, stride_x_col, first_row, value_dropout_p, keep_scale,
+    value_seed, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """``OUT[r, e] = X[r, e] * keep(r*E + e) / (1 - p_v)`` over the rows r = (j, b) of a
-    ``[K, B, E]`` tensor: the dropped values W in forward, ``dv`` from ``dW`` in backward (in
-    place, X = OUT). The mask is drawn once per element, from the Philox key ``seed + 2**32``.
+    """``OUT[r, e] = X[r, e] * keep((first_row + r)*E + e) / (1 - p_v)`` over the rows
+    r = (j, b) of a ``[K', B, E]`` tensor that starts at row ``first_row`` of the full
+    ``[K, B, E]`` one: the dropped values W in forward (first_row 0), ``dv`` from ``dW`` in
+    backward (in place, X = OUT; only the keys past the detached ones). The mask is drawn once per
+    element, from the Philox key ``seed + 2**32`` on the full tensor's element index.
     Grid ``(cdiv(rows, BLOCK_R), cdiv(E, BLOCK_E))``. Nothing is saved (backward redraws the mask).
     """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -294,7 +349,7 @@ def _attention_value_dropout_kernel(
     x_ptrs = X + rows64[:, None] * stride_x_row + offs_e[None, :] * stride_x_col
     x = tl.load(x_ptrs, mask=mask, other=0.0)
     elems = rows64[:, None] * width + offs_e[None, :]
-    keep = tl.rand(value_seed, elems) >= value_dropout_p
+    keep = tl.rand(value_seed, elems + first_row.to(tl.int64) * width) >= value_dropout_p
     out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
     tl.store(OUT + elems, out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -392,9 +447,11 @@ def _gate_rows(
 
 
 def _drop_values(
-    x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None
+    x: torch.Tensor, p: float, seed: int, out: Optional[torch.Tensor] = None, first_key: int = 0
 ) -> torch.Tensor:
-    """``dropout(x)`` with the value stream of ``seed`` into ``out`` (contiguous [K, B, E])."""
+    """``dropout(x)`` with the value stream of ``seed`` into ``out`` (contiguous [K', B, E]);
+    ``x`` holds keys ``first_key..first_key+K'-1`` of the full value tensor (the mask is the
+    full tensor's)."""
     key_len, batch, width = x.shape
     x_rows, stride_row, stride_col = _as_rows(x)
     if out is None:
@@ -402,26 +459,44 @@ def _drop_values(
     block_r, block_e, warps = _rows_blocks(width, 4)
     grid = (triton.cdiv(key_len * batch, block_r), triton.cdiv(width, block_e))
     _attention_value_dropout_kernel[grid](
-        x_rows, out, key_len * batch, width, stride_row, stride_col, p, _keep_scale(p),
-        seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+        x_rows, out, key_len * batch, width, stride_row, stride_col, first_key * batch, p,
+        _keep_scale(p), seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
     )
     return out
 
 
-def _plan(batch: int, seq_len: int, key_len: int, dtype: torch.dtype) -> List[Tuple[int, int, int]]:
-    """Query chunks ``(t0, t1, key_cols)``: rows t0..t1-1 against keys 0..key_cols-1 (all the
-    keys they can see). One chunk when a [B, T, K] buffer fits ``SCORE_BUDGET_BYTES``."""
-    if _fits(batch, seq_len, key_len, dtype):
-        return [(0, seq_len, key_len)]
+def _blocks(seq_len: int, key_len: int, rows: int) -> List[Tuple[int, int, int]]:
+    """``(t0, t1, key_cols)`` for queries t0..t1-1 in blocks of ``rows``, each against the keys
+    0..key_cols-1 = t1 + M - 1 it can see."""
     memory_len = key_len - seq_len
-    per_row = batch * key_len * _itemsize(dtype)
-    rows = max(1, SCORE_BUDGET_BYTES // per_row)
-    if rows >= 128:
-        rows -= rows % 64  # whole GEMM tiles
     return [
         (t0, min(t0 + rows, seq_len), min(t0 + rows, seq_len) + memory_len)
         for t0 in range(0, seq_len, rows)
     ]
+
+
+def _triangle_blocks(seq_len: int, key_len: int) -> List[Tuple[int, int, int]]:
+    """The query blocks of the one-buffer path: ``TRIANGLE_BLOCKS`` blocks (of a multiple of 128
+    rows when they hold >= 128), so every product skips the masked block triangle of the
+    segment. A function of (T, K) alone: forward and backward agree on which parts of the saved
+    [B, T, K] buffers are written."""
+    rows = -(-seq_len // TRIANGLE_BLOCKS)
+    if rows >= 128:
+        rows = -(-rows // 128) * 128
+    return _blocks(seq_len, key_len, rows)
+
+
+def _plan(batch: int, seq_len: int, key_len: int, dtype: torch.dtype) -> List[Tuple[int, int, int]]:
+    """Query chunks ``(t0, t1, key_cols)``: rows t0..t1-1 against keys 0..key_cols-1 (all the
+    keys they can see): the triangle blocks of one [B, T, K] buffer when it fits
+    ``SCORE_BUDGET_BYTES``, else chunks of their own buffers."""
+    if _fits(batch, seq_len, key_len, dtype):
+        return _triangle_blocks(seq_len, key_len)
+    per_row = batch * key_len * _itemsize(dtype)
+    rows = max(1, SCORE_BUDGET_BYTES // per_row)
+    if rows >= 128:
+        rows -= rows % 64  # whole GEMM tiles
+    return _blocks(seq_len, key_len, rows)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -451,13 +526,15 @@ def attention_forward(
     """Forward. Returns ``out [T, B, E]`` and what backward needs: ``out_ungated`` (``P_d W``,
     [T, B, E], empty without a value gate), ``probs`` and ``dropped`` ([B, T, K]; empty when
     chunked, dropped also without attention dropout), ``lse [B, T]`` fp32 (base 2) and
-    ``values`` (the dropped values W [K, B, E], empty without value dropout). All contiguous."""
+    ``values`` (the dropped values W [K, B, E], empty without value dropout). All contiguous.
+    The forward reads every key and value: ``detached_keys`` only changes the backward."""
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     memory_len = key_len - seq_len
     device, dtype = q.device, q.dtype
     plan = _plan(batch, seq_len, key_len, dtype)
     attn_dropout = dropout_p > 0.0
+    single = _fits(batch, seq_len, key_len, dtype)
     with _device_guard(device), _no_autocast(device):
         q_gated = _gate_rows(q, key_gate)[0] if key_gate is not None else q
         values = _drop_values(v, value_dropout_p, seed) if value_dropout_p > 0.0 else None
@@ -465,18 +542,22 @@ def attention_forward(
         out_ungated = empty(seq_len, batch, width, dtype=dtype, device=device)
         lse = empty(batch, seq_len, dtype=torch.float32, device=device)
         size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
+        if single:
+            size = batch * seq_len * key_len  # saved; the blocks' masked corners stay unwritten
         scores = empty(size, dtype=dtype, device=device)
         dropped = empty(size, dtype=dtype, device=device) if attn_dropout else None
         for t0, t1, cols in plan:
             rows = t1 - t0
-            s = scores[: batch * rows * cols].view(batch, rows, cols)
+            s = _scores_view(scores, batch, seq_len, key_len, single, t0, t1, cols)
             keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
             torch.bmm(_batch_major(q_gated)[:, t0:t1], keys_t, out=s)
-            p_drop = dropped[: s.numel()].view_as(s) if attn_dropout else s
+            p_drop = s
+            if attn_dropout:
+                p_drop = _scores_view(dropped, batch, seq_len, key_len, single, t0, t1, cols)
             _launch_rows(
                 _attention_fwd_kernel, rows, batch,
                 s, s, p_drop, lse,
-                rows, cols, seq_len, key_len, batch, t0, memory_len,
+                rows, cols, s.stride(0), s.stride(1), seq_len, key_len, batch, t0, memory_len,
                 math.log2(math.e) / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
                 ATTN_DROPOUT=attn_dropout,
             )
@@ -486,7 +567,6 @@ def attention_forward(
         else:
             out, out_ungated = out_ungated, q.new_empty(0)
     nothing = q.new_empty(0)
-    single = len(plan) == 1
     return (
         out,
         out_ungated,
@@ -495,6 +575,17 @@ def attention_forward(
         lse,
         values if values is not None else nothing.clone(),
     )
+
+
+def _scores_view(
+    buffer: torch.Tensor, batch: int, seq_len: int, key_len: int, single: bool, t0: int, t1: int,
+    cols: int,
+) -> torch.Tensor:
+    """The ``[B, t1-t0, cols]`` scores of a block: a view into the saved [B, T, K] buffer (row
+    stride K) in the one-buffer path, else the head of a chunk-sized buffer (contiguous)."""
+    if single:
+        return buffer.view(batch, seq_len, key_len)[:, t0:t1, :cols]
+    return buffer[: batch * (t1 - t0) * cols].view(batch, t1 - t0, cols)
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -521,17 +612,21 @@ def attention_backward(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward. Returns ``dq, dk, dv`` (contiguous) and the gate gradients (``[E]``, or empty
-    tensors for an absent gate)."""
+    tensors for an absent gate). The first ``detached_keys`` rows of dk and dv are zero-filled
+    and no product, nor the value-dropout pass, touches them (dq and the gate gradients still
+    see every key: they come from dS and dO)."""
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
+    detached = detached_keys
     memory_len = key_len - seq_len
     device, dtype = q.device, q.dtype
     attn_dropout = dropout_p > 0.0
     saved = probs.numel() > 0
-    # Saved probabilities mean one chunk, whatever the budget says now.
-    plan = [(0, seq_len, key_len)] if saved else _plan(batch, seq_len, key_len, dtype)
+    # Saved probabilities mean the one-buffer blocks, whatever the budget says now.
+    plan = _triangle_blocks(seq_len, key_len) if saved else _plan(batch, seq_len, key_len, dtype)
     with _device_guard(device), _no_autocast(device):
         ou = out_ungated if value_gate is not None else out
         grad_gated, delta, dvg = _gate_rows(
@@ -545,19 +640,26 @@ def attention_backward(
         dq_gated = empty(seq_len, batch, width, dtype=dtype, device=device)
         dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
         dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
+        # Rows of detached keys: an exact zero gradient, one memset each, no product.
+        dk[:detached].zero_()
+        dv[:detached].zero_()
         size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
+        if saved:
+            size = batch * seq_len * key_len
         grad_scores = empty(size, dtype=dtype, device=device)
         scratch = None if saved else empty(size, dtype=dtype, device=device)
         qk_scale = math.log2(math.e) / math.sqrt(width)
-        # The last chunk sees every key, so it writes dk and dv whole; earlier ones add to them.
+        # Chunked: the last chunk sees every key, so it writes dk and dv (past the detached keys)
+        # whole; earlier ones add to the keys they see. One buffer: dk and dv come after the
+        # loop, by blocks of keys.
         for index, (t0, t1, cols) in enumerate(reversed(plan)):
             rows = t1 - t0
             grad_gated_c = _batch_major(grad_gated)[:, t0:t1]
-            ds = grad_scores[: batch * rows * cols].view(batch, rows, cols)
+            ds = _scores_view(grad_scores, batch, seq_len, key_len, saved, t0, t1, cols)
             torch.bmm(grad_gated_c, _batch_major(w)[:, :cols].transpose(1, 2), out=ds)
             if saved:
-                source = probs
-                p_drop = dropped if attn_dropout else probs
+                source = probs[:, t0:t1, :cols]
+                p_drop = dropped[:, t0:t1, :cols] if attn_dropout else source
             else:
                 source = scratch[: ds.numel()].view_as(ds)
                 keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
@@ -566,17 +668,39 @@ def attention_backward(
             _launch_rows(
                 _attention_bwd_kernel, rows, batch,
                 source, ds, p_drop, lse, delta,
-                rows, cols, seq_len, key_len, batch, t0, memory_len,
+                rows, cols, ds.stride(0), ds.stride(1), seq_len, key_len, batch, t0, memory_len,
                 qk_scale, 1.0 / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
                 RECOMPUTE=not saved, ATTN_DROPOUT=attn_dropout, WRITE_PD=not saved,
             )
-            first = index == 0
-            _accumulate(_batch_major(dv)[:, :cols], p_drop.transpose(1, 2), grad_gated_c, first)
-            queries = _batch_major(q_gated)[:, t0:t1]
-            _accumulate(_batch_major(dk)[:, :cols], ds.transpose(1, 2), queries, first)
+            if not saved and cols > detached:
+                first = index == 0
+                live = slice(detached, cols)
+                p_live = p_drop[:, :, live].transpose(1, 2)
+                _accumulate(_batch_major(dv)[:, live], p_live, grad_gated_c, first)
+                queries = _batch_major(q_gated)[:, t0:t1]
+                _accumulate(_batch_major(dk)[:, live], ds[:, :, live].transpose(1, 2), queries,
+                            first)
             torch.bmm(ds, _batch_major(k)[:, :cols], out=_batch_major(dq_gated)[:, t0:t1])
-        if value_dropout_p > 0.0:
-            _drop_values(dv, value_dropout_p, seed, out=dv)
+        if saved:
+            # Keys j0..j1-1 first seen by block (t0, t1) are seen by queries t0.. only: one
+            # product each for dv and dk over that rectangle, written once (the masked entries
+            # inside it were written as 0 by the row passes).
+            grad_full = grad_scores.view(batch, seq_len, key_len)
+            p_full = dropped if attn_dropout else probs
+            j0 = 0
+            for t0, _, cols in plan:
+                j0, j1 = max(j0, detached), cols
+                if j1 > j0:
+                    grad_tail = _batch_major(grad_gated)[:, t0:]
+                    p_block = p_full[:, t0:, j0:j1].transpose(1, 2)
+                    torch.bmm(p_block, grad_tail, out=_batch_major(dv)[:, j0:j1])
+                    ds_block = grad_full[:, t0:, j0:j1].transpose(1, 2)
+                    queries = _batch_major(q_gated)[:, t0:]
+                    torch.bmm(ds_block, queries, out=_batch_major(dk)[:, j0:j1])
+                j0 = j1
+        if value_dropout_p > 0.0 and detached < key_len:
+            dv_live = dv[detached:]
+            _drop_values(dv_live, value_dropout_p, seed, out=dv_live, first_key=detached)
         if key_gate is not None:
             dq, _, dkg = _gate_rows(dq_gated, key_gate, q, partial=True)
         else:
@@ -597,12 +721,14 @@ def _attention_fwd_op(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # detached_keys is in the schema for the autograd context; the forward reads every key.
     return attention_forward(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed):
+def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys):
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     single = _fits(batch, seq_len, key_len, q.dtype)
@@ -634,16 +760,17 @@ def _attention_bwd_op(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(
         grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-        dropout_p, value_dropout_p, seed,
+        dropout_p, value_dropout_p, seed, detached_keys,
     )
 
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-      dropout_p, value_dropout_p, seed):
+      dropout_p, value_dropout_p, seed, detached_keys):
     def gate_grad(gate):
         return gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
 
@@ -654,9 +781,9 @@ def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed = inputs
+    q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys = inputs
     ctx.save_for_backward(q, k, v, key_gate, value_gate, *output)
-    ctx.dropout = (dropout_p, value_dropout_p, seed)
+    ctx.dropout = (dropout_p, value_dropout_p, seed, detached_keys)
     ctx.has_gates = (key_gate is not None, value_gate is not None)
 
 
@@ -668,7 +795,7 @@ def _backward(ctx, grad_out, *unused):
     has_key_gate, has_value_gate = ctx.has_gates
     return (
         dq, dk, dv, dkg if has_key_gate else None, dvg if has_value_gate else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 
@@ -695,6 +822,7 @@ def attention(
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
+    detached_keys: int = 0,
 ) -> torch.Tensor:
     """Single-head causal attention over memory + segment (cuBLAS + Triton), differentiable.
 
@@ -705,6 +833,10 @@ def attention(
             ``k * key_gate``, the values ``dropout(v * value_gate, value_dropout_p)``.
         dropout_p: dropout on the attention weights; value_dropout_p: elementwise dropout on the
             gated values; seed: the Philox seed of both (drawn by the caller).
+        detached_keys: ``0 <= n <= K``: the first n keys and values receive no gradient (the
+            memory of earlier segments), as if the op ran on ``cat([k[:n].detach(), k[n:]])``
+            (and the same for v). Their rows of dk and dv are exactly zero and cost no product;
+            the gates' and q's gradients still include them.
 
     Returns:
         ``[T, B, E]`` contiguous: ``dropout(softmax(q k_eff^T / sqrt(E) + causal mask)) @ v_eff``,
@@ -718,7 +850,10 @@ def attention(
     # The kernels read the gates as contiguous [E] vectors (a strided or expanded gate is copied).
     key_gate = key_gate.contiguous() if key_gate is not None else None
     value_gate = value_gate.contiguous() if value_gate is not None else None
+    if not 0 <= detached_keys <= k.shape[0]:
+        raise ValueError(f"detached_keys must be in [0, K = {k.shape[0]}]; got {detached_keys}")
     outputs = _attention_fwd_op(
-        q, k, v, key_gate, value_gate, float(dropout_p), float(value_dropout_p), int(seed)
+        q, k, v, key_gate, value_gate, float(dropout_p), float(value_dropout_p), int(seed),
+        int(detached_keys),
     )
     return outputs[0]
