@@ -1,4 +1,4 @@
-"""The pure-PyTorch SHA-RNN ops of shared/SPEC.md: what every kernel is checked against, and the
+"""The pure-PyTorch SHA-RNN ops: what every kernel is checked against, and the
 CPU fallback.
 
 Everything here is plain PyTorch, time-major (``[T, B, E]``), differentiable, and written for
@@ -142,9 +142,19 @@ def lstm_torch(
     if has_bias:
         zeros = weight_ih.new_zeros(weight_ih.shape[0])
         params += [zeros if bias_ih is None else bias_ih, zeros if bias_hh is None else bias_hh]
-    with warnings.catch_warnings():
-        # cuDNN copies separately stored weights into one buffer (a few MB, microseconds next to
-        # the recurrence) and says so on every call; the copy is expected here.
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
-        out, h_n, c_n = torch.lstm(x, (h, c), params, has_bias, 1, 0.0, training, False, False)
+    args = (x, (h, c), params, has_bias, 1, 0.0, training, False, False)
+    if _is_compiling():
+        # torch.compile cannot trace warnings.catch_warnings(); the call itself traces.
+        out, h_n, c_n = torch.lstm(*args)
+    else:
+        with warnings.catch_warnings():
+            # cuDNN copies separately stored weights into one buffer (a few MB, microseconds
+            # next to the recurrence) and says so on every call; the copy is expected here.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+            out, h_n, c_n = torch.lstm(*args)
     return out, h_n[0], c_n[0]
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
