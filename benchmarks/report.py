@@ -5,9 +5,10 @@ Usage (from the repository root)::
     python benchmarks/report.py                 # GPU result files only
     python benchmarks/report.py --include-smoke # also cpu-smoke / *-small files (marked so)
 
-Every figure printed is a measured row of a result file: the speedups compare rows of one file
-(one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as BENCHMARKS.md says
-the project is judged. A baseline that was not measured leaves its column empty.
+Every figure printed is a measured row of a result file: the speedups compare rows of one
+file (one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as README.md
+("Benchmark method") says the project is judged. A baseline that was not measured leaves its
+column empty.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The modules against SPEC.md: names, init, the block's and model's exact computation."""
+"""The modules against the model's definition (README.md, "The model"): names, init, the
+block's and model's exact computation."""
 
 import math
 import os
@@ -14,7 +15,7 @@ EPS = 1e-12
 
 
 def spec_names(nlayers: int, attn_block: int) -> dict:
-    """Every parameter name (and shape) of the original code, written out from SPEC.md."""
+    """Every parameter name (and shape) of the original code, written out by hand."""
     V, E, Fh = 11, 8, 20
     names = {"encoder.weight": (V, E), "decoder.weight": (V, E), "decoder.bias": (V,)}
     for i in range(nlayers):
@@ -97,7 +98,7 @@ def test_parameter_count_of_the_paper_model():
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 51.7
 
 
-# ---- an independent float64 re-derivation of SPEC.md, from torch primitives only ------------
+# ---- an independent float64 re-derivation of the model, from torch primitives only ----------
 def ln(x, p, name):
     return F.layer_norm(x, x.shape[-1:], p[name + ".weight"], p[name + ".bias"], EPS)
 
