@@ -753,7 +753,14 @@ def run(
         # the weights and optimizer state in (they are large for the paper's model).
         loaded = [checkpoint] if checkpoint is not None else []
         del checkpoint
-        with SaveLock(config["save"] if ddp.is_main else None) as lock:
+        with contextlib.ExitStack() as stack:
+            lock, failed = SaveLock(config["save"] if ddp.is_main else None), None
+            try:
+                stack.enter_context(lock)
+            except UsageError as exc:
+                failed = exc
+            if _any_rank(failed is not None, ddp, device):  # every rank stops, not only rank 0
+                raise failed or UsageError(f"--save {config['save']}: rank 0 cannot write it")
             if lock.took_over is not None and ddp.is_main and not config["quiet"]:
                 print(f"note: took over the stale lock of pid {lock.took_over} on {config['save']}")
             return _train(config, loaded, ddp, device, args.resume, step_callback)
