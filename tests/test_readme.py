@@ -26,6 +26,16 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_python_block_runs(index, tmp_path):
     code = python_blocks()[index]
+    if "ENWIK8.pt" in code:
+        # The conversion example: stand in for the original's pickled [model, criterion] with a
+        # model of this package (same parameter names), its value gate folded by vq_collapse().
+        import torch
+
+        from sha_rnn_kernels import SHARNN
+
+        original = SHARNN(205, ninp=16, nhid=48, nlayers=3)
+        original.blocks[1].attn.vq_collapse()
+        torch.save([original, None], tmp_path / "ENWIK8.pt")
     # A user's environment: the package from this checkout, no interpreter flag set by the tests.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -34,6 +44,11 @@ def test_readme_python_block_runs(index, tmp_path):
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, f"README python block {index} failed:\n{code}\n{done.stderr}"
+    if "ENWIK8.pt" in code:
+        converted = torch.load(tmp_path / "sha-rnn-state-dict.pt")
+        expected = original.state_dict()
+        assert converted.keys() == expected.keys()
+        assert all(torch.equal(converted[k], expected[k]) for k in expected)
 
 
 def test_readme_test_command_is_what_ci_runs():
