@@ -795,7 +795,7 @@ def _train(
 
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % ddp.world_size != 0:
-            raise ValueError(
+            raise UsageError(
                 f"--{key.replace('_', '-')} {config[key]} must be a multiple of the world size "
                 f"{ddp.world_size}"
             )
@@ -1155,9 +1155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point: 0 when training finished, 2 for a bad argument or file (one line on
     stderr, no traceback), 3 when the loss diverged, 130 when stopped by a signal (after
     saving)."""
+    from ._backend import BackendUnavailableError
+
     try:
         result = run(argv)
-    except UsageError as exc:
+    except (UsageError, BackendUnavailableError) as exc:
         print(f"sha-rnn-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if result.diverged:

@@ -366,3 +366,11 @@ def test_checkpoint_path_is_locked_and_replacement_is_announced(corpus, tmp_path
     assert f"took over the stale lock of pid {gone.pid}" in out
     assert f"{ckpt} exists and this run will replace it" in out
     assert "replaced the earlier file" in out and not lock.exists()
+
+
+def test_a_backend_that_cannot_run_is_one_line(corpus, capsys):
+    # The persistent CUDA LSTM cannot take CPU tensors: said in one line, exit status 2.
+    argv = TINY + ["--data", corpus, "--max-steps", "1", "--save", "", "--backend", "cuda",
+                   "--device", "cpu"]  # fmt: skip
+    assert train.main(argv) == 2
+    assert "backend='cuda' cannot run" in _error_line(capsys)
