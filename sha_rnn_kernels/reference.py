@@ -26,7 +26,9 @@ def gelu(x: Tensor) -> Tensor:
 def split_and_sum(u: Tensor, width: int) -> Tensor:
     """Sum the ``u.shape[-1] // width`` chunks of width ``width``; trailing columns are dropped."""
     chunks = u.shape[-1] // width
-    return u[..., : chunks * width].unflatten(-1, (chunks, width)).sum(dim=-2)
+    # reshape, not unflatten: torch.compile cannot trace Tensor.unflatten while a torch function
+    # mode is active (torch.set_default_device installs one).
+    return u[..., : chunks * width].reshape(*u.shape[:-1], chunks, width).sum(dim=-2)
 
 
 def boom(

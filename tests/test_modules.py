@@ -394,6 +394,20 @@ def test_compile_fullgraph_on_cpu(backend):
         assert_parity(name, dict(model.named_parameters())[name].grad, g)
 
 
+def test_compile_fullgraph_under_a_default_device():
+    # torch.set_default_device installs a torch function mode for the rest of the process;
+    # Dynamo must still trace the whole model under it.
+    torch.set_default_device("cpu")
+    try:
+        model = SHARNN(32, ninp=16, nhid=32, nlayers=2, max_positions=16).eval()
+        x = torch.randint(0, 32, (5, 2))
+        out, _, _ = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        out.sum().backward()
+        assert_parity("out", out.detach(), model(x)[0].detach(), atol=1e-6)
+    finally:
+        torch.set_default_device(None)
+
+
 def test_interpreter_set_after_import_says_what_to_do():
     import subprocess
     import sys
