@@ -920,8 +920,10 @@ def _train(
         )
         + f" | checkpoint: {save_path or no_save}"
     )
-    replaces = save_path is not None and os.path.exists(save_path)
-    if replaces and os.path.abspath(save_path) != os.path.abspath(resume_path or ""):
+    continues_resumed = save_path is not None and resume_path is not None and (
+        os.path.abspath(save_path) == os.path.abspath(resume_path)
+    )
+    if save_path is not None and os.path.exists(save_path) and not continues_resumed:
         say(
             f"note: {save_path} exists and this run will replace it (continue it with "
             f"--resume {save_path}, or pick another --save)"
@@ -939,7 +941,7 @@ def _train(
             ranks_rng = [_rng_state(device)]
         if not ddp.is_main or save_path is None:
             return
-        replaced.append(os.path.exists(save_path))
+        replaced.append(os.path.exists(save_path) and not continues_resumed)
         save_checkpoint(save_path, {
             "format": CHECKPOINT_FORMAT,
             "config": config,

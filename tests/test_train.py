@@ -367,6 +367,12 @@ def test_checkpoint_path_is_locked_and_replacement_is_announced(corpus, tmp_path
     assert f"{ckpt} exists and this run will replace it" in out
     assert "replaced the earlier file" in out and not lock.exists()
 
+    # Continuing the same file with --resume is not announced as replacing it.
+    resume = ["--resume", str(ckpt), "--max-steps", "2", "--threads", "1"]
+    assert train.main(resume) == 0
+    out = capsys.readouterr().out
+    assert "replace" not in out and f"checkpoint: {ckpt} (step 2)" in out
+
 
 def test_a_backend_that_cannot_run_is_one_line(corpus, capsys):
     # The persistent CUDA LSTM cannot take CPU tensors: said in one line, exit status 2.
