@@ -26,7 +26,7 @@ def op_modules() -> dict:
 
 
 def order_row(row: dict) -> dict:
-    """BENCHMARKS.md's fields first, in its order, then the rest."""
+    """The row fields of README.md ("Benchmark method") first, in its order, then the rest."""
     ordered = {k: row[k] for k in ROW_ORDER if k in row}
     ordered.update({k: v for k, v in row.items() if k not in ordered})
     return ordered

@@ -6,11 +6,12 @@ Usage (from the repository root)::
     python benchmarks/report.py --include-smoke # also cpu-smoke / *-small files (marked so)
 
 The speedup tables print measured rows of the result files only: the speedups compare rows of
-one file (one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as the project
-is judged. A baseline that was not measured leaves its column empty. The speed-of-light table
-that follows (``benchmarks/roofline.py``) labels every column: counts (FLOPs, bytes), bounds
-(computed from the counts and the GPU's rates; the LSTM's latency bound rests on an estimated
-barrier cost) and measured times joined from the result files of that GPU.
+one file (one device, one run of the harness), ``fwd+bwd`` at the paper's shapes, as README.md
+("Benchmark method") says the project is judged. A baseline that was not measured leaves its
+column empty. The speed-of-light table that follows (``benchmarks/roofline.py``) labels every
+column: counts (FLOPs, bytes), bounds (computed from the counts and the GPU's rates; the LSTM's
+latency bound rests on an estimated barrier cost) and measured times joined from the result
+files of that GPU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Time sha_rnn_kernels against its baselines; see shared BENCHMARKS.md for what is measured.
+"""Time sha_rnn_kernels against its baselines; README.md ("Benchmark method") says what is measured.
 
 Usage (from the repository root)::
 
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passes", type=_csv, default=harness.PASSES, help="fwd, fwd+bwd")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--paper-only", action="store_true", help="paper shapes only (default)")
-    sizes.add_argument("--sweep", action="store_true", help="also the size sweeps of BENCHMARKS.md")
+    sizes.add_argument("--sweep", action="store_true", help="also the size sweeps (README.md)")
     p.add_argument("--small", action="store_true",
                    help="shapes scaled down so everything runs on a CPU")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")

@@ -26,6 +26,7 @@ A backend may be one name for every op or a per-op mapping: a dict such as
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -160,6 +161,34 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_OP_MODULES = ("boom", "attention", "lstm")
+_imported_interpreted: dict = {}
+
+
+def _ops_imported_interpreted() -> Optional[bool]:
+    """Whether the Triton op files already imported defined their kernels for the interpreter
+    (``@triton.jit`` reads ``TRITON_INTERPRET`` once, when a kernel is defined); None when no
+    op file has been imported yet."""
+    for name in _TRITON_OP_MODULES:
+        if name in _imported_interpreted:
+            return _imported_interpreted[name]
+        module = sys.modules.get(f"sha_rnn_kernels.ops.{name}")
+        if module is None:
+            continue
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        for value in vars(module).values():
+            for _ in range(4):  # through @triton.autotune / @triton.heuristics wrappers
+                if isinstance(value, (InterpretedFunction, JITFunction)):
+                    break
+                value = getattr(value, "fn", None)
+            if isinstance(value, (InterpretedFunction, JITFunction)):
+                _imported_interpreted[name] = isinstance(value, InterpretedFunction)
+                return _imported_interpreted[name]
+    return None
+
+
 def triton_reason(device: torch.device) -> Optional[str]:
     """Why Triton kernels cannot run on ``device`` here, or None when they can."""
     try:
@@ -169,6 +198,12 @@ def triton_reason(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreter_enabled():
+        if _ops_imported_interpreted() is False:
+            return (
+                "TRITON_INTERPRET=1 was set after the Triton kernels were imported, and Triton "
+                "reads it only when a kernel is defined: set it before importing sha_rnn_kernels "
+                "or building a module, in a fresh process (e.g. TRITON_INTERPRET=1 python ...)"
+            )
         return None
     return (
         f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "

@@ -42,15 +42,24 @@ class Corpus:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
+    # Bytes in the whole source before ``max_bytes`` cut it (None: not known).
+    source_bytes: Optional[int] = None
 
     @property
     def vocab_size(self) -> int:
         return VOCAB_SIZE
 
     def describe(self) -> str:
+        """What was read and how it was split, e.g. ``data: corpus.txt, read all 4,000 bytes;
+        split 3,600 train / 200 valid / 200 test bytes``."""
+        total = self.train.numel() + self.valid.numel() + self.test.numel()
+        if self.source_bytes is not None and self.source_bytes > total:
+            read = f"the first {total:,} of {self.source_bytes:,} bytes (--max-bytes)"
+        else:
+            read = f"all {total:,} bytes"
         return (
-            f"{self.name}: {self.train.numel():,} train / {self.valid.numel():,} valid / "
-            f"{self.test.numel():,} test bytes"
+            f"data: {self.name}, read {read}; split {self.train.numel():,} train / "
+            f"{self.valid.numel():,} valid / {self.test.numel():,} test bytes"
         )
 
 
@@ -106,13 +115,16 @@ def stdlib_source_files() -> list[Path]:
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
-def stdlib_source_bytes(max_bytes: Optional[int] = None) -> bytes:
-    """The concatenated source of :func:`stdlib_source_files`, cut at ``max_bytes``.
+def stdlib_source_bytes(
+    max_bytes: Optional[int] = None, files: Optional[list[Path]] = None
+) -> bytes:
+    """The concatenated source of ``files`` (default :func:`stdlib_source_files`), cut at
+    ``max_bytes``.
 
     Deterministic for a given Python version; needs no download.
     """
     chunks, total = [], 0
-    for f in stdlib_source_files():
+    for f in stdlib_source_files() if files is None else files:
         data = f.read_bytes()
         if max_bytes is not None and total + len(data) >= max_bytes:
             chunks.append(data[: max_bytes - total])
@@ -137,14 +149,21 @@ def load_corpus(path: Optional[str] = None, max_bytes: Optional[int] = None) -> 
             capped enwik8 is no longer the standard split, so that warns.
     """
     if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive or None; got {max_bytes}")
+        raise ValueError(f"--max-bytes must be positive; got {max_bytes}")
     if path is None:
-        data = stdlib_source_bytes(max_bytes)
+        files = stdlib_source_files()
+        data = stdlib_source_bytes(max_bytes, files)
         name = "python-stdlib"
+        source_bytes = sum(f.stat().st_size for f in files)
     else:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"--data {path}: no such file")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--data {path}: not a file")
         data = read_corpus_bytes(path)
+        if not data:
+            raise ValueError(f"--data {path}: the file is empty")
+        source_bytes = len(data)
         enwik8 = is_enwik8(path, len(data))
         name = "enwik8" if enwik8 else Path(path).name
         if max_bytes is not None and len(data) > max_bytes:
@@ -156,12 +175,16 @@ def load_corpus(path: Optional[str] = None, max_bytes: Optional[int] = None) -> 
                 stacklevel=2,
             )
     tokens = _to_uint8(data)
-    n_train, n_valid, _ = split_sizes(tokens.numel())
+    try:
+        n_train, n_valid, _ = split_sizes(tokens.numel())
+    except ValueError as exc:
+        raise ValueError(f"--data {path if path is not None else name}: {exc}") from None
     return Corpus(
         name=name,
         train=tokens[:n_train],
         valid=tokens[n_train : n_train + n_valid],
         test=tokens[n_train + n_valid :],
+        source_bytes=source_bytes,
     )
 
 

@@ -1,6 +1,6 @@
 """Drop-in ``torch.nn`` modules of the SHA-RNN.
 
-Parameter names follow the original code (shared/SPEC.md), so its state dicts load with
+Parameter names follow the original code (Merity 2019), so its state dicts load with
 ``strict=True``. Every module takes ``backend=``: one of ``"auto"``, ``"reference"``,
 ``"torch"``, ``"triton"``, ``"cuda"`` for every op, or a per-op mapping such as
 ``{"lstm": "cuda", "attention": "triton", "boom": "triton"}`` (or the string
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from . import functional as SF
 from ._backend import BackendSpec, autocast_dtype, backend_for, default_backend, parse_backend
@@ -153,6 +154,12 @@ class LSTM(nn.Module):
     init, call signature and return value: ``forward(input, hx=None) -> (out, (h_n, c_n))`` with
     ``h_n, c_n [1, B, H]``. Unbatched ``[T, I]`` input gives ``[T, H]`` and ``[1, H]`` states.
 
+    Only ``input_size`` and ``hidden_size`` are positional; every other argument is keyword-only
+    (so ``nn.LSTM``'s positional ``LSTM(8, 16, 2)`` raises instead of reading 2 as ``bias``).
+    ``num_layers``, ``dropout``, ``bidirectional`` and ``proj_size`` are accepted at their
+    one-layer values only: stack modules for more layers. ``device=`` and ``dtype=`` create the
+    parameters there, as for ``nn.LSTM``. A ``PackedSequence`` input is rejected: pad it.
+
     Example:
         >>> lstm = LSTM(8, 16)
         >>> out, (h, c) = lstm(torch.randn(5, 3, 8))
@@ -168,11 +175,36 @@ class LSTM(nn.Module):
         self,
         input_size: int,
         hidden_size: int,
+        *args,
         bias: bool = True,
         batch_first: bool = False,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
         backend: BackendSpec = None,
     ) -> None:
         super().__init__()
+        if args:
+            raise TypeError(
+                f"LSTM takes input_size and hidden_size positionally and everything else by "
+                f"keyword; got extra positional arguments {args} (torch.nn.LSTM's third "
+                f"positional argument is num_layers, and this module is one layer: stack "
+                f"LSTM modules for more)"
+            )
+        for name, value, single in (
+            ("num_layers", num_layers, 1),
+            ("dropout", dropout, 0.0),
+            ("bidirectional", bidirectional, False),
+            ("proj_size", proj_size, 0),
+        ):
+            if value != single:
+                raise ValueError(
+                    f"LSTM is one unidirectional layer without projection: {name} must be "
+                    f"{single!r}; got {value!r} (stack LSTM modules for more layers)"
+                )
         self.input_size = _check_positive("input_size", input_size)
         self.hidden_size = _check_positive("hidden_size", hidden_size)
         self.bias = bool(bias)
@@ -180,11 +212,12 @@ class LSTM(nn.Module):
         self.dropout = 0.0
         self.backend = _check_backend(backend, "lstm")
         gates = 4 * hidden_size
-        self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size))
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size, **factory))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size, **factory))
         if self.bias:
-            self.bias_ih_l0 = nn.Parameter(torch.empty(gates))
-            self.bias_hh_l0 = nn.Parameter(torch.empty(gates))
+            self.bias_ih_l0 = nn.Parameter(torch.empty(gates, **factory))
+            self.bias_hh_l0 = nn.Parameter(torch.empty(gates, **factory))
         else:
             self.register_parameter("bias_ih_l0", None)
             self.register_parameter("bias_hh_l0", None)
@@ -202,6 +235,11 @@ class LSTM(nn.Module):
     def forward(
         self, input: Tensor, hx: Optional[HiddenState] = None
     ) -> tuple[Tensor, HiddenState]:
+        if isinstance(input, PackedSequence):
+            raise TypeError(
+                "LSTM does not take a PackedSequence; pass the padded [T, B, I] tensor "
+                "(torch.nn.utils.rnn.pad_packed_sequence) and ignore the outputs past each length"
+            )
         unbatched = input.dim() == 2
         if unbatched:
             input = input.unsqueeze(0 if self.batch_first else 1)
@@ -239,7 +277,7 @@ class Overparam(nn.Module):
 
 
 class SingleHeadAttention(nn.Module):
-    """The SHA-RNN's single attention head (shared/SPEC.md).
+    """The SHA-RNN's single attention head.
 
     ``q = sigmoid(qs) * qln(q(query))``, keys gated by ``sigmoid(ks)``, values by the
     over-parameterised gate ``vq(sigmoid(vs))``; no key or value projection. In training, q and
@@ -372,7 +410,8 @@ class SHALayer(nn.Module):
 
     ``forward(h [T, B, E], mem [M, B, E] or None, hidden (h0, c0) or None)`` returns
     ``(h, new_mem, new_hidden)``; ``new_mem`` is None without attention. The incoming memory is
-    detached (it comes from an earlier segment); ``M + T`` may not exceed ``max_positions``.
+    detached (it comes from an earlier segment). With attention, ``M + T`` may not exceed
+    ``max_positions`` (``M = 0`` without memory).
 
     Example:
         >>> layer = SHALayer(16, use_attn=True)
@@ -417,13 +456,19 @@ class SHALayer(nn.Module):
         if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[-1] != e:
             layout = "[B, T, E]" if self.batch_first else "[T, B, E]"
             raise ValueError(f"h must be {layout} with E = {e}; got {SF.describe(h)}")
+        time_dim, batch_dim = (1, 0) if self.batch_first else (0, 1)
+        if self.attn is not None and h.shape[time_dim] > self.max_positions:
+            raise ValueError(
+                f"h has T = {h.shape[time_dim]} positions > max_positions = "
+                f"{self.max_positions}: the attention cannot see a segment longer than its "
+                f"window; split the sequence or raise max_positions"
+            )
         if mem is None:
             return
         if self.attn is None:
             raise ValueError("mem was given but this layer has no attention (use_attn=False)")
         if not isinstance(mem, Tensor) or mem.dim() != 3:
             raise ValueError(f"mem must be a 3-D tensor; got {SF.describe(mem)}")
-        time_dim, batch_dim = (1, 0) if self.batch_first else (0, 1)
         if mem.shape[batch_dim] != h.shape[batch_dim] or mem.shape[-1] != e:
             raise ValueError(
                 f"mem must have batch {h.shape[batch_dim]} and width E = {e} like h; "
@@ -506,6 +551,8 @@ class SHARNN(nn.Module):
     segment; memories are cut to the last ``max_positions - T`` positions first. Use
     :meth:`logits` or :meth:`loss` for the decoder. Token ids are checked against the vocabulary
     on every call (one device sync); set ``model.check_token_ids = False`` to skip that.
+    ``return_h=True`` returns the original code's five results ``(h, new_hidden, new_mems, None,
+    None)``. Unlike the original, there is no ``rnn_type`` first argument.
 
     Example:
         >>> model = SHARNN(256, ninp=32, nhid=128, nlayers=2)
@@ -528,6 +575,12 @@ class SHARNN(nn.Module):
         backend: BackendSpec = None,
     ) -> None:
         super().__init__()
+        if isinstance(ntoken, str):
+            raise TypeError(
+                f"SHARNN takes no rnn_type: the original's SHARNN({ntoken!r}, ntoken, ninp, nhid, "
+                f"nlayers, ...) is SHARNN(ntoken, ninp, nhid, nlayers, ...) here (the LSTM is "
+                f"the only RNN); the arguments after nlayers differ too: pass them by keyword"
+            )
         self.ntoken = _check_positive("ntoken", ntoken)
         self.ninp = _check_positive("ninp", ninp)
         self.nhid = _check_positive("nhid", nhid)
@@ -555,7 +608,7 @@ class SHARNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """SPEC.md's init: Linear and Embedding weights normal(0, 0.1/sqrt(E)), biases zero,
+        """The SHA-RNN init: Linear and Embedding weights normal(0, 0.1/sqrt(E)), biases zero,
         LayerNorm (1, 0), attention gates zero, the LSTM's own default."""
         std = 0.1 / math.sqrt(self.ninp)
         for module in self.modules():
@@ -594,7 +647,8 @@ class SHARNN(nn.Module):
         x: Tensor,
         hidden: Optional[list] = None,
         mems: Optional[list] = None,
-    ) -> tuple[Tensor, list, list]:
+        return_h: bool = False,
+    ) -> tuple:
         self._check_tokens(x)
         steps = x.shape[0]
         if hidden is not None and len(hidden) != self.nlayers:
@@ -602,8 +656,7 @@ class SHARNN(nn.Module):
         if mems is not None and len(mems) == 0:
             mems = None
         if mems is not None:
-            if len(mems) != self.nlayers:
-                raise ValueError(f"mems must hold {self.nlayers} entries; got {len(mems)}")
+            self._check_mems(mems)
             mems = [self._cut_memory(m, self.max_positions - steps) for m in mems]
         h = F.dropout(self.encoder(x.long()), self.dropouti, self.training)
         new_hidden, new_mems = [], []
@@ -613,7 +666,35 @@ class SHARNN(nn.Module):
             new_hidden.append(nh)
             new_mems.append(m)
         h = F.dropout(h, self.dropout, self.training)
+        if return_h:  # the original's 5-result form; its last two were always None
+            return h, new_hidden, new_mems, None, None
         return h, new_hidden, new_mems
+
+    def _check_mems(self, mems) -> None:
+        """Each entry None, ``[]`` (the original's marker for no memory) or a ``[M, B, E]``
+        tensor, and a tensor only for the block with attention."""
+        if not isinstance(mems, (list, tuple)):
+            raise TypeError(
+                f"mems must be a list of {self.nlayers} entries (None or [M, B, E] tensors); "
+                f"got {type(mems).__name__}"
+            )
+        if len(mems) != self.nlayers:
+            raise ValueError(f"mems must hold {self.nlayers} entries; got {len(mems)}")
+        for i, (m, block) in enumerate(zip(mems, self.blocks)):
+            if m is None or (isinstance(m, list) and len(m) == 0):
+                continue
+            if not isinstance(m, Tensor):
+                raise TypeError(
+                    f"mems[{i}] must be None or a [M, B, E] tensor; got {type(m).__name__}"
+                )
+            if not block.use_attn and m.numel() > 0:
+                attn = [j for j, b in enumerate(self.blocks) if b.use_attn]
+                raise ValueError(
+                    f"mems[{i}] is a {SF.describe(m)} tensor but block {i} has no attention "
+                    f"(only block(s) {attn} do): pass None there"
+                )
+            if m.dim() != 3:
+                raise ValueError(f"mems[{i}] must be a [M, B, E] tensor; got {SF.describe(m)}")
 
     @staticmethod
     def _cut_memory(mem, keep: int) -> Optional[Tensor]:

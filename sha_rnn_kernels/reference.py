@@ -1,4 +1,4 @@
-"""The pure-PyTorch SHA-RNN ops of shared/SPEC.md: what every kernel is checked against, and the
+"""The pure-PyTorch SHA-RNN ops: what every kernel is checked against, and the
 CPU fallback.
 
 Everything here is plain PyTorch, time-major (``[T, B, E]``), differentiable, and written for
@@ -26,7 +26,9 @@ def gelu(x: Tensor) -> Tensor:
 def split_and_sum(u: Tensor, width: int) -> Tensor:
     """Sum the ``u.shape[-1] // width`` chunks of width ``width``; trailing columns are dropped."""
     chunks = u.shape[-1] // width
-    return u[..., : chunks * width].unflatten(-1, (chunks, width)).sum(dim=-2)
+    # reshape, not unflatten: torch.compile cannot trace Tensor.unflatten while a torch function
+    # mode is active (torch.set_default_device installs one).
+    return u[..., : chunks * width].reshape(*u.shape[:-1], chunks, width).sum(dim=-2)
 
 
 def boom(
@@ -152,9 +154,19 @@ def lstm_torch(
     if has_bias:
         zeros = weight_ih.new_zeros(weight_ih.shape[0])
         params += [zeros if bias_ih is None else bias_ih, zeros if bias_hh is None else bias_hh]
-    with warnings.catch_warnings():
-        # cuDNN copies separately stored weights into one buffer (a few MB, microseconds next to
-        # the recurrence) and says so on every call; the copy is expected here.
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
-        out, h_n, c_n = torch.lstm(x, (h, c), params, has_bias, 1, 0.0, training, False, False)
+    args = (x, (h, c), params, has_bias, 1, 0.0, training, False, False)
+    if _is_compiling():
+        # torch.compile cannot trace warnings.catch_warnings(); the call itself traces.
+        out, h_n, c_n = torch.lstm(*args)
+    else:
+        with warnings.catch_warnings():
+            # cuDNN copies separately stored weights into one buffer (a few MB, microseconds
+            # next to the recurrence) and says so on every call; the copy is expected here.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single")
+            out, h_n, c_n = torch.lstm(*args)
     return out, h_n[0], c_n[0]
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())

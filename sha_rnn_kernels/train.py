@@ -14,6 +14,17 @@ LSTM states and the attention memory. Ctrl-C or SIGTERM finishes the current ste
 exits with status 130; a second Ctrl-C stops at once. ``--resume PATH`` continues the run: on
 CPU the resumed losses equal those of an uninterrupted run bit for bit.
 
+A ``--data`` file is read whole (``--max-bytes`` cuts it) and, with the default preset, trained
+on for full epochs; the run prints what it read, the split sizes and its length. ``--save`` is
+checked before training (its folder is created and a lock file ``PATH.lock`` with the process id
+is held while the run may write it, so a second run on the same path stops at once); replacing
+an existing checkpoint is announced. When stdout is not a terminal, one plain line is printed
+per ``--log-interval`` steps instead of a progress bar.
+
+Exit status: 0 done; 2 a bad argument or file (one line on stderr, no traceback); 3 the loss
+became NaN or infinite (training stops and the last checkpoint with finite weights is kept);
+130 stopped by a signal, after saving.
+
 Launched with ``torchrun --nproc_per_node N -m sha_rnn_kernels.train ...`` it trains with
 DistributedDataParallel: each rank takes its slice of the batch columns, and only rank 0 prints
 and writes checkpoints.
@@ -50,7 +61,7 @@ from .optim import Lamb
 LN2 = math.log(2.0)
 CHECKPOINT_FORMAT = 1
 
-# The paper's recipe (shared/SPEC.md, "Training recipe"); presets change only what they list.
+# The paper's recipe (Merity 2019, enwik8); presets change only what they list.
 BASE_CONFIG: dict[str, Any] = {
     "data": None,
     "max_bytes": None,
@@ -111,6 +122,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Preset settings that apply to the built-in corpus only: a --data file is read whole and
+# trained on for full epochs unless --max-bytes / --max-steps say otherwise.
+_BUILTIN_CORPUS_ONLY: dict[str, tuple[str, ...]] = {"default": ("max_bytes", "max_steps")}
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files: the command prints the message as one line
+    and exits with status 2 (no traceback)."""
+
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
 # Settings that belong to the machine, not the run: never taken from a checkpoint.
 _MACHINE_KEYS = ("device", "quiet", "threads")
 
@@ -129,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sha-rnn-train",
         description="Train the SHA-RNN byte-level language model (Merity 2019).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Defaults are the 'default' preset's; where the 'enwik8' preset differs it is "
+        "given too. Flags override the preset (and, with --resume, the checkpoint's settings). "
+        "Exit status: 0 done, 2 bad arguments or files, 3 diverged (loss not finite), 130 "
+        "stopped by a signal (after saving).",
     )
     p.add_argument(
         "--preset",
@@ -231,7 +257,48 @@ def build_parser() -> argparse.ArgumentParser:
         "whole inside the graph); the first steps and every new segment length compile",
     )
     g.add_argument("--quiet", action="store_true", default=None, help="print nothing")
+    _add_preset_defaults(p)
     return p
+
+
+_DEFAULT_NOTES = {
+    "max_bytes": "default preset: {default} of the built-in corpus, all of a --data file; "
+    "enwik8: all",
+    "max_steps": "default preset: {default} on the built-in corpus, full epochs on a --data "
+    "file; enwik8: full epochs",
+    "data": None,
+    "backend": "$SHA_RNN_KERNELS_BACKEND, else auto",
+    "device": None,
+    "threads": None,
+    "quiet": None,
+}
+
+
+def _add_preset_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's effective default to its help: the 'default' preset's value, and
+    the 'enwik8' preset's where that differs. (The options themselves default to None so that
+    an unset flag can be told from a given one.)"""
+    default = dict(BASE_CONFIG, **PRESETS["default"])
+    enwik8 = dict(BASE_CONFIG, **PRESETS["enwik8"])
+
+    def show(value) -> str:
+        return "all" if value is None else ("''" if value == "" else str(value))
+
+    for action in parser._actions:
+        key = action.dest
+        if key in _DEFAULT_NOTES:
+            note = _DEFAULT_NOTES[key]
+            if note is not None:
+                note = note.format(default=show(default.get(key)))
+        elif key in default:
+            note = f"default: {show(default[key])}"
+            if enwik8[key] != default[key]:
+                note += f"; enwik8: {show(enwik8[key])}"
+        else:
+            continue
+        if note is not None:
+            text = (action.help + " " if action.help else "") + f"({note})"
+            action.help = text.replace("%", "%%")
 
 
 def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] = None) -> dict:
@@ -249,8 +316,19 @@ def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] =
     config = dict(BASE_CONFIG)
     config.update(PRESETS[preset])
     config["preset"] = preset
+    if checkpoint_config is None and given.get("data") is not None:
+        for key in _BUILTIN_CORPUS_ONLY.get(preset, ()):
+            config[key] = BASE_CONFIG[key]
     if checkpoint_config is not None:
         config.update({k: v for k, v in checkpoint_config.items() if k not in _MACHINE_KEYS})
+        for key in ("emsize", "nhid", "nlayers"):
+            if key in given and key in checkpoint_config and given[key] != checkpoint_config[key]:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(
+                    f"{flag} {given[key]} differs from the checkpoint's {checkpoint_config[key]}: "
+                    f"a resumed run keeps its model's size; drop {flag} (or start a new run "
+                    f"without --resume)"
+                )
     config.update(given)
     config.setdefault("device", None)
     config.setdefault("threads", None)
@@ -272,20 +350,20 @@ def _validate_config(c: dict) -> None:
     )
     for key in positive:
         if c[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1; got {c[key]}")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 1; got {c[key]}")
     for key in ("warmup", "epochs", "final_epochs", "eval_interval", "save_interval"):
         if c[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0; got {c[key]}")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 0; got {c[key]}")
     if c["threads"] is not None and c["threads"] < 1:
-        raise ValueError(f"--threads must be >= 1; got {c['threads']}")
+        raise UsageError(f"--threads must be >= 1; got {c['threads']}")
     if c["max_steps"] is not None and c["max_steps"] < 0:
-        raise ValueError(f"--max-steps must be >= 0; got {c['max_steps']}")
+        raise UsageError(f"--max-steps must be >= 0; got {c['max_steps']}")
     if c["epochs"] + c["final_epochs"] < 1:
-        raise ValueError("--epochs plus --final-epochs must be at least 1")
+        raise UsageError("--epochs plus --final-epochs must be at least 1")
     if not 0.0 <= c["reset_prob"] <= 1.0:
-        raise ValueError(f"--reset-prob must lie in [0, 1]; got {c['reset_prob']}")
+        raise UsageError(f"--reset-prob must lie in [0, 1]; got {c['reset_prob']}")
     if c["bptt"] > c["max_positions"]:
-        raise ValueError(
+        raise UsageError(
             f"--bptt {c['bptt']} exceeds --max-positions {c['max_positions']}: a segment must "
             f"fit in the attention window"
         )
@@ -326,10 +404,14 @@ class Dist:
 def _pick_device(requested: Optional[str], local_rank: int, world_size: int) -> torch.device:
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        message = f"--device {requested!r} is not a device (cpu, cuda, cuda:1 ...)"
+        raise UsageError(message) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
+            raise UsageError(f"--device {requested}: CUDA is not available on this machine")
         if world_size > 1:
             device = torch.device("cuda", local_rank)
         elif device.index is None:
@@ -470,11 +552,100 @@ def save_checkpoint(path: str, payload: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by this module (it holds RNG states, so it is unpickled in
-    full: load only checkpoints you trust)."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    full: load only checkpoints you trust). Raises :class:`UsageError` for a missing file or a
+    file that is not such a checkpoint."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - whatever unpickling a foreign file raises
+        first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise UsageError(
+            f"--resume {path}: not a sha_rnn_kernels training checkpoint (cannot be read: "
+            f"{type(exc).__name__}: {first_line}); give a file that --save wrote"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--resume {path}: not a sha_rnn_kernels training checkpoint")
+        raise UsageError(
+            f"--resume {path}: not a sha_rnn_kernels training checkpoint; give a file that "
+            f"--save wrote"
+        )
     return payload
+
+
+class SaveLock:
+    """Hold ``PATH.lock`` (holding this process's id) while a run may write checkpoint ``PATH``.
+
+    Taking it also proves early that ``--save`` is writable: the folder is created and the lock
+    file written there before any training. A second run on the same path fails with a
+    :class:`UsageError` naming the first one's pid; a lock left by a process that no longer
+    exists is taken over. ``path`` None or '' does nothing.
+    """
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path or None
+        self.lock_path = None if self.path is None else self.path + ".lock"
+        self.took_over: Optional[int] = None
+        self._held = False
+
+    def __enter__(self) -> SaveLock:
+        if self.path is None:
+            return self
+        path, lock = self.path, self.lock_path
+        hint = "choose another --save, or --save '' to keep no checkpoint"
+        if os.path.isdir(path):
+            raise UsageError(f"--save {path}: is a folder; give a file path ({hint})")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    break
+                except FileExistsError:
+                    pid = self._holder()
+                    if pid is not None and _process_alive(pid):
+                        raise UsageError(
+                            f"--save {path}: another run (pid {pid}) is writing this checkpoint "
+                            f"(lock file {lock}); wait for it to finish, or {hint}"
+                        ) from None
+                    self.took_over = pid
+                    os.remove(lock)
+            else:  # pragma: no cover - lost a race twice
+                raise UsageError(f"--save {path}: could not take the lock file {lock}")
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self._held = True
+            if os.path.exists(path) and not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is read-only")
+        except OSError as exc:
+            self.__exit__()
+            raise UsageError(
+                f"--save {path}: cannot write there ({type(exc).__name__}: "
+                f"{exc.strerror or exc}); {hint}"
+            ) from None
+        return self
+
+    def _holder(self) -> Optional[int]:
+        try:
+            with open(self.lock_path) as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            self._held = False
+            with contextlib.suppress(OSError):
+                os.remove(self.lock_path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -492,6 +663,22 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+def _batchify(
+    corpus: data_lib.Corpus, split: str, batch_size: int, flag: str, min_rows: int = 2
+) -> torch.Tensor:
+    """``data.batchify`` of one split, with an error naming the split and the flag to change."""
+    tokens = getattr(corpus, split)
+    if tokens.numel() // batch_size < min_rows:
+        fits = tokens.numel() // min_rows
+        raise UsageError(
+            f"the {split} split of {corpus.name} holds {tokens.numel():,} bytes, too few for "
+            f"{flag} {batch_size} columns of {min_rows}+ bytes: lower {flag}"
+            + (f" to at most {fits}" if fits >= 1 else "")
+            + " or give more data (--data, --max-bytes)"
+        )
+    return data_lib.batchify(tokens, batch_size)
 
 
 class _LossModule(nn.Module):
@@ -518,6 +705,8 @@ class TrainResult:
     valid_bpc: list = field(default_factory=list)  # (step, bpc)
     test_bpc: Optional[float] = None
     interrupted: bool = False
+    # The loss became NaN or infinite: training stopped there and wrote no further checkpoint.
+    diverged: bool = False
     checkpoint: Optional[str] = None
     model: Optional[nn.Module] = None
 
@@ -592,7 +781,17 @@ def run(
         # the weights and optimizer state in (they are large for the paper's model).
         loaded = [checkpoint] if checkpoint is not None else []
         del checkpoint
-        return _train(config, loaded, ddp, device, args.resume, step_callback)
+        with contextlib.ExitStack() as stack:
+            lock, failed = SaveLock(config["save"] if ddp.is_main else None), None
+            try:
+                stack.enter_context(lock)
+            except UsageError as exc:
+                failed = exc
+            if _any_rank(failed is not None, ddp, device):  # every rank stops, not only rank 0
+                raise failed or UsageError(f"--save {config['save']}: rank 0 cannot write it")
+            if lock.took_over is not None and ddp.is_main and not config["quiet"]:
+                print(f"note: took over the stale lock of pid {lock.took_over} on {config['save']}")
+            return _train(config, loaded, ddp, device, args.resume, step_callback)
     finally:
         torch.set_num_threads(threads)
         if ddp.initialized_here:
@@ -613,14 +812,19 @@ def _train(
 
     verbose = ddp.is_main and not config["quiet"]
     dtype_name = resolve_dtype(config["dtype"], device)
+    # A progress bar only on a terminal; in a log file, one plain line per log interval.
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
 
     def say(message: str) -> None:
         if verbose:
-            tqdm.write(message)
+            if interactive:
+                tqdm.write(message)
+            else:
+                print(message, flush=True)
 
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % ddp.world_size != 0:
-            raise ValueError(
+            raise UsageError(
                 f"--{key.replace('_', '-')} {config[key]} must be a multiple of the world size "
                 f"{ddp.world_size}"
             )
@@ -633,16 +837,23 @@ def _train(
     # they step through the data together.
     data_rng = np.random.RandomState(seed)
 
-    corpus = data_lib.load_corpus(config["data"], config["max_bytes"])
+    try:
+        corpus = data_lib.load_corpus(config["data"], config["max_bytes"])
+    except (OSError, ValueError) as exc:
+        message = str(exc) if str(exc).startswith("--") else f"--data {config['data']}: {exc}"
+        raise UsageError(message) from None
     train_src = data_lib.shard_columns(
-        data_lib.batchify(corpus.train, config["batch_size"]), ddp.rank, ddp.world_size
-    )
+        _batchify(corpus, "train", config["batch_size"], "--batch-size", 3), ddp.rank,
+        ddp.world_size,
+    )  # fmt: skip
     valid_src = data_lib.shard_columns(
-        data_lib.batchify(corpus.valid, config["eval_batch_size"]), ddp.rank, ddp.world_size
-    )
+        _batchify(corpus, "valid", config["eval_batch_size"], "--eval-batch-size"), ddp.rank,
+        ddp.world_size,
+    )  # fmt: skip
     test_src = data_lib.shard_columns(
-        data_lib.batchify(corpus.test, config["eval_batch_size"]), ddp.rank, ddp.world_size
-    )
+        _batchify(corpus, "test", config["eval_batch_size"], "--eval-batch-size"), ddp.rank,
+        ddp.world_size,
+    )  # fmt: skip
     if device.type == "cuda":
         train_src, valid_src, test_src = (t.pin_memory() for t in (train_src, valid_src, test_src))
 
@@ -677,7 +888,15 @@ def _train(
     history_valid: list = []
     if loaded:
         checkpoint = loaded.pop()
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+            raise UsageError(
+                f"--resume {resume_path}: the checkpoint's weights do not fit this model "
+                f"({lines[0] if lines else str(exc).splitlines()[0]}); resume with the "
+                f"checkpoint's own --emsize/--nhid/--nlayers"
+            ) from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         step, epoch, position = checkpoint["step"], checkpoint["epoch"], checkpoint["position"]
@@ -723,6 +942,24 @@ def _train(
     max_steps = config["max_steps"]
     total = max_steps if max_steps is not None else total_epochs * steps_per_epoch
     save_path = config["save"] or None
+    no_save = "none (--save '')"
+    say(
+        f"length: {total} steps "
+        + (
+            f"(--max-steps {max_steps}; an epoch is about {steps_per_epoch} steps)"
+            if max_steps is not None
+            else f"({total_epochs} epochs of about {steps_per_epoch} steps)"
+        )
+        + f" | checkpoint: {save_path or no_save}"
+    )
+    continues_resumed = save_path is not None and resume_path is not None and (
+        os.path.abspath(save_path) == os.path.abspath(resume_path)
+    )
+    if save_path is not None and os.path.exists(save_path) and not continues_resumed:
+        say(
+            f"note: {save_path} exists and this run will replace it (continue it with "
+            f"--resume {save_path}, or pick another --save)"
+        )
     result = TrainResult(config=config, start_step=step, step=step, epoch=epoch, model=model)
     result.valid_bpc = history_valid
 
@@ -736,6 +973,7 @@ def _train(
             ranks_rng = [_rng_state(device)]
         if not ddp.is_main or save_path is None:
             return
+        replaced.append(os.path.exists(save_path) and not continues_resumed)
         save_checkpoint(save_path, {
             "format": CHECKPOINT_FORMAT,
             "config": config,
@@ -758,7 +996,26 @@ def _train(
         })  # fmt: skip
         result.checkpoint = save_path
 
+    replaced: list = []  # per checkpoint written: whether it replaced an existing file
     pending: list = []
+    checked = [len(result.train_losses)]  # losses up to here were finite
+
+    def weights_finite() -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    def diverged(before_save: bool = False) -> bool:
+        """Read the pending losses back; True when one is NaN or infinite (agreed across
+        ranks). Under fp16 a non-finite loss whose step the GradScaler skipped is not one.
+        ``before_save`` also checks the weights, so that no checkpoint holds a NaN."""
+        flush_losses()
+        values = result.train_losses[checked[0] :]
+        checked[0] = len(result.train_losses)
+        bad = not all(math.isfinite(v) for v in values)
+        if bad and scaler.is_enabled():
+            bad = not weights_finite()
+        if before_save and not bad:
+            bad = not weights_finite()
+        return _any_rank(bad, ddp, device)
 
     def flush_losses() -> list:
         if not pending:
@@ -778,7 +1035,7 @@ def _train(
     progress = tqdm(
         total=total,
         initial=step,
-        disable=not verbose,
+        disable=not verbose or not interactive,
         unit="step",
         dynamic_ncols=True,
         desc="train",
@@ -808,6 +1065,9 @@ def _train(
                 if epoch >= total_epochs:
                     break
                 if config["save_interval"] and save_path:
+                    if diverged(before_save=True):
+                        result.diverged = True
+                        break
                     checkpoint_now()
                 continue
 
@@ -847,18 +1107,49 @@ def _train(
                     loss=f"{mean:.3f}", bpc=f"{mean / LN2:.3f}", lr=f"{lr:.2e}",
                     tok_s=f"{tokens_since / max(elapsed, 1e-9):,.0f}", refresh=False,
                 )  # fmt: skip
+                if not interactive:
+                    say(
+                        f"| step {step}/{total} | loss {mean:.4f} | bpc {mean / LN2:.4f} | "
+                        f"lr {lr:.2e} | {tokens_since / max(elapsed, 1e-9):,.0f} tok/s"
+                    )
                 tokens_since, time_since = 0, time.perf_counter()
+                if diverged():
+                    result.diverged = True
+                    break
             progress.update(1)
 
             if config["eval_interval"] and step % config["eval_interval"] == 0:
                 if validate("eval") is not None:
                     last_eval_step = step
             if config["save_interval"] and step % config["save_interval"] == 0 and save_path:
+                if diverged(before_save=True):
+                    result.diverged = True
+                    break
                 checkpoint_now()
 
         flush_losses()
         progress.close()
         result.step, result.epoch = step, epoch
+        if not result.diverged and diverged(before_save=bool(save_path)):
+            result.diverged = True
+        if result.diverged:
+            finite = [i for i, v in enumerate(result.train_losses) if math.isfinite(v)]
+            last_good = result.start_step + (finite[-1] + 1 if finite else 0)
+            kept = (
+                f"the last checkpoint {save_path} (step {_checkpoint_step(save_path)}) is kept"
+                if save_path and os.path.exists(save_path)
+                else "no checkpoint was written"
+            )
+            if ddp.is_main:
+                print(
+                    f"sha-rnn-train: training diverged: the loss is not finite by step {step} "
+                    f"(last finite loss at step {last_good}); {kept}. Lower --lr, raise "
+                    f"--warmup, or train in --dtype fp32 (or bf16 rather than fp16).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            progress.close()
+            return result
         if not result.interrupted:
             if last_eval_step != step:
                 validate("end")
@@ -870,6 +1161,7 @@ def _train(
             checkpoint_now()
             say(
                 f"checkpoint: {save_path} (step {step}"
+                + ("; replaced the earlier file" if replaced and replaced[0] else "")
                 + (
                     "; interrupted, continue with --resume " + save_path
                     if result.interrupted
@@ -880,6 +1172,13 @@ def _train(
     return result
 
 
+def _checkpoint_step(path: str):
+    try:
+        return load_checkpoint(path)["step"]
+    except UsageError:
+        return "?"
+
+
 def _grad_scaler(device: torch.device, enabled: bool):
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device.type, enabled=enabled)
@@ -887,10 +1186,19 @@ def _grad_scaler(device: torch.device, enabled: bool):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: 0 when training finished, 130 when stopped by a signal (after
+    """Console entry point: 0 when training finished, 2 for a bad argument or file (one line on
+    stderr, no traceback), 3 when the loss diverged, 130 when stopped by a signal (after
     saving)."""
-    result = run(argv)
-    return 130 if result.interrupted else 0
+    from ._backend import BackendUnavailableError
+
+    try:
+        result = run(argv)
+    except (UsageError, BackendUnavailableError) as exc:
+        print(f"sha-rnn-train: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if result.diverged:
+        return EXIT_DIVERGED
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -120,3 +120,36 @@ def test_seq_len_jitter_bounds(bptt):
         assert 0.42 < np.mean(lengths == bptt) < 0.53
         near_half = lengths[lengths < 0.75 * bptt]
         assert abs(near_half.mean() - bptt / 2) < 2.0
+
+
+def test_describe_says_what_was_read_and_the_split(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"0123456789" * 100)
+    whole = data.load_corpus(str(path))
+    assert whole.describe() == (
+        "data: corpus.txt, read all 1,000 bytes; split 900 train / 50 valid / 50 test bytes"
+    )
+    capped = data.load_corpus(str(path), max_bytes=400)
+    assert capped.describe() == (
+        "data: corpus.txt, read the first 400 of 1,000 bytes (--max-bytes); split 360 train / "
+        "20 valid / 20 test bytes"
+    )
+    stdlib = data.load_corpus(None, max_bytes=1000)
+    assert "read the first 1,000 of " in stdlib.describe()
+
+
+def test_unusable_files_name_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data .*nope.txt: no such file"):
+        data.load_corpus(str(tmp_path / "nope.txt"))
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        data.load_corpus(str(tmp_path))
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="--data .*empty.txt: the file is empty"):
+        data.load_corpus(str(empty))
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_bytes(b"x" * 20)
+    with pytest.raises(ValueError, match="--data .*tiny.txt: a corpus needs at least 40 bytes"):
+        data.load_corpus(str(tiny))
+    with pytest.raises(ValueError, match="--max-bytes must be positive"):
+        data.load_corpus(str(tiny), max_bytes=0)

@@ -1,6 +1,8 @@
-"""The modules against SPEC.md: names, init, the block's and model's exact computation."""
+"""The modules against the model's definition (README.md, "The model"): names, init, the
+block's and model's exact computation."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ EPS = 1e-12
 
 
 def spec_names(nlayers: int, attn_block: int) -> dict:
-    """Every parameter name (and shape) of the original code, written out from SPEC.md."""
+    """Every parameter name (and shape) of the original code, written out by hand."""
     V, E, Fh = 11, 8, 20
     names = {"encoder.weight": (V, E), "decoder.weight": (V, E), "decoder.bias": (V,)}
     for i in range(nlayers):
@@ -96,7 +98,7 @@ def test_parameter_count_of_the_paper_model():
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 51.7
 
 
-# ---- an independent float64 re-derivation of SPEC.md, from torch primitives only ------------
+# ---- an independent float64 re-derivation of the model, from torch primitives only ----------
 def ln(x, p, name):
     return F.layer_norm(x, x.shape[-1:], p[name + ".weight"], p[name + ".bias"], EPS)
 
@@ -293,3 +295,138 @@ def test_model_memory_is_truncated_not_rejected():
     _, _, with_mem = model(full, mems=long_mem)
     _, _, without = model(full)
     assert torch.equal(with_mem[0], without[0]) and with_mem[0].shape[0] == 6
+
+
+# ---- traps a new user hits --------------------------------------------------------------------
+
+
+def test_lstm_extra_positional_arguments_raise():
+    # torch.nn.LSTM(8, 16, 2) means num_layers=2: here it must not silently become bias=2.
+    with pytest.raises(TypeError, match="num_layers"):
+        LSTM(8, 16, 2)
+    with pytest.raises(ValueError, match="num_layers must be 1; got 2"):
+        LSTM(8, 16, num_layers=2)
+    with pytest.raises(ValueError, match="bidirectional"):
+        LSTM(8, 16, bidirectional=True)
+    with pytest.raises(ValueError, match="proj_size"):
+        LSTM(8, 16, proj_size=4)
+    lstm = LSTM(8, 16, num_layers=1, bias=False)  # the one-layer values are accepted
+    assert lstm.bias_ih_l0 is None and lstm.num_layers == 1
+
+
+def test_lstm_factory_kwargs_match_torch():
+    ours = LSTM(5, 7, device="cpu", dtype=torch.float64)
+    theirs = torch.nn.LSTM(5, 7, device="cpu", dtype=torch.float64)
+    for name, p in ours.named_parameters():
+        assert p.dtype == torch.float64 and p.device.type == "cpu", name
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(3, 2, 5, dtype=torch.float64)
+    assert_parity("out", ours(x)[0].detach(), theirs(x)[0].detach(), atol=1e-12)
+
+
+def test_lstm_rejects_packed_sequence():
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 5), [4, 2])
+    with pytest.raises(TypeError, match="PackedSequence.*pad_packed_sequence"):
+        LSTM(5, 7)(packed)
+
+
+def test_mems_entries_are_checked_by_index():
+    model = SHARNN(10, ninp=8, nhid=16, nlayers=3, max_positions=12)  # attention in block 1
+    x = torch.randint(0, 10, (3, 2))
+    with pytest.raises(TypeError, match=r"mems\[1\] must be None or a \[M, B, E\] tensor; got int"):
+        model(x, mems=[None, 5, None])
+    with pytest.raises(ValueError, match=r"mems\[0\] is a \[4, 2, 8\] tensor but block 0 has no "):
+        model(x, mems=[torch.randn(4, 2, 8), None, None])
+    with pytest.raises(ValueError, match=r"mems\[1\] must be a \[M, B, E\]"):
+        model(x, mems=[None, torch.randn(4, 8), None])
+    with pytest.raises(TypeError, match="mems must be a list"):
+        model(x, mems=torch.randn(4, 2, 8))
+    # The original's [] marker for "no memory" is accepted anywhere.
+    _, _, mems = model(x, mems=[[], torch.randn(4, 2, 8), []])
+    assert mems[1].shape == (7, 2, 8) and mems[0] is None
+
+
+def test_shalayer_rejects_a_segment_longer_than_its_window():
+    layer = SHALayer(8, 16, use_attn=True, max_positions=6)
+    with pytest.raises(ValueError, match="T = 7 positions > max_positions = 6"):
+        layer(torch.randn(7, 1, 8))
+    with pytest.raises(ValueError, match="T = 7 positions > max_positions = 6"):
+        SHALayer(8, 16, use_attn=True, max_positions=6, batch_first=True)(torch.randn(1, 7, 8))
+    h, mem, _ = layer(torch.randn(6, 1, 8))  # T = max_positions is allowed
+    assert mem.shape == (6, 1, 8)
+    SHALayer(8, 16, max_positions=6)(torch.randn(7, 1, 8))  # no attention: no window
+
+
+def test_original_signatures():
+    with pytest.raises(TypeError, match="no rnn_type.*SHARNN\\(ntoken, ninp, nhid, nlayers"):
+        SHARNN("LSTM", 10, 8, 16, 2)
+    model = SHARNN(10, 8, 16, 2).eval()
+    x = torch.randint(0, 10, (4, 2))
+    out = model(x, return_h=True)  # the original's five results
+    assert len(out) == 5 and out[3] is None and out[4] is None
+    h, hidden, mems = model(x)
+    assert torch.equal(out[0], h) and torch.equal(out[2][0], mems[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "torch"])
+def test_compile_fullgraph_on_cpu(backend):
+    # Every backend a CPU user can get (triton under the interpreter is covered with the ops):
+    # one graph (fullgraph=True: any graph break raises), forward and backward, equal to eager.
+    # aot_eager runs Dynamo and AOTAutograd as the default compiler does, without spending
+    # tens of seconds in inductor's C++ code generation.
+    model = SHARNN(32, ninp=16, nhid=32, nlayers=2, max_positions=16, backend=backend)
+    model = model.double().eval()
+    x = torch.randint(0, 32, (5, 2))
+    ref, _, ref_mems = model(x)
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, _, mems = compiled(x)
+    out.sum().backward()
+    assert_parity("out", out.detach(), ref.detach())
+    assert_parity("mem", mems[0].detach(), ref_mems[0].detach())
+    assert ref_grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in ref_grads.items():
+        assert_parity(name, dict(model.named_parameters())[name].grad, g)
+
+
+def test_compile_fullgraph_under_a_default_device():
+    # torch.set_default_device installs a torch function mode for the rest of the process;
+    # Dynamo must still trace the whole model under it.
+    torch.set_default_device("cpu")
+    try:
+        model = SHARNN(32, ninp=16, nhid=32, nlayers=2, max_positions=16).eval()
+        x = torch.randint(0, 32, (5, 2))
+        out, _, _ = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        out.sum().backward()
+        assert_parity("out", out.detach(), model(x)[0].detach(), atol=1e-6)
+    finally:
+        torch.set_default_device(None)
+
+
+def test_interpreter_set_after_import_says_what_to_do():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from sha_rnn_kernels import Boom\n"
+        "m = Boom(8, 16, backend='triton')\n"  # imports the Triton file without the interpreter
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    m(torch.randn(2, 8))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    assert "BackendUnavailableError" in done.stdout, done.stdout + done.stderr
+    assert "set it before importing sha_rnn_kernels" in done.stdout
+    assert "fresh process" in done.stdout

@@ -10,7 +10,7 @@ from sha_rnn_kernels.testing import assert_parity
 
 
 def naive_attention(q, k, v, key_gate=None, value_gate=None):
-    """Row by row, in float64, straight from SPEC.md."""
+    """Row by row, in float64, straight from the model's definition (README.md, "The model")."""
     T, B, E = q.shape
     K = k.shape[0]
     out = torch.empty(T, B, E, dtype=torch.float64)

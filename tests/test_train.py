@@ -3,8 +3,11 @@ atomic checkpoints and the settings' layering. Tiny models on a tiny repetitive 
 
 import math
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -228,3 +231,152 @@ def test_learning_rate_schedule():
     assert train.learning_rate(config, 800, 0) == train.learning_rate(config, 5000, 3) == 2e-3
     assert train.learning_rate(config, 200_000, 32) == 1e-3
     assert train.learning_rate(dict(config, warmup=0), 1, 0) == 2e-3
+
+
+# ---- what a new user runs into ----------------------------------------------------------------
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sha-rnn-train: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "make, extra, match",
+    [
+        (None, [], r"--data .*missing.txt: no such file"),
+        (b"", [], r"--data .*f.txt: the file is empty"),
+        (b"abc" * 10, [], r"--data .*f.txt: a corpus needs at least 40 bytes"),
+        # 1000 bytes: 50 of valid cannot fill 16 x 2+ rows.
+        (TEXT * 13, ["--eval-batch-size", "32"],
+         r"the valid split of f.txt holds 51 bytes, too few for --eval-batch-size 32 .*"
+         r"lower --eval-batch-size to at most 25"),
+        (TEXT * 13, ["--batch-size", "400"],
+         r"the train split .* --batch-size 400 .*lower --batch-size"),
+    ],
+)  # fmt: skip
+def test_bad_data_is_one_line_and_exit_2(tmp_path, capsys, make, extra, match):
+    path = tmp_path / ("missing.txt" if make is None else "f.txt")
+    if make is not None:
+        path.write_bytes(make)
+    argv = TINY + ["--data", str(path), "--max-steps", "1", "--save", ""] + extra
+    assert train.main(argv) == 2
+    assert re.search(match, _error_line(capsys))
+
+
+def test_bad_resume_and_save_are_one_line_and_exit_2(corpus, tmp_path, capsys):
+    garbage = tmp_path / "notes.pt"
+    garbage.write_bytes(b"these are not the weights you are looking for")
+    assert train.main(["--resume", str(garbage)]) == 2
+    assert "not a sha_rnn_kernels training checkpoint" in _error_line(capsys)
+    assert train.main(["--resume", str(tmp_path / "nope.pt")]) == 2
+    assert "no such file" in _error_line(capsys)
+    # --save under a path whose parent is a file: found before any training.
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    argv = TINY + ["--data", corpus, "--max-steps", "1", "--save", str(blocker / "ck.pt")]
+    assert train.main(argv) == 2
+    line = _error_line(capsys)
+    assert "--save" in line and "cannot write there" in line
+
+    ckpt = str(tmp_path / "ck.pt")
+    assert train.main(TINY + ["--data", corpus, "--max-steps", "1", "--save", ckpt]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", ckpt, "--emsize", "64"]) == 2
+    assert "--emsize 64 differs from the checkpoint's 32" in _error_line(capsys)
+
+
+def test_a_user_file_is_read_whole_and_logged_plainly(corpus, capsys):
+    parse = train.build_parser().parse_args
+    config = train.resolve_config(parse(["--data", corpus]))
+    assert config["preset"] == "default" and config["max_bytes"] is None
+    assert config["max_steps"] is None  # full epochs, not the built-in corpus's 600 steps
+    assert train.resolve_config(parse(["--data", corpus, "--max-bytes", "99"]))["max_bytes"] == 99
+
+    argv = [a for a in TINY if a != "--quiet"]
+    argv += ["--data", corpus, "--max-steps", "4", "--log-interval", "2", "--eval-interval", "0",
+             "--save", ""]  # fmt: skip
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "read all 3,950 bytes; split 3,556 train / 197 valid / 197 test bytes" in out
+    assert "length: 4 steps (--max-steps 4" in out
+    # stdout is not a terminal here: one plain line per log interval, no progress bar.
+    assert "\r" not in out
+    steps = re.findall(r"^\| step (\d+)/4 \| loss [\d.]+ \| bpc [\d.]+ \| lr ", out, re.M)
+    assert steps == ["2", "4"]
+
+
+def test_help_shows_each_presets_defaults():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "(default: None)" not in text
+    assert "model width E (default: 128; enwik8: 1024)" in text
+    assert "--bptt BPTT segment length (jittered) (default: 64; enwik8: 1024)" in text
+    assert "(default: checkpoints/sha-rnn-default.pt; enwik8: checkpoints/sha-rnn-enwik8.pt)" in (
+        text
+    )
+    assert "all of a --data file" in text
+
+
+def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    ckpt = str(tmp_path / "ck.pt")
+    assert train.main(TINY + ["--data", corpus, "--max-steps", "3", "--save", ckpt]) == 0
+    # Resumed at an absurd learning rate the weights blow up and the loss becomes NaN; a
+    # checkpoint is due after every step, but none may hold non-finite weights.
+    argv = ["--resume", ckpt, "--lr", "1e10", "--warmup", "0", "--max-steps", "40",
+            "--save-interval", "1", "--quiet", "--threads", "1"]  # fmt: skip
+    capsys.readouterr()
+    assert train.main(argv) == 3
+    err = capsys.readouterr().err
+    kept = train.load_checkpoint(ckpt)
+    assert all(bool(torch.isfinite(v).all()) for v in kept["model"].values())
+    stopped = int(re.search(r"not finite by step (\d+)", err).group(1))
+    assert 3 <= kept["step"] < stopped < 40
+    assert "training diverged" in err
+    assert f"last checkpoint {ckpt} (step {kept['step']}) is kept" in err
+    result = train.run(argv)  # from the kept checkpoint: diverges again, reported in the result
+    assert result.diverged and result.step < 40 and not math.isfinite(result.train_losses[-1])
+    assert train.load_checkpoint(ckpt)["step"] >= kept["step"]
+
+
+def test_checkpoint_path_is_locked_and_replacement_is_announced(corpus, tmp_path, capsys):
+    ckpt = tmp_path / "ck.pt"
+    lock = tmp_path / "ck.pt.lock"
+    argv = [a for a in TINY if a != "--quiet"]
+    argv += ["--data", corpus, "--max-steps", "1", "--eval-interval", "0", "--save", str(ckpt)]
+    assert train.main(argv) == 0
+    assert ckpt.exists() and not lock.exists()  # the lock goes with the run
+    capsys.readouterr()
+
+    # Another live process holds the lock: this run must not write the same file.
+    lock.write_text(f"{os.getpid()}\n")
+    assert train.main(argv) == 2
+    line = _error_line(capsys)
+    assert f"another run (pid {os.getpid()}) is writing this checkpoint" in line
+    assert lock.exists()  # not ours to remove
+
+    # A lock left by a process that has exited is taken over; the replacement is announced.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{gone.pid}\n")
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"took over the stale lock of pid {gone.pid}" in out
+    assert f"{ckpt} exists and this run will replace it" in out
+    assert "replaced the earlier file" in out and not lock.exists()
+
+    # Continuing the same file with --resume is not announced as replacing it.
+    resume = ["--resume", str(ckpt), "--max-steps", "2", "--threads", "1"]
+    assert train.main(resume) == 0
+    out = capsys.readouterr().out
+    assert "replace" not in out and f"checkpoint: {ckpt} (step 2)" in out
+
+
+def test_a_backend_that_cannot_run_is_one_line(corpus, capsys):
+    # The persistent CUDA LSTM cannot take CPU tensors: said in one line, exit status 2.
+    argv = TINY + ["--data", corpus, "--max-steps", "1", "--save", "", "--backend", "cuda",
+                   "--device", "cpu"]  # fmt: skip
+    assert train.main(argv) == 2
+    assert "backend='cuda' cannot run" in _error_line(capsys)
