@@ -79,7 +79,9 @@ def pick_device(requested: Optional[str]) -> torch.device:
     try:
         device = torch.device(requested)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device must name a device (cpu, cuda, cuda:1); got {requested!r}")
+        raise ValueError(
+            f"--device must name a device (cpu, cuda, cuda:1); got {requested!r}"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {requested}: CUDA is not available on this machine")
     return device

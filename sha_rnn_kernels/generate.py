@@ -205,9 +205,7 @@ def _check_args(model, prompt_ids, length, temperature, top_k, generator, segmen
             ) from None
         for position, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"prompt_ids[{position}] must be an int token id; got {value!r}"
-                )
+                raise TypeError(f"prompt_ids[{position}] must be an int token id; got {value!r}")
         ids = torch.tensor(values, dtype=torch.int64)
     if ids.numel() == 0:
         raise ValueError("prompt_ids is empty: give at least one token id")
@@ -215,8 +213,7 @@ def _check_args(model, prompt_ids, length, temperature, top_k, generator, segmen
     if bad.numel():
         position = int(bad[0, 0])
         raise ValueError(
-            f"prompt_ids[{position}] = {int(ids[position])} is outside the vocabulary "
-            f"[0, {ntoken})"
+            f"prompt_ids[{position}] = {int(ids[position])} is outside the vocabulary [0, {ntoken})"
         )
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be an int >= 1; got {length!r}")

@@ -322,7 +322,8 @@ def test_decode_attention_matches_the_reference_op(backend):
     got = _attend(attn, q, keys, gk, gv)
     expected = reference.single_head_attention(
         *(t.double().transpose(0, 1) for t in (q, keys, keys)),
-        key_gate=gk.double(), value_gate=gv.double(),
+        key_gate=gk.double(),
+        value_gate=gv.double(),
     ).transpose(0, 1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert_close(got.double(), expected, "attention", atol=tol, rtol=tol)
