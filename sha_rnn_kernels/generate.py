@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional as SF
-from ._backend import default_backend
+from ._backend import BackendUnavailableError, default_backend, triton_reason, warn_once
 from .evaluate import DEFAULT_CHECKPOINT, DTYPES, _Parser, load_model, pick_device
+from .ops._common import dtype_reason
 
 __all__ = ["Decoder", "generate", "next_token_probs", "main"]
 
@@ -49,16 +49,26 @@ def _attend(attn, q: Tensor, keys: Tensor, key_gate: Tensor, value_gate: Tensor)
     """One query per stream over all ``keys``: ``softmax((q gk) . K / sqrt(E)) K * gv``.
 
     ``q [B, 1, E]``, ``keys [B, K, E]`` (a view of the ring buffer; order does not matter) to
-    ``[B, 1, E]``. One fused call reads the memory: the library's Triton kernel where the block's
-    backend would pick it (CUDA, or ``backend="triton"``), else PyTorch's fused
-    scaled-dot-product attention.
+    ``[B, 1, E]``. One fused pass reads the memory: the split-key Triton kernel of
+    :mod:`sha_rnn_kernels.ops.decode` where the block's backend picks Triton (``"auto"`` on
+    CUDA, or ``"triton"``), else PyTorch's fused scaled-dot-product attention.
     """
     backend = attn.backend or default_backend()
-    if (q.device.type == "cuda" and backend == "auto") or backend == "triton":
-        return SF.single_head_attention(
-            q, keys, keys, batch_first=True, backend=attn.backend, key_gate=key_gate,
-            value_gate=value_gate,
-        )  # fmt: skip
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        reason = dtype_reason(q, keys) or triton_reason(q.device)
+        if reason is None:
+            from .ops import decode
+
+            return decode.decode_attention(q[:, 0], keys, key_gate, value_gate).unsqueeze(1)
+        if backend == "triton":
+            raise BackendUnavailableError(
+                f"decode attention: backend='triton' cannot run: {reason}"
+            )
+        warn_once(
+            f"decode:{reason}",
+            f"sha_rnn_kernels.generate: the Triton decode kernel cannot run ({reason}); using "
+            f"PyTorch's scaled-dot-product attention",
+        )
     out = F.scaled_dot_product_attention(
         (q * key_gate).unsqueeze(1), keys.unsqueeze(1), keys.unsqueeze(1)
     )

@@ -327,3 +327,44 @@ def test_decode_attention_matches_the_reference_op(backend):
     ).transpose(0, 1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert_close(got.double(), expected, "attention", atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "batch, key_len, width, dtype",
+    [
+        (1, 1, 40, torch.float32),  # one key
+        (2, 13, 40, torch.float32),  # odd shapes, a part-filled ring
+        (3, 301, 24, torch.float32),  # several key tiles per program, 4 programs to merge
+        (1, 77, 130, torch.bfloat16),
+    ],
+)
+def test_decode_kernel_matches_the_reference(batch, key_len, width, dtype):
+    # The split-key Triton kernel (interpreted on the CPU) against the float64 reference with
+    # gated keys and values; its buffers start as NaN (conftest), so an unwritten one fails.
+    from sha_rnn_kernels import reference
+    from sha_rnn_kernels._backend import triton_reason
+
+    if triton_reason(torch.device("cpu")) is not None:
+        pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on the CPU")
+    from sha_rnn_kernels.ops.decode import decode_attention
+
+    torch.manual_seed(2)
+    q = torch.randn(batch, width).to(dtype)
+    ring = torch.randn(batch, key_len + 5, width).to(dtype)
+    keys = ring[:, 2 : 2 + key_len]  # strided view
+    gk, gv = torch.rand(width).to(dtype), torch.randn(width).to(dtype)
+    got = decode_attention(q, keys, gk, gv)
+    assert got.dtype == dtype and got.shape == (batch, width)
+    expected = reference.single_head_attention(
+        q.double().unsqueeze(0),
+        keys.double().transpose(0, 1),
+        keys.double().transpose(0, 1),
+        key_gate=gk.double(),
+        value_gate=gv.double(),
+    )[0]
+    # STYLE's rule: at most 2x the error of the same PyTorch code in the low precision, plus atol.
+    low = reference.single_head_attention(
+        q.unsqueeze(0), keys.transpose(0, 1), keys.transpose(0, 1), key_gate=gk, value_gate=gv
+    )[0].double()
+    bound = 2 * (low - expected).abs().max().item() + (1e-5 if dtype == torch.float32 else 5e-2)
+    assert_close(got.double(), expected, f"decode {dtype}", atol=bound, rtol=0)
