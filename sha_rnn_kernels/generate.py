@@ -8,11 +8,11 @@ The decode step keeps each attention block's memory in a preallocated ring buffe
 ``max_positions`` keys: a single query sees every key it holds, and the softmax does not depend
 on the keys' order, so overwriting the oldest key in place is exact (no ``cat``, no copy of the
 memory). The key gate folds into the query and the value gate onto the output,
-``softmax((q * gk) . K / sqrt(E)) V * gv``, so one step makes a single fused attention call over
-the memory per block (PyTorch's scaled-dot-product attention on the CPU, the library's Triton
-kernel on CUDA) and no other work on it. Everything else in the step is a matrix-vector product
-with the weights. The result equals the module's own forward at ``T = 1`` (see
-``tests/test_generate.py``).
+``softmax((q * gk) . K / sqrt(E)) K * gv``, so one step makes a single fused attention call over
+the memory per block (PyTorch's scaled-dot-product attention on the CPU; on CUDA the split-key
+Triton kernel of :mod:`sha_rnn_kernels.ops.decode`, which reads the memory once) and no other
+work on it. Everything else in the step is a matrix-vector product with the weights. The result
+equals the module's own forward at ``T = 1`` (see ``tests/test_generate.py``).
 
 Example::
 
@@ -20,7 +20,7 @@ Example::
 
     >>> model, config = load_model("checkpoints/sha-rnn-default.pt")
     >>> g = torch.Generator().manual_seed(1)
-    >>> for token in model.generate(list(b"def main("), 50, generator=g):
+    >>> for token in model.generate(list(b"def main("), 50, generator=g, segment_len=64):
     ...     print(chr(token), end="")
 """
 
