@@ -121,13 +121,15 @@ def test_incremental_steps_equal_whole_context(checkpoint, window_reached):
         assert (unlimited[-10:] - expected[-10:]).abs().max() > 1e-6
 
 
-def test_segmented_prompt_then_steps_equal_the_module_forward(checkpoint):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_segmented_prompt_then_steps_equal_the_module_forward(checkpoint, batch):
     # A 40-byte prompt read in 16-byte segments, then T=1 steps past the 48-key window: the
     # decode path equals SHARNN.forward with the memory carried the ordinary way (cat and cut).
     model, _ = load_model(checkpoint, dtype=torch.float64)
-    ids = torch.tensor(list((TEXT * 2)[:100])).reshape(-1, 1)
+    text = torch.tensor(list((TEXT * 2)[:100]))
+    ids = torch.stack([text, text.flip(0)][:batch], 1)  # [100, batch]
     with torch.no_grad():
-        decoder = Decoder(model)
+        decoder = Decoder(model, batch=batch)
         got = [decoder.prefill(ids[:40], segment_len=16)]
         got += [decoder.step(ids[t]) for t in range(40, 99)]
         hidden = mems = None
