@@ -165,6 +165,8 @@ def evaluate_checkpoint(
     model.check_token_ids = False  # byte ids are below the 256-token vocabulary
     if dtype is None:
         dtype = config.get("dtype", "fp32") if dev.type == "cuda" else "fp32"
+    if dtype == "auto":  # the trainer's "auto": bf16 autocast on CUDA, fp32 elsewhere
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--dtype must be fp32, bf16 or fp16; got {dtype!r}")
     if batch_size is None:

@@ -36,14 +36,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
-from ._backend import BackendUnavailableError, default_backend, triton_reason, warn_once
+from . import _backend, reference
+from ._backend import BackendUnavailableError, triton_reason, warn_once
 from .evaluate import DEFAULT_CHECKPOINT, DTYPES, _Parser, load_model, pick_device
 from .ops._common import dtype_reason
 
 __all__ = ["Decoder", "generate", "next_token_probs", "main"]
 
 PromptIds = Union[Sequence[int], bytes, Tensor]
+
+
+def _attention_backend(attn) -> str:
+    """The backend name the attention block asked for (a per-op mapping's ``attention`` entry
+    where the backend module has such mappings)."""
+    backend_for = getattr(_backend, "backend_for", None)
+    if backend_for is not None:
+        return backend_for("attention", attn.backend)
+    return attn.backend or _backend.default_backend()
 
 
 def _attend(attn, q: Tensor, keys: Tensor, key_gate: Tensor, value_gate: Tensor) -> Tensor:
@@ -54,14 +63,14 @@ def _attend(attn, q: Tensor, keys: Tensor, key_gate: Tensor, value_gate: Tensor)
     :mod:`sha_rnn_kernels.ops.decode` where the block's backend picks Triton (``"auto"`` on
     CUDA, or ``"triton"``), else PyTorch's fused scaled-dot-product attention.
     """
-    backend = attn.backend or default_backend()
-    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+    backend = _attention_backend(attn)
+    if backend in ("triton", "cuda") or (backend == "auto" and q.device.type == "cuda"):
         reason = dtype_reason(q, keys) or triton_reason(q.device)
         if reason is None:
             from .ops import decode
 
             return decode.decode_attention(q[:, 0], keys, key_gate, value_gate).unsqueeze(1)
-        if backend == "triton":
+        if backend != "auto":
             raise BackendUnavailableError(
                 f"decode attention: backend='triton' cannot run: {reason}"
             )
