@@ -728,6 +728,30 @@ class SHARNN(nn.Module):
         loss = F.cross_entropy(logits.float().reshape(-1, self.ntoken), targets.reshape(-1).long())
         return loss, new_hidden, new_mems
 
+    def generate(
+        self,
+        prompt_ids,
+        length: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        segment_len: Optional[int] = None,
+    ):
+        """Sample ``length`` token ids after ``prompt_ids``: an iterator yielding each id (an
+        int) as soon as it is drawn. Each new id is one ``T = 1`` step that carries the LSTM
+        states and the attention memory. See :func:`sha_rnn_kernels.generate.generate`.
+
+        Example:
+            >>> g = torch.Generator().manual_seed(0)
+            >>> ids = list(model.generate(list(b"Hello"), 20, top_k=5, generator=g))
+        """
+        from .generate import generate
+
+        return generate(
+            self, prompt_ids, length, temperature=temperature, top_k=top_k,
+            generator=generator, segment_len=segment_len,
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         return (
             f"ntoken={self.ntoken}, ninp={self.ninp}, nhid={self.nhid}, nlayers={self.nlayers}, "
