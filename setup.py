@@ -62,5 +62,12 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["sha-rnn-train=sha_rnn_kernels.train:main"]},
+    entry_points={
+        "console_scripts": [
+            "sha-rnn-train=sha_rnn_kernels.train:main",
+            "sha-rnn-generate=sha_rnn_kernels.generate:main",
+            "sha-rnn-evaluate=sha_rnn_kernels.evaluate:main",
+            "sha-rnn-check=sha_rnn_kernels.check:main",
+        ]
+    },
 )

@@ -146,6 +146,17 @@ def roofline_section(paths: list, include_smoke: bool) -> list:
         lines += [f"#### {roofline.GPUS[key]['name']}", ""]
         lines += roofline.table_lines(report_rows, markdown=True)
         lines += ["", *roofline.describe(key, "achievable", report_rows), ""]
+        estimates = roofline.estimate_lines(key)
+        if estimates:
+            lines += [
+                f"Design estimates on the {roofline.GPUS[key]['name']} (not measurements: each "
+                "kernel's figure is derived in its docstring from FLOP and byte counts, compiled "
+                "registers and latency budgets). The second step and epoch are what \"auto\" "
+                "gives when the CUDA LSTM cannot run and cuDNN's bf16 LSTM takes its place.",
+                "",
+                *estimates,
+                "",
+            ]
     return lines
 
 

@@ -281,6 +281,74 @@ def rows(gpu_key: str, shape: Optional[dict] = None, rates: str = "achievable") 
 
 
 # ----------------------------------------------------------------------------------------------
+# Design estimates
+
+# This library's own kernels on an H100 at the paper's shapes, bf16, training configuration,
+# forward+backward, as estimated (never measured) in each kernel's docstring from FLOP and byte
+# counts, compiled registers and latency budgets: (op, low ms, high ms, where it is derived).
+ESTIMATES = {
+    "h100": [
+        ("lstm", 3.5, 3.5, "CUDA kernel, one layer: the latency budget in csrc/lstm_persistent.cu"),
+        ("attention", 1.49, 1.68, "sha_rnn_kernels/ops/attention.py, detached memory keys"),
+        ("boom", 0.68, 0.71, "sha_rnn_kernels/ops/boom.py, cuBLAS GEMM + fused sum pass"),
+    ],
+}
+# cuDNN's bf16 LSTM (step by step), one layer: what "auto" falls back to when the CUDA kernel
+# cannot run or fails its first-use check (cited estimate, see sha_rnn_kernels.functional).
+CUDNN_BF16_LSTM_MS = {"h100": 19.0}
+# The ops without an estimate of their own (q projection, glue, embedding/decoder/loss,
+# optimizer) are taken at 1x to 2x their bound.
+REST_FACTOR = (1.0, 2.0)
+
+
+def estimate_rows(gpu_key: str, shape: Optional[dict] = None) -> list:
+    """The step and epoch built from the kernels' estimates (empty for a GPU without them):
+    one dict per line with op, low/high ms and the source."""
+    if gpu_key not in ESTIMATES:
+        return []
+    shape = dict(shape or PAPER)
+    bound = {r["op"]: r["bound_ms"] for r in rows(gpu_key, shape)}
+    layers = shape["L"]
+    kernels = {op: (lo, hi, where) for op, lo, hi, where in ESTIMATES[gpu_key]}
+    rest = (bound["q projection"] + (layers - 1) * bound["glue, other block"]
+            + bound["glue, attention block"] + bound["embed/decoder/loss"] + bound["optimizer"])
+    out = [{"op": op, "low_ms": lo, "high_ms": hi, "source": where}
+           for op, (lo, hi, where) in kernels.items()]  # fmt: skip
+    out.append({"op": "rest of the step", "low_ms": rest * REST_FACTOR[0],
+                "high_ms": rest * REST_FACTOR[1],
+                "source": f"{REST_FACTOR[0]:g}x to {REST_FACTOR[1]:g}x its bound (no estimate)"})
+    steps = steps_per_epoch(shape)
+    for label, lstm_ms in (("", None), (", cuDNN bf16 LSTM", CUDNN_BF16_LSTM_MS.get(gpu_key))):
+        if label and lstm_ms is None:
+            continue
+        lstm_lo = kernels["lstm"][0] if lstm_ms is None else lstm_ms
+        lstm_hi = kernels["lstm"][1] if lstm_ms is None else lstm_ms
+        low = layers * (lstm_lo + kernels["boom"][0]) + kernels["attention"][0]
+        high = layers * (lstm_hi + kernels["boom"][1]) + kernels["attention"][1]
+        low, high = low + rest * REST_FACTOR[0], high + rest * REST_FACTOR[1]
+        out.append({"op": f"step{label}", "low_ms": low, "high_ms": high,
+                    "source": f"{layers} x (lstm + boom) + attention + rest"})
+        out.append({"op": f"epoch{label}", "low_ms": low * steps, "high_ms": high * steps,
+                    "source": f"step x {steps}"})
+    return out
+
+
+def estimate_lines(gpu_key: str, shape: Optional[dict] = None) -> list:
+    """A Markdown table of :func:`estimate_rows` (nothing for a GPU without estimates)."""
+    found = estimate_rows(gpu_key, shape)
+    if not found:
+        return []
+    lines = ["| op (fwd+bwd, train, bf16) | estimate | from |", "| --- | --- | --- |"]
+    for r in found:
+        seconds = r["op"].startswith("epoch")
+        scale, unit = (1e-3, "s") if seconds else (1.0, "ms")
+        lo, hi = r["low_ms"] * scale, r["high_ms"] * scale
+        value = f"{lo:.3g} {unit}" if abs(hi - lo) < 1e-9 else f"{lo:.3g}-{hi:.3g} {unit}"
+        lines.append(f"| {r['op']} | {value} (estimate) | {r['source']} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Measurements
 
 
@@ -418,6 +486,9 @@ def main(argv=None) -> int:
         return 0
     lines = table_lines(report_rows, args.markdown)
     lines += [""] + describe(args.gpu, args.rates, report_rows)
+    if args.markdown and args.rates == "achievable":
+        estimates = estimate_lines(args.gpu)
+        lines += ["", "Design estimates (not measured):", ""] + estimates if estimates else []
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -397,13 +397,18 @@ def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
     - float16: cuDNN. PyTorch picks cuDNN's persistent algorithm for fp16 LSTMs on sm_80+ GPUs
       with >= 98 SMs (not sm_86) when H <= 1024, H and I are multiples of 128 and the batch is
       a multiple of 8 up to 128, which covers the paper's shape (cited: ~6.2 ms per layer).
-      Our kernel, estimated: 2.4 us per forward and 4.1 us per backward step (grid barrier,
-      h_{t-1} or dpre_{t+1} read from L2 by every block, a short MMA chain; W_hh stays in
-      shared memory) = 6.7 ms over 1024 steps, plus ~0.7 ms for the four T*B x 1024 x 4096
-      GEMMs around the recurrence (4 x 137 GFLOP at ~800 TFLOP/s) = ~7.4 ms: slower than
-      cuDNN's 6.2 ms. At the kernel's latency goal (1.6 + 2.8 us per step) it would be
-      ~4.5 + 0.7 = ~5.2 ms, ahead by ~1.2x; fp16 moves to the kernel when a measurement shows
-      that, not before. Outside the shapes above, cuDNN's fp16 LSTM is step by step too.
+      Our kernel, estimated before its latency work: 2.4 us per forward and 4.1 us per
+      backward step = 6.7 ms over 1024 steps, plus ~0.7 ms for the four T*B x 1024 x 4096
+      GEMMs around the recurrence (4 x 137 GFLOP at ~800 TFLOP/s) = ~7.4 ms, slower than
+      cuDNN. After it (prefetch before the step wait, all L2 loads of a warp before its MMA
+      chain, per-block step flags instead of a grid barrier; budget in csrc/lstm_persistent.cu)
+      the estimate is ~1.3 + ~1.5 us per step, ~3.5 ms per layer, ahead of cuDNN's 6.2 ms.
+      fp16 still stays on cuDNN: that estimate rests on latencies nobody has measured (an L2
+      round trip ~0.4 us, a flag hand-off ~0.6 us), cuDNN's persistent algorithm is a known
+      good path in fp16, and bf16, which has ~19 ms to gain, is where the kernel proves itself
+      first. fp16 moves to the kernel when a measurement shows it ahead (``backend="cuda"``
+      or ``SHA_RNN_KERNELS_BACKEND=lstm=cuda`` selects it explicitly meanwhile). Outside the
+      shapes above, cuDNN's fp16 LSTM is step by step too.
     - float32: cuDNN (the CUDA kernel takes fp16 and bf16 only).
 
     Under torch.compile tracing and CUDA-graph capture no check runs: a passing verdict already

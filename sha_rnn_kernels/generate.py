@@ -47,12 +47,9 @@ PromptIds = Union[Sequence[int], bytes, Tensor]
 
 
 def _attention_backend(attn) -> str:
-    """The backend name the attention block asked for (a per-op mapping's ``attention`` entry
-    where the backend module has such mappings)."""
-    backend_for = getattr(_backend, "backend_for", None)
-    if backend_for is not None:
-        return backend_for("attention", attn.backend)
-    return attn.backend or _backend.default_backend()
+    """The backend name the attention block asked for (a per-op mapping's ``attention``
+    entry)."""
+    return _backend.backend_for("attention", attn.backend)
 
 
 def _attend(attn, q: Tensor, keys: Tensor, key_gate: Tensor, value_gate: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as data_lib
-from ._backend import format_backend
+from ._backend import backend_for, format_backend
 from .optim import Lamb
 
 LN2 = math.log(2.0)
@@ -922,6 +922,20 @@ def _train(
             find_unused_parameters=True,
         )
     if config.get("compile"):
+        if (
+            device.type == "cuda"
+            and dtype_name == "bf16"
+            and backend_for("lstm", config["backend"]) == "auto"
+        ):
+            # No first-use check runs while Dynamo traces: run it now, so that the compiled
+            # model can use the CUDA LSTM from its first step where the check passes.
+            from .check import prepare_lstm
+
+            verdict = prepare_lstm(
+                device, torch.bfloat16, hidden=config["emsize"],
+                batch=config["batch_size"] // ddp.world_size,
+            )  # fmt: skip
+            say(f"CUDA LSTM first-use check: {'passed' if verdict.passed else verdict.worst}")
         wrapped = torch.compile(wrapped)
     model.train()
 

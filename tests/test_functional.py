@@ -149,7 +149,8 @@ def test_triton_backend_through_the_public_api_matches_the_reference(device):
     try:
         _dispatch_round_trip()
     finally:
-        torch.set_default_device("cpu")
+        # None removes the default-device mode; "cpu" would leave it active for later tests.
+        torch.set_default_device(None)
 
 
 def _dispatch_round_trip():

@@ -36,6 +36,18 @@ def test_readme_python_block_runs(index, tmp_path):
         original = SHARNN(205, ninp=16, nhid=48, nlayers=3)
         original.blocks[1].attn.vq_collapse()
         torch.save([original, None], tmp_path / "ENWIK8.pt")
+    if "sha-rnn-default.pt" in code:
+        # The generation example reads the training command's checkpoint: train a tiny one there.
+        from sha_rnn_kernels import train
+
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_bytes(b"def main(argv):\n    return len(argv)\n" * 60)
+        train.run([
+            "--data", str(corpus), "--emsize", "16", "--nhid", "32", "--nlayers", "2",
+            "--bptt", "16", "--batch-size", "4", "--eval-batch-size", "4", "--max-steps", "4",
+            "--threads", "1", "--quiet", "--eval-interval", "0",
+            "--save", str(tmp_path / "checkpoints" / "sha-rnn-default.pt"),
+        ])  # fmt: skip
     # A user's environment: the package from this checkout, no interpreter flag set by the tests.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

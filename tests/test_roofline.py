@@ -142,3 +142,24 @@ def test_report_section_carries_the_table(tmp_path):
     # Without any result file: the H100 table, bounds only.
     empty = report.section([], include_smoke=False)
     assert "#### H100 SXM5 80GB" in empty and "| lstm | fwd+bwd |" in empty
+
+
+def test_design_estimates_compose_the_step_and_epoch():
+    found = {r["op"]: r for r in roofline.estimate_rows("h100", SMALL)}
+    kernels = {op: (lo, hi) for op, lo, hi, _ in roofline.ESTIMATES["h100"]}
+    bound = {r["op"]: r["bound_ms"] for r in roofline.rows("h100", SMALL)}
+    rest = (bound["q projection"] + 2 * bound["glue, other block"]
+            + bound["glue, attention block"] + bound["embed/decoder/loss"] + bound["optimizer"])
+    low = 3 * (kernels["lstm"][0] + kernels["boom"][0]) + kernels["attention"][0] + rest
+    high = 3 * (kernels["lstm"][1] + kernels["boom"][1]) + kernels["attention"][1] + 2 * rest
+    assert found["step"]["low_ms"] == pytest.approx(low)
+    assert found["step"]["high_ms"] == pytest.approx(high)
+    steps = roofline.steps_per_epoch(SMALL)
+    assert found["epoch"]["high_ms"] == pytest.approx(high * steps)
+    cudnn = roofline.CUDNN_BF16_LSTM_MS["h100"]
+    assert found["step, cuDNN bf16 LSTM"]["low_ms"] == pytest.approx(
+        low + 3 * (cudnn - kernels["lstm"][0])
+    )
+    # Every line says it is an estimate; a GPU without kernel estimates gets no table.
+    assert all("(estimate)" in line for line in roofline.estimate_lines("h100")[2:])
+    assert roofline.estimate_rows("a100") == [] and roofline.estimate_lines("a100") == []

@@ -64,6 +64,8 @@ def test_every_kernel_compiles_for_gpu_targets():
         "_attention_value_dropout_kernel",
         "_lstm_fwd_kernel",
         "_lstm_bwd_kernel",
+        "_decode_attention_kernel",
+        "_decode_combine_kernel",
     ):
         assert kernel in result.stdout, f"{kernel} was not compiled:\n{result.stdout}"
     assert "sm_90" in result.stdout and "sm_80" in result.stdout, result.stdout

@@ -60,7 +60,7 @@ ARCHS = {
     80: {"name": "A100", "smem": 163 * 1024, "regfile": 65536},
 }
 DTYPES = ("bf16", "fp16", "fp32")
-OPS = ("boom", "attention", "lstm")
+OPS = ("boom", "attention", "lstm", "decode")
 # A seed not divisible by 16, like most drawn seeds (a multiple of 16 would specialise it).
 SEED = 1234567
 QUICK_DTYPE = "bf16"
@@ -120,22 +120,27 @@ def _scenarios(op: str, dtype_name: str) -> Iterator[tuple[str, Callable[[], Non
         gate = meta(width)
         grad_out = meta(seq_len, batch, width)
         # The model always passes both gates; the functional API allows none. "chunked" lowers
-        # the score budget so backward recomputes the scores (the RECOMPUTE row pass).
-        for name, gates, p, budget in (
-            ("train", True, 0.1, None),
-            ("eval", True, 0.0, None),
-            ("no gates", False, 0.0, None),
-            ("train chunked", True, 0.1, 1 << 27),
+        # the score budget so backward recomputes the scores (the RECOMPUTE row pass);
+        # "detached" is SHALayer's call: the memory's keys take no gradient (the value-dropout
+        # pass starts past them).
+        memory_len = key_len - seq_len
+        for name, gates, p, budget, detached in (
+            ("train", True, 0.1, None, 0),
+            ("train detached", True, 0.1, None, memory_len),
+            ("eval", True, 0.0, None, 0),
+            ("no gates", False, 0.0, None, 0),
+            ("train chunked", True, 0.1, 1 << 27, 0),
+            ("train chunked detached", True, 0.1, 1 << 27, memory_len),
         ):
 
-            def call(gates=gates, p=p, budget=budget):
+            def call(gates=gates, p=p, budget=budget, detached=detached):
                 key_gate = gate if gates else None
                 previous = attention.SCORE_BUDGET_BYTES
                 attention.SCORE_BUDGET_BYTES = budget or previous
                 try:
                     saved = attention.attention_forward(q, k, v, key_gate, key_gate, p, p, SEED)
                     attention.attention_backward(
-                        grad_out, q, k, v, key_gate, key_gate, *saved, p, p, SEED
+                        grad_out, q, k, v, key_gate, key_gate, *saved, p, p, SEED, detached
                     )
                 finally:
                     attention.SCORE_BUDGET_BYTES = previous
@@ -158,6 +163,19 @@ def _scenarios(op: str, dtype_name: str) -> Iterator[tuple[str, Callable[[], Non
                     lstm.lstm_backward(seq, state, state, x, w_ih, w_hh, h0, h0, seq, gates, seq)
 
                 yield name, call
+    elif op == "decode":
+        from sha_rnn_kernels.ops import decode
+
+        # Generation: one query per stream over the whole memory (max_positions keys).
+        key_len, width = 5000, 1024
+        gate = meta(width)
+        for batch in (1, 16):
+            q, keys = meta(batch, width), meta(batch, key_len, width)
+
+            def call(q=q, keys=keys):
+                decode.decode_attention(q, keys, gate, gate)
+
+            yield f"B={batch}", call
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(f"unknown op {op!r}")
 
@@ -529,7 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="ops (boom, attention, lstm) or substrings of kernel names",
+        help="ops (boom, attention, lstm, decode) or substrings of kernel names",
     )
     parser.add_argument(
         "--arch",
