@@ -160,6 +160,23 @@ def _reference_dtype(device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check(op: str, backend: str, dtype: torch.dtype, shape: str, device: torch.device,
+           kernel_run: Callable[[], Dict[str, torch.Tensor]],
+           reference_run: Callable[[torch.dtype], Dict[str, torch.Tensor]],
+           reference_dtype: torch.dtype) -> Verdict:  # fmt: skip
+    """Run the kernel (an exception is a failed check), then the reference in
+    ``reference_dtype`` and in the kernel's dtype, and compare."""
+    with _check_mode(device):
+        try:
+            actual = kernel_run()
+        except Exception as exc:  # noqa: BLE001 - any failure of the kernel is a failed check
+            return Verdict(op, backend, _dtype_name(dtype), shape, False,
+                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        expected = reference_run(reference_dtype)
+        lowp = reference_run(dtype)
+    return compare(op, backend, dtype, shape, actual, expected, lowp)
+
+
 def check_lstm(
     kernel: LstmKernel,
     device: torch.device,
@@ -212,15 +229,8 @@ def check_lstm(
     def torch_lstm(*args):
         return reference.lstm_torch(*args, training=True)
 
-    with _check_mode(device):
-        try:
-            actual = run(kernel, dtype)
-        except Exception as exc:  # noqa: BLE001 - any failure of the kernel is a failed check
-            return Verdict("lstm", backend, _dtype_name(dtype), shape, False,
-                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-        expected = run(torch_lstm, _reference_dtype(device))
-        lowp = run(torch_lstm, dtype)
-    return compare("lstm", backend, dtype, shape, actual, expected, lowp)
+    return _check("lstm", backend, dtype, shape, device, lambda: run(kernel, dtype),
+                  lambda d: run(torch_lstm, d), _reference_dtype(device))  # fmt: skip
 
 
 def check_boom(
@@ -245,15 +255,8 @@ def check_boom(
         grads = _grads((out.double() * grad_out.to(device)).sum(), leaves)
         return {"out": out.detach(), **grads}
 
-    with _check_mode(device):
-        try:
-            actual = run(backend, dtype)
-        except Exception as exc:  # noqa: BLE001
-            return Verdict("boom", backend, _dtype_name(dtype), shape, False,
-                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-        expected = run("reference", torch.float64)
-        lowp = run("reference", dtype)
-    return compare("boom", backend, dtype, shape, actual, expected, lowp)
+    return _check("boom", backend, dtype, shape, device, lambda: run(backend, dtype),
+                  lambda d: run("reference", d), torch.float64)  # fmt: skip
 
 
 def check_attention(
@@ -284,15 +287,8 @@ def check_attention(
         grads = _grads((out.double() * grad_out.to(device)).sum(), leaves)
         return {"out": out.detach(), **grads}
 
-    with _check_mode(device):
-        try:
-            actual = run(backend, dtype)
-        except Exception as exc:  # noqa: BLE001
-            return Verdict("attention", backend, _dtype_name(dtype), shape, False,
-                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-        expected = run("reference", torch.float64)
-        lowp = run("reference", dtype)
-    return compare("attention", backend, dtype, shape, actual, expected, lowp)
+    return _check("attention", backend, dtype, shape, device, lambda: run(backend, dtype),
+                  lambda d: run("reference", d), torch.float64)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -81,3 +81,13 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_poison_outputs(previous)
+
+
+# A tiny training run for tests of what comes after training (generation, evaluation): 2
+# blocks (attention in block 0), a 48-key window, 16-byte segments, one CPU thread, no output.
+SAMPLE_TEXT = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n"
+TINY_TRAIN_ARGS = [
+    "--emsize", "32", "--nhid", "64", "--nlayers", "2", "--bptt", "16",
+    "--max-positions", "48", "--batch-size", "4", "--eval-batch-size", "4",
+    "--warmup", "5", "--lr", "1e-2", "--threads", "1", "--quiet", "--eval-interval", "0",
+]  # fmt: skip

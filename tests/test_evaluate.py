@@ -12,13 +12,9 @@ import torch
 from sha_rnn_kernels import data as data_lib
 from sha_rnn_kernels import train
 from sha_rnn_kernels.evaluate import evaluate_checkpoint, load_model, main
+from sha_rnn_kernels.testing import SAMPLE_TEXT, TINY_TRAIN_ARGS
 
-TEXT = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n"
-TINY = [
-    "--emsize", "32", "--nhid", "64", "--nlayers", "2", "--bptt", "16",
-    "--max-positions", "48", "--batch-size", "4", "--eval-batch-size", "4",
-    "--warmup", "5", "--lr", "1e-2", "--threads", "1", "--quiet", "--eval-interval", "0",
-]  # fmt: skip
+TEXT, TINY = SAMPLE_TEXT, TINY_TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")

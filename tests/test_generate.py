@@ -13,14 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sha_rnn_kernels import SHARNN, train
 from sha_rnn_kernels.evaluate import load_model
 from sha_rnn_kernels.generate import Decoder, main, next_token_probs
+from sha_rnn_kernels.testing import SAMPLE_TEXT, TINY_TRAIN_ARGS
 
-TEXT = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n"
-# 2 blocks (attention in block 0), a 48-key window and 16-byte segments.
-TINY = [
-    "--emsize", "32", "--nhid", "64", "--nlayers", "2", "--bptt", "16",
-    "--max-positions", "48", "--batch-size", "4", "--eval-batch-size", "4",
-    "--warmup", "5", "--lr", "1e-2", "--threads", "1", "--quiet", "--eval-interval", "0",
-]  # fmt: skip
+TEXT, TINY = SAMPLE_TEXT, TINY_TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")
