@@ -47,11 +47,11 @@ COMMON=(-c -O3 -DTORCH_EXTENSION_NAME=sha_rnn_lstm_check -DTORCH_API_INCLUDE_EXT
 
 # Object files and logs go to CSRC_OBJ_DIR when set (kept), else to a temporary directory.
 if [ -n "${CSRC_OBJ_DIR:-}" ]; then
-  OUT="$CSRC_OBJ_DIR"
-  mkdir -p "$OUT"
+  OBJ_DIR="$CSRC_OBJ_DIR"
+  mkdir -p "$OBJ_DIR"
 else
-  OUT="$(mktemp -d)"
-  trap 'rm -rf "$OUT"' EXIT
+  OBJ_DIR="$(mktemp -d)"
+  trap 'rm -rf "$OBJ_DIR"' EXIT
 fi
 
 shopt -s nullglob
@@ -71,21 +71,21 @@ names=()
 start=$SECONDS
 for src in "${CU[@]}"; do
   name="$(basename "$src")"
-  "$NVCC" "${COMMON[@]}" "${GENCODE[@]}" -Xptxas=-warn-spills "$src" -o "$OUT/$name.o" \
-    >"$OUT/$name.log" 2>&1 &
+  "$NVCC" "${COMMON[@]}" "${GENCODE[@]}" -Xptxas=-warn-spills "$src" -o "$OBJ_DIR/$name.o" \
+    >"$OBJ_DIR/$name.log" 2>&1 &
   pids+=($!)
   names+=("$name [nvcc sm_${ARCHS// /, sm_}]")
 done
 for src in "${CPP[@]}"; do
   name="$(basename "$src")"
-  "$NVCC" "${COMMON[@]}" -Xcompiler -fPIC "$src" -o "$OUT/$name.o" >"$OUT/$name.log" 2>&1 &
+  "$NVCC" "${COMMON[@]}" -Xcompiler -fPIC "$src" -o "$OBJ_DIR/$name.o" >"$OBJ_DIR/$name.log" 2>&1 &
   pids+=($!)
   names+=("$name [host c++ via nvcc]")
 done
 
 failed=0
 for i in "${!pids[@]}"; do
-  log="$OUT/$(echo "${names[$i]}" | cut -d' ' -f1).log"
+  log="$OBJ_DIR/$(echo "${names[$i]}" | cut -d' ' -f1).log"
   if wait "${pids[$i]}"; then
     echo "check_csrc: compiled ${names[$i]}"
   else
