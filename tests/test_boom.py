@@ -481,3 +481,27 @@ def test_cuda_graph_capture_before_autotuning(cuda, monkeypatch):
         assert not _common._TUNED_KEYS  # the autotuner never ran
         expected = run(x, weight, bias)  # outside capture: autotuned, the same mask
     assert_parity("y", captured.float(), expected.double(), dtype=torch.bfloat16)
+
+
+def test_prune_keeps_no_spilling_tile_in_training():
+    """The fused kernel's autotune list without the configs that spill when h is saved
+    (tools/compile_triton.py: 128x128 on both archs, fp32's 64x64x32), while eval keeps 128x128
+    first on Hopper. Checked on the full list, not the interpreter's single config."""
+    from sha_rnn_kernels.ops import boom as boom_ops
+
+    full = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w)
+        for m, n, k, w in ((128, 128, 64, 8), (128, 64, 64, 8), (64, 128, 64, 8),
+                           (64, 64, 64, 4), (64, 64, 32, 4), (32, 64, 32, 4), (64, 16, 16, 4))
+    ]  # fmt: skip
+
+    def tiles(dtype, save_pre, dropout=True):
+        args = {"X": torch.empty(1, dtype=dtype), "E": 1024, "ROWS_BUCKET": 16384}
+        kept = boom_ops._prune(full, args, SAVE_PRE=save_pre, HAS_DROPOUT=dropout)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+
+    assert tiles(torch.bfloat16, save_pre=False)[0] == (128, 128, 64)
+    training = tiles(torch.bfloat16, save_pre=True)
+    assert training and (128, 128, 64) not in training and (32, 64, 32) not in training
+    assert tiles(torch.float32, save_pre=True) == [(32, 64, 32)]
+    assert tiles(torch.float32, save_pre=False) == [(64, 64, 32)]

@@ -100,10 +100,12 @@ clock per SM. No GPU measured any of it yet; ``benchmarks/boom.py`` measures bot
   8 warps: 64-128 registers on sm_90, 64-162 on sm_80; ``_boom_bwd_kernel`` 64x128, 8 warps:
   97-164 / 125-165; ``_boom_mask_kernel`` 13-96. ``_boom_fwd_kernel`` 128x128x64, 8 warps:
   255 registers; no spill in eval; with h saved (and dropout) 8-72 B of loop-invariant
-  addresses spilled on sm_90 (stored before the chunk loop, reloaded once per chunk, never
-  inside the K loop) and 170-200 B on sm_80, where ``_prune`` drops the tile at run time
-  (mma.sync keeps its operands in registers). 128x64 and 64x128 (8 warps) never spill; fp32's
-  64x64x32 spills 4-60 B and 64x64x64 with dropout 20 B on sm_80.
+  addresses spilled on sm_90 and 170-200 B on sm_80. ``_prune`` therefore keeps 128x128 for
+  eval on Hopper only; training (h saved) runs 128x64 or 64x128 (8 warps, no spill on either
+  arch), fp32 training 32x64x32 (128-168 registers, no spill; fp32's 64x64x32 spills 4-60 B
+  there), and sm_80 training with dropout also drops 64x64x64 (20 B). So no config the fused
+  kernel can launch in training spills; the fused training estimate above assumed 128x128 and
+  is optimistic by the smaller tile's extra L2 traffic (~1.5x the operand reads).
 * Precision: bf16/fp16 operands, fp32 accumulation, fp32 GELU/dropout/sum, one rounding of
   ``y``. The split design rounds h to the input dtype before the GELU, as PyTorch does; the
   fused one applies it to the fp32 accumulator. fp32 inputs: the fused kernel uses IEEE fp32
@@ -223,6 +225,8 @@ def _fwd_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # fp32 training (h saved): the 64x64 tile spills there.
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         # Narrow layers (E <= 32): a 16-wide output tile and a short reduction step.
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
@@ -237,11 +241,17 @@ def _prune(configs, named_args, **kwargs):
     tools/compile_triton.py, sm_90 and sm_80, paper shape): fp32 (IEEE dots) keeps only
     64x64x32; sm_8x drops 128x128; E <= 32 keeps only the 16-wide tile (wider ones are mostly
     masked work, and spill); otherwise tiles taller than the row bucket go when a shorter one
-    remains. The first config kept is the one a CUDA-graph capture launches untuned."""
+    remains; in training (h saved) the tiles that spill go too. The first config kept is the
+    one a CUDA-graph capture launches untuned."""
     if len(configs) == 1:  # the interpreter's single config
         return configs
     x = named_args["X"]
     fp32 = x.dtype == torch.float32
+    # Training (the tile also writes h, and usually draws dropout) adds live registers: the
+    # configs that spill there go (tools/compile_triton.py: 128x128 spills 8-72 B on sm_90 and
+    # 168-200 B on sm_80; 64x64x64 20 B on sm_80 with dropout; fp32's 64x64x32 4-60 B).
+    training = bool(kwargs.get("SAVE_PRE", False))
+    dropout = bool(kwargs.get("HAS_DROPOUT", False))
     width, rows = named_args["E"], named_args["ROWS_BUCKET"]
     # Without wgmma (sm_80) the 128x128 tile spills 170-200 B; Hopper keeps it.
     ampere = x.device.type == "cuda" and _common.cuda_capability(x.device)[0] < 9
@@ -253,8 +263,14 @@ def _prune(configs, named_args, **kwargs):
         if block_n == 16:
             return False
         if fp32:
-            return block_m * block_n <= 64 * 64 and block_k <= 32
-        if ampere and block_m * block_n > 128 * 64:
+            if training:
+                return (block_m, block_n, block_k) == (32, 64, 32)
+            return block_m * block_n == 64 * 64 and block_k <= 32
+        if block_m == 32:
+            return False
+        if (ampere or training) and block_m * block_n > 128 * 64:
+            return False
+        if ampere and training and dropout and (block_m, block_n, block_k) == (64, 64, 64):
             return False
         return block_m <= max(64, rows)
 
