@@ -34,6 +34,24 @@ def _time_major(length: int, batch: int, width: int, dtype, device) -> torch.Ten
     return storage[..., :width].transpose(0, 1)
 
 
+def _gated_inputs(seq_len, key_len, batch, width, device, dtype=torch.float32, strided=True):
+    """(q, k, v, key_gate, value_gate): non-contiguous time-major tensors and sigmoid gates, or
+    (``strided=False``) contiguous ones and uniform gates."""
+    if strided:
+        def make(length):
+            return _time_major(length, batch, width, dtype, device)
+
+        def gate():
+            return torch.sigmoid(torch.randn(width, device=device)).to(dtype)
+    else:
+        def make(length):
+            return torch.randn(length, batch, width, device=device).to(dtype)
+
+        def gate():
+            return torch.rand(width, device=device).to(dtype)
+    return make(seq_len), make(key_len), make(key_len), gate(), gate()
+
+
 def _visible(seq_len: int, key_len: int, device=None) -> torch.Tensor:
     """[T, K] bool: query i sees key j iff j <= i + K - T."""
     rows = torch.arange(seq_len, device=device)[:, None]
@@ -152,13 +170,7 @@ def test_chunked_path_equals_one_chunk(ops, device, monkeypatch):
     global indices) nor, beyond fp32 rounding, any result; and it really saves no scores."""
     seq_len, memory_len, batch, width = 9, 6, 2, 40
     key_len = seq_len + memory_len
-    inputs = (
-        _time_major(seq_len, batch, width, torch.float32, device),
-        _time_major(key_len, batch, width, torch.float32, device),
-        _time_major(key_len, batch, width, torch.float32, device),
-        torch.sigmoid(torch.randn(width, device=device)),
-        torch.sigmoid(torch.randn(width, device=device)),
-    )
+    inputs = _gated_inputs(seq_len, key_len, batch, width, device)
     grad_out = torch.randn(seq_len, batch, width, device=device)
     kwargs = dict(dropout_p=0.3, value_dropout_p=0.2, seed=99)
     out, grads = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
@@ -340,13 +352,7 @@ def test_dropout_masks_shared_by_forward_and_backward(ops, device):
     assert 0 < int((attn_keep & visible).sum()) < int(visible.sum())
     assert 0 < int(value_keep.sum()) < value_keep.numel()
 
-    inputs = (
-        _time_major(seq_len, batch, width, torch.float32, device),
-        _time_major(key_len, batch, width, torch.float32, device),
-        _time_major(key_len, batch, width, torch.float32, device),
-        torch.sigmoid(torch.randn(width, device=device)),
-        torch.sigmoid(torch.randn(width, device=device)),
-    )
+    inputs = _gated_inputs(seq_len, key_len, batch, width, device)
     grad_out = torch.randn(seq_len, batch, width, device=device)
     out, grads = _kernel_and_grads(ops, inputs, grad_out, dropout_p=dropout_p,
                                    value_dropout_p=value_dropout_p, seed=seed)
@@ -413,13 +419,7 @@ def test_detached_keys_parity(ops, device, monkeypatch, chunked, dropout, dtype)
     if chunked:
         plan = _force_chunks(ops, monkeypatch, batch, seq_len, key_len, dtype, rows=3)
         assert [cols for _, _, cols in plan] == [9, 12, 13]
-    inputs = (
-        _time_major(seq_len, batch, width, dtype, device),
-        _time_major(key_len, batch, width, dtype, device),
-        _time_major(key_len, batch, width, dtype, device),
-        torch.sigmoid(torch.randn(width, device=device)).to(dtype),
-        torch.sigmoid(torch.randn(width, device=device)).to(dtype),
-    )
+    inputs = _gated_inputs(seq_len, key_len, batch, width, device, dtype)
     grad_out = torch.randn(seq_len, batch, width, device=device).to(dtype)
     for n in DETACHED_KEYS:
         out, grads = _kernel_and_grads(ops, inputs, grad_out, dropout_p=p, value_dropout_p=pv,
@@ -445,13 +445,7 @@ def test_detached_keys_change_only_dk_dv(ops, device):
     differently shaped products."""
     seq_len, memory_len, batch, width = 5, 8, 3, 24
     key_len = seq_len + memory_len
-    inputs = (
-        torch.randn(seq_len, batch, width, device=device),
-        torch.randn(key_len, batch, width, device=device),
-        torch.randn(key_len, batch, width, device=device),
-        torch.rand(width, device=device),
-        torch.rand(width, device=device),
-    )
+    inputs = _gated_inputs(seq_len, key_len, batch, width, device, strided=False)
     grad_out = torch.randn(seq_len, batch, width, device=device)
     kwargs = dict(dropout_p=0.2, value_dropout_p=0.3, seed=5)
     out, grads = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
@@ -560,13 +554,7 @@ def test_dropout_statistics(ops, device):
 def test_seed_reproducibility(ops, device):
     seq_len, memory_len, batch, width = 7, 13, 2, 48
     key_len = seq_len + memory_len
-    inputs = (
-        torch.randn(seq_len, batch, width, device=device),
-        torch.randn(key_len, batch, width, device=device),
-        torch.randn(key_len, batch, width, device=device),
-        torch.rand(width, device=device),
-        torch.rand(width, device=device),
-    )
+    inputs = _gated_inputs(seq_len, key_len, batch, width, device, strided=False)
     grad_out = torch.randn(seq_len, batch, width, device=device)
     runs = [
         _kernel_and_grads(ops, inputs, grad_out, dropout_p=0.2, value_dropout_p=0.1, seed=seed)
