@@ -155,6 +155,23 @@ _VALUE_STREAM = 2**32
 
 
 @triton.jit
+def _row_block(pid, rows, row0, memory_len, key_cols, stride_b, stride_row, BLOCK_M: tl.constexpr):
+    """The rows a row-pass program owns: its batch ``b``, its block index within the batch, the
+    row offsets ``offs_m`` in the chunk and which of them exist, their query indices in the
+    segment, how many keys each sees (0 for rows past the chunk) and the int64 offsets of their
+    first score."""
+    blocks = tl.cdiv(rows, BLOCK_M)
+    b = pid // blocks
+    block = pid % blocks
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < rows
+    query = row0 + offs_m
+    n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
+    row_offs = b.to(tl.int64) * stride_b + offs_m.to(tl.int64) * stride_row
+    return b, block, offs_m, m_valid, query, n_visible, row_offs
+
+
+@triton.jit
 def _attention_fwd_kernel(
     S, P, PD, LSE,
     rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
@@ -176,15 +193,11 @@ def _attention_fwd_kernel(
     Saved for backward: P and P_d (one chunk) or LSE (chunked: backward recomputes S).
     """
     pid = tl.program_id(0)
-    blocks = tl.cdiv(rows, BLOCK_M)
-    b = pid // blocks
-    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < rows
-    query = row0 + offs_m
-    n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
-    row_offs = b.to(tl.int64) * stride_b + offs_m.to(tl.int64) * stride_row
+    b, block, offs_m, m_valid, query, n_visible, row_offs = _row_block(
+        pid, rows, row0, memory_len, key_cols, stride_b, stride_row, BLOCK_M
+    )
     # The block's last row sees the most keys; nothing past it is read.
-    last = tl.minimum((pid % blocks + 1) * BLOCK_M, rows)
+    last = tl.minimum((block + 1) * BLOCK_M, rows)
     end_n = tl.minimum(key_cols, row0 + last + memory_len)
 
     run_max = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -244,13 +257,9 @@ def _attention_bwd_kernel(
     of their ``key_cols`` keys once. Nothing is saved.
     """
     pid = tl.program_id(0)
-    blocks = tl.cdiv(rows, BLOCK_M)
-    b = pid // blocks
-    offs_m = (pid % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < rows
-    query = row0 + offs_m
-    n_visible = tl.where(m_valid, tl.minimum(query + memory_len + 1, key_cols), 0)
-    row_offs = b.to(tl.int64) * stride_b + offs_m.to(tl.int64) * stride_row
+    b, block, offs_m, m_valid, query, n_visible, row_offs = _row_block(
+        pid, rows, row0, memory_len, key_cols, stride_b, stride_row, BLOCK_M
+    )
     delta = tl.load(DELTA + query * batch + b, mask=m_valid, other=0.0)
     if RECOMPUTE:
         lse = tl.load(LSE + b * seq_len + query, mask=m_valid, other=0.0)
