@@ -91,3 +91,21 @@ TINY_TRAIN_ARGS = [
     "--max-positions", "48", "--batch-size", "4", "--eval-batch-size", "4",
     "--warmup", "5", "--lr", "1e-2", "--threads", "1", "--quiet", "--eval-interval", "0",
 ]  # fmt: skip
+
+
+def checkpoint_path_for(case: str, good: str, folder) -> str:
+    """A ``--checkpoint`` argument for the command-line tests of what reads a checkpoint:
+    ``"missing"`` (no such file), ``"plain_dict"`` (a torch file that is not a training
+    checkpoint), ``"text_file"`` (not a torch file), anything else the ``good`` checkpoint.
+    ``folder`` is a pathlib.Path the bad files are written to."""
+    if case == "missing":
+        return str(folder / "nope.pt")
+    if case == "plain_dict":
+        path = folder / "weights.pt"
+        torch.save({"weight": torch.zeros(2)}, path)
+        return str(path)
+    if case == "text_file":
+        path = folder / "notes.txt"
+        path.write_text("not a checkpoint\n")
+        return str(path)
+    return good

@@ -12,7 +12,7 @@ import torch
 from sha_rnn_kernels import data as data_lib
 from sha_rnn_kernels import train
 from sha_rnn_kernels.evaluate import evaluate_checkpoint, load_model, main
-from sha_rnn_kernels.testing import SAMPLE_TEXT, TINY_TRAIN_ARGS
+from sha_rnn_kernels.testing import SAMPLE_TEXT, TINY_TRAIN_ARGS, checkpoint_path_for
 
 TEXT, TINY = SAMPLE_TEXT, TINY_TRAIN_ARGS
 
@@ -99,15 +99,7 @@ def test_progress_is_plain_when_not_a_terminal(trained, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_status_2(trained, tmp_path, capsys, case, argv, match):
-    path = trained[0]
-    if case == "missing":
-        path = str(tmp_path / "nope.pt")
-    elif case == "plain_dict":
-        path = str(tmp_path / "weights.pt")
-        torch.save({"weight": torch.zeros(2)}, path)
-    elif case == "text_file":
-        path = str(tmp_path / "notes.txt")
-        (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    path = checkpoint_path_for(case, trained[0], tmp_path)
     try:
         code = main(["--checkpoint", path, "--quiet"] + argv)
     except SystemExit as exc:  # argparse's own errors (one line too: see _Parser)

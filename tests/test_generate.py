@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sha_rnn_kernels import SHARNN, train
 from sha_rnn_kernels.evaluate import load_model
 from sha_rnn_kernels.generate import Decoder, main, next_token_probs
-from sha_rnn_kernels.testing import SAMPLE_TEXT, TINY_TRAIN_ARGS
+from sha_rnn_kernels.testing import SAMPLE_TEXT, TINY_TRAIN_ARGS, checkpoint_path_for
 
 TEXT, TINY = SAMPLE_TEXT, TINY_TRAIN_ARGS
 
@@ -262,17 +262,9 @@ def test_generation_leaves_mode_and_grad_alone(checkpoint):
     ],
 )
 def test_cli_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsysbinary, case, match):
-    path = checkpoint
+    path = checkpoint_path_for(case, checkpoint, tmp_path)
     argv = ["--prompt", "abc", "--length", "5"]
-    if case == "missing":
-        path = str(tmp_path / "nope.pt")
-    elif case == "plain_dict":
-        path = str(tmp_path / "weights.pt")
-        torch.save({"weight": torch.zeros(2)}, path)
-    elif case == "text_file":
-        path = str(tmp_path / "notes.txt")
-        (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    elif case == "empty_prompt":
+    if case == "empty_prompt":
         argv = ["--prompt", "", "--length", "5"]
     elif case == "zero_length":
         argv = ["--prompt", "abc", "--length", "0"]
