@@ -126,6 +126,9 @@ import triton.language as tl
 
 from .._backend import interpreter_enabled, triton_reason
 from . import _common
+from ._dropout import drop_below as _drop_below
+from ._dropout import dropout_bits, unpack_keep
+from ._dropout import keep_scale as _keep_scale
 
 __all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward", "dropout_mask"]
 
@@ -134,47 +137,12 @@ __all__ = ["boom", "unsupported_reason", "boom_forward", "boom_backward", "dropo
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _keep_pair(word, drop_below):
-    """Two keep flags from one 32-bit Philox word: bit 0 from its low half, bit 1 from its high."""
-    word = word.to(tl.uint32, bitcast=True)
-    low = ((word & 0xFFFF) >= drop_below).to(tl.int32)
-    high = ((word >> 16) >= drop_below).to(tl.int32)
-    return low | (high << 1)
-
-
-@triton.jit
-def _dropout_bits(seed, counters, drop_below):
-    """The keep flags of eight consecutive columns per Philox counter, as the low byte of an
-    int32 (bit ``l``: column ``8 * group + l``).
-
-    One Philox-4x32-10 call (``tl.randint4x``) per counter
-    ``(row * chunks + chunk) * cdiv(E, 8) + column // 8``; each of its four 32-bit words gives
-    two 16-bit uniforms (low half: even lane, high half: odd lane), and an element is kept when
-    its uniform is ``>= drop_below = round(p * 65536)``. The flags depend only on
-    ``(seed, row, chunk, column)``, never on a kernel's tiling, so every kernel below computes
-    the same mask.
-    """
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
-    return (_keep_pair(w0, drop_below) | (_keep_pair(w1, drop_below) << 2)
-            | (_keep_pair(w2, drop_below) << 4) | (_keep_pair(w3, drop_below) << 6))
-
-
-@triton.jit
-def _unpack_keep(bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N // 8]`` flag bytes to booleans ``[BLOCK_M, BLOCK_N]``."""
-    # A trailing lane axis of 8, then the row-major reshape: lane l of group q is column 8q + l.
-    lane = tl.arange(0, 8)
-    keep = ((bits.to(tl.int32)[:, :, None] >> lane[None, None, :]) & 1) != 0
-    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
-
-
-@triton.jit
 def _dropout_keep(seed, rows64, chunk, chunks, col0, groups, drop_below, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep flags ``[BLOCK_M, BLOCK_N]`` of rows ``rows64`` and columns ``col0 + [0, BLOCK_N)``
-    of ``chunk`` (``col0 % 8 == 0``), from Philox (``_dropout_bits``)."""
+    of ``chunk`` (``col0 % 8 == 0``), from Philox (``_dropout.dropout_bits``)."""
     group = col0 // 8 + tl.arange(0, BLOCK_N // 8)
     counters = (rows64[:, None] * chunks + chunk) * groups + group[None, :]
-    return _unpack_keep(_dropout_bits(seed, counters, drop_below), BLOCK_M, BLOCK_N)
+    return unpack_keep(dropout_bits(seed, counters, drop_below), BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -184,7 +152,7 @@ def _boom_mask_kernel(
 ):
     """The dropout mask for the fused forward, packed eight flags to a byte: ``MASK[r, g]``
     (``[M * C, cdiv(E, 8)]`` uint8, row ``r = row * C + chunk``) holds the keep flags of columns
-    ``8g .. 8g + 7`` of that row's chunk (``_dropout_bits``: the same flags as everywhere).
+    ``8g .. 8g + 7`` of that row's chunk (``_dropout.dropout_bits``: the same flags as everywhere).
 
     Grid: ``(cdiv(M * C, BLOCK_R), cdiv(cdiv(E, 8), BLOCK_G))``; each program owns a
     ``[BLOCK_R, BLOCK_G]`` block of bytes. ``_boom_fwd_kernel`` reads them in its epilogue: in
@@ -195,7 +163,7 @@ def _boom_mask_kernel(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     offsets = r.to(tl.int64)[:, None] * GROUPS + g[None, :]
-    bits = _dropout_bits(seed, offsets, drop_below)
+    bits = dropout_bits(seed, offsets, drop_below)
     ok = (r[:, None] < ROWS) & (g[None, :] < GROUPS)
     tl.store(MASK + offsets, bits.to(tl.uint8), mask=ok)
 
@@ -211,7 +179,7 @@ def _load_keep(MASK, row0, M, chunk, chunks, col0, groups, BLOCK_M: tl.constexpr
     # A 64-bit base for the tile and 32-bit offsets within it (fewer live registers).
     base = MASK + row0.to(tl.int64) * chunks * groups + chunk * groups
     bits = tl.load(base + (tile_rows * chunks * groups)[:, None] + group[None, :], mask=ok, other=0)
-    return _unpack_keep(bits, BLOCK_M, BLOCK_N)
+    return unpack_keep(bits, BLOCK_M, BLOCK_N)
 
 
 def _fwd_configs():
@@ -463,17 +431,6 @@ def _boom_bwd_kernel(
 def _on_device(device: torch.device):
     """Triton launches on the current CUDA device, which need not be the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _drop_below(dropout_p: float) -> int:
-    """The kernels' integer threshold: a 16-bit uniform below it drops its element, so the
-    drop probability is ``dropout_p`` rounded to a multiple of 2**-16."""
-    return round(dropout_p * 65536)
-
-
-def _keep_scale(dropout_p: float) -> float:
-    # p = 1 drops everything; the scale is then irrelevant and must not divide by zero.
-    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
 def _elementwise_blocks(width: int) -> tuple[int, int, int]:
