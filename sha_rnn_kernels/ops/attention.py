@@ -143,6 +143,7 @@ import triton.language as tl
 
 from .._backend import interpreter_enabled, triton_reason
 from ._common import capability_reason, dtype_reason, empty
+from ._dropout import drop_below, keep_flags, keep_scale
 
 # Largest [B, T_chunk, K_chunk] score buffer, in bytes. Larger problems are processed in chunks
 # of queries. Tests lower it to force the chunked path.
@@ -175,22 +176,26 @@ def _row_block(pid, rows, row0, memory_len, key_cols, stride_b, stride_row, BLOC
 def _attention_fwd_kernel(
     S, P, PD, LSE,
     rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
-    qk_scale, dropout_p, keep_scale, seed,
+    qk_scale, drop_below, keep_scale, seed,
     ATTN_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Softmax row pass over the raw scores of one chunk of queries.
 
     ``S [B, rows, key_cols]`` (strides ``stride_b, stride_row, 1``, shared by P and PD) holds
-    ``(q*gk) . k`` for queries ``row0 + r`` and keys ``0..key_cols-1``. Writes ``P = softmax_j(S * log2(e)/sqrt(E) + mask)`` (base 2, fp32
-    statistics) to ``P`` (may be S itself: each program reads its rows before it overwrites
-    them), the dropped ``P_d = keep * P / (1-p)`` to ``PD`` (with ATTN_DROPOUT) and the base-2
-    row log-sum-exp to ``LSE [B, T]``. Masked (future) scores are never read, so a NaN in a
-    future key cannot reach a row; their P is written as 0.
+    ``(q*gk) . k`` for queries ``row0 + r`` and keys ``0..key_cols-1``. With
+    ``P = softmax_j(S * log2(e)/sqrt(E) + mask)`` (base 2, fp32 statistics), it writes the base-2
+    row log-sum-exp to ``LSE [B, T]`` and either (ATTN_DROPOUT) the dropped
+    ``P_d = keep * P / (1-p)`` to ``PD``, leaving S as it is (backward recomputes P from S and
+    LSE: one store per score instead of two), or P to ``P`` (may be S itself: each program reads
+    its rows before it overwrites them). Keep flags: ``_dropout.keep_flags`` on row
+    ``b*T + query``, ``cdiv(K, 8)`` counters per row. Masked (future) scores are never read, so a
+    NaN in a future key cannot reach a row; their P (P_d) is written as 0.
     Grid ``(cdiv(rows, BLOCK_M) * B,)``; a program owns BLOCK_M rows of one batch and walks their
     keys twice: running per-lane max and sum over the visible keys, then the probabilities over
     all ``key_cols``. P_d is computed from the rounded P, so the backward's recomputation
     (``P`` from S and LSE, or the saved P) gives the same P_d bit for bit.
-    Saved for backward: P and P_d (one chunk) or LSE (chunked: backward recomputes S).
+    Saved for backward: LSE, and P or (with ATTN_DROPOUT) S and P_d in the one-buffer path
+    (chunked: backward recomputes S).
     """
     pid = tl.program_id(0)
     b, block, offs_m, m_valid, query, n_visible, row_offs = _row_block(
@@ -219,7 +224,8 @@ def _attention_fwd_kernel(
     lse = row_max + tl.log2(row_sum)
     tl.store(LSE + b * seq_len + query, lse, mask=m_valid)
 
-    philox_rows = (b * seq_len + query).to(tl.int64) * key_len
+    philox_rows = (b * seq_len + query).to(tl.int64)
+    key_groups = tl.cdiv(key_len, 8)
     for start_n in range(0, key_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         in_row = m_valid[:, None] & (cols < key_cols)[None, :]
@@ -227,18 +233,19 @@ def _attention_fwd_kernel(
         offs = row_offs[:, None] + cols[None, :]
         s = tl.load(S + offs, mask=visible, other=float("-inf")).to(tl.float32) * qk_scale
         p = tl.exp2(s - lse[:, None]).to(P.dtype.element_ty)
-        tl.store(P + offs, p, mask=in_row)
         if ATTN_DROPOUT:
-            keep = tl.rand(seed, philox_rows[:, None] + cols[None, :]) >= dropout_p
+            keep = keep_flags(seed, philox_rows, key_groups, start_n, drop_below, BLOCK_M, BLOCK_N)
             p_drop = tl.where(keep, p.to(tl.float32) * keep_scale, 0.0)
             tl.store(PD + offs, p_drop.to(PD.dtype.element_ty), mask=in_row)
+        else:
+            tl.store(P + offs, p, mask=in_row)
 
 
 @triton.jit
 def _attention_bwd_kernel(
     P, DP, PD, LSE, DELTA,
     rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
-    qk_scale, score_scale, dropout_p, keep_scale, seed,
+    qk_scale, score_scale, drop_below, keep_scale, seed,
     RECOMPUTE: tl.constexpr, ATTN_DROPOUT: tl.constexpr, WRITE_PD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -263,7 +270,8 @@ def _attention_bwd_kernel(
     delta = tl.load(DELTA + query * batch + b, mask=m_valid, other=0.0)
     if RECOMPUTE:
         lse = tl.load(LSE + b * seq_len + query, mask=m_valid, other=0.0)
-    philox_rows = (b * seq_len + query).to(tl.int64) * key_len
+    philox_rows = (b * seq_len + query).to(tl.int64)
+    key_groups = tl.cdiv(key_len, 8)
     for start_n in range(0, key_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         in_row = m_valid[:, None] & (cols < key_cols)[None, :]
@@ -277,7 +285,7 @@ def _attention_bwd_kernel(
         p = p_lowp.to(tl.float32)
         dp = tl.load(DP + offs, mask=visible, other=0.0).to(tl.float32)
         if ATTN_DROPOUT:
-            keep = tl.rand(seed, philox_rows[:, None] + cols[None, :]) >= dropout_p
+            keep = keep_flags(seed, philox_rows, key_groups, start_n, drop_below, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
             p_drop = tl.where(keep, p * keep_scale, 0.0).to(PD.dtype.element_ty)
         else:
@@ -341,14 +349,15 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_value_dropout_kernel(
-    X, OUT, n_rows, width, stride_x_row, stride_x_col, first_row, value_dropout_p, keep_scale,
+    X, OUT, n_rows, width, stride_x_row, stride_x_col, first_row, drop_below, keep_scale,
     value_seed, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """``OUT[r, e] = X[r, e] * keep((first_row + r)*E + e) / (1 - p_v)`` over the rows
     r = (j, b) of a ``[K', B, E]`` tensor that starts at row ``first_row`` of the full
     ``[K, B, E]`` one: the dropped values W in forward (first_row 0), ``dv`` from ``dW`` in
     backward (in place, X = OUT; only the keys past the detached ones). The mask is drawn once per
-    element, from the Philox key ``seed + 2**32`` on the full tensor's element index.
+    element, from the Philox key ``seed + 2**32`` (``_dropout.keep_flags`` on row
+    ``first_row + r``, ``cdiv(E, 8)`` counters per row).
     Grid ``(cdiv(rows, BLOCK_R), cdiv(E, BLOCK_E))``. Nothing is saved (backward redraws the mask).
     """
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -358,7 +367,8 @@ def _attention_value_dropout_kernel(
     x_ptrs = X + rows64[:, None] * stride_x_row + offs_e[None, :] * stride_x_col
     x = tl.load(x_ptrs, mask=mask, other=0.0)
     elems = rows64[:, None] * width + offs_e[None, :]
-    keep = tl.rand(value_seed, elems + first_row.to(tl.int64) * width) >= value_dropout_p
+    keep = keep_flags(value_seed, rows64 + first_row, tl.cdiv(width, 8), tl.program_id(1) * BLOCK_E,
+                      drop_below, BLOCK_R, BLOCK_E)
     out = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
     tl.store(OUT + elems, out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -377,11 +387,6 @@ def _rows_blocks(width: int, block_r: int) -> Tuple[int, int, int]:
     if interpreter_enabled():
         return 16, max(16, min(128, triton.next_power_of_2(width))), 4
     return block_r, max(16, min(256, triton.next_power_of_2(width))), 4
-
-
-def _keep_scale(p: float) -> float:
-    """``1 / (1 - p)``, the inverted-dropout scale; 0 when everything is dropped."""
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
 def _device_guard(device: torch.device):
@@ -468,8 +473,8 @@ def _drop_values(
     block_r, block_e, warps = _rows_blocks(width, 4)
     grid = (triton.cdiv(key_len * batch, block_r), triton.cdiv(width, block_e))
     _attention_value_dropout_kernel[grid](
-        x_rows, out, key_len * batch, width, stride_row, stride_col, first_key * batch, p,
-        _keep_scale(p), seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
+        x_rows, out, key_len * batch, width, stride_row, stride_col, first_key * batch,
+        drop_below(p), keep_scale(p), seed + _VALUE_STREAM, BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps,
     )
     return out
 
@@ -567,7 +572,8 @@ def attention_forward(
                 _attention_fwd_kernel, rows, batch,
                 s, s, p_drop, lse,
                 rows, cols, s.stride(0), s.stride(1), seq_len, key_len, batch, t0, memory_len,
-                math.log2(math.e) / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
+                math.log2(math.e) / math.sqrt(width), drop_below(dropout_p), keep_scale(dropout_p),
+                seed,
                 ATTN_DROPOUT=attn_dropout,
             )
             torch.bmm(p_drop, _batch_major(w)[:, :cols], out=_batch_major(out_ungated)[:, t0:t1])
@@ -583,6 +589,7 @@ def attention_forward(
         dropped.view(batch, seq_len, key_len) if single and attn_dropout else nothing.clone(),
         lse,
         values if values is not None else nothing.clone(),
+        q_gated if key_gate is not None else nothing.clone(),
     )
 
 
@@ -618,6 +625,7 @@ def attention_backward(
     dropped: torch.Tensor,
     lse: torch.Tensor,
     values: torch.Tensor,
+    q_gated: torch.Tensor,
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
@@ -645,7 +653,10 @@ def attention_backward(
         if grad_gated is None:
             grad_gated = grad_out
         w = values if value_dropout_p > 0.0 else v
-        q_gated = _gate_rows(q, key_gate)[0] if key_gate is not None else q
+        if key_gate is None:
+            q_gated = q
+        elif q_gated.numel() == 0:  # not saved (a direct call): recompute it
+            q_gated = _gate_rows(q, key_gate)[0]
         dq_gated = empty(seq_len, batch, width, dtype=dtype, device=device)
         dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
         dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
@@ -667,6 +678,7 @@ def attention_backward(
             ds = _scores_view(grad_scores, batch, seq_len, key_len, saved, t0, t1, cols)
             torch.bmm(grad_gated_c, _batch_major(w)[:, :cols].transpose(1, 2), out=ds)
             if saved:
+                # With attention dropout the forward kept the raw scores S (and saved P_d).
                 source = probs[:, t0:t1, :cols]
                 p_drop = dropped[:, t0:t1, :cols] if attn_dropout else source
             else:
@@ -678,8 +690,9 @@ def attention_backward(
                 _attention_bwd_kernel, rows, batch,
                 source, ds, p_drop, lse, delta,
                 rows, cols, ds.stride(0), ds.stride(1), seq_len, key_len, batch, t0, memory_len,
-                qk_scale, 1.0 / math.sqrt(width), dropout_p, _keep_scale(dropout_p), seed,
-                RECOMPUTE=not saved, ATTN_DROPOUT=attn_dropout, WRITE_PD=not saved,
+                qk_scale, 1.0 / math.sqrt(width), drop_below(dropout_p), keep_scale(dropout_p),
+                seed,
+                RECOMPUTE=not saved or attn_dropout, ATTN_DROPOUT=attn_dropout, WRITE_PD=not saved,
             )
             if not saved and cols > detached:
                 first = index == 0
@@ -731,7 +744,9 @@ def _attention_fwd_op(
     value_dropout_p: float,
     seed: int,
     detached_keys: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     # detached_keys is in the schema for the autograd context; the forward reads every key.
     return attention_forward(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed)
 
@@ -749,6 +764,7 @@ def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_
         q.new_empty(batch, seq_len, key_len) if single and dropout_p > 0.0 else nothing(),
         q.new_empty(batch, seq_len, dtype=torch.float32),
         q.new_empty(key_len, batch, width) if value_dropout_p > 0.0 else nothing(),
+        q.new_empty(seq_len, batch, width) if key_gate is not None else nothing(),
     )
 
 
@@ -766,6 +782,7 @@ def _attention_bwd_op(
     dropped: torch.Tensor,
     lse: torch.Tensor,
     values: torch.Tensor,
+    q_gated: torch.Tensor,
     dropout_p: float,
     value_dropout_p: float,
     seed: int,
@@ -773,13 +790,13 @@ def _attention_bwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(
         grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-        dropout_p, value_dropout_p, seed, detached_keys,
+        q_gated, dropout_p, value_dropout_p, seed, detached_keys,
     )
 
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-      dropout_p, value_dropout_p, seed, detached_keys):
+      q_gated, dropout_p, value_dropout_p, seed, detached_keys):
     def gate_grad(gate):
         return gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
 
