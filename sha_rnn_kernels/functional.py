@@ -235,6 +235,7 @@ def single_head_attention(
     value_dropout: float = 0.0,
     seed: Optional[int] = None,
     detached_keys: int = 0,
+    segment: Optional[Tensor] = None,
 ) -> Tensor:
     """One attention head of width ``E`` over ``K >= T`` keys (memory, then the segment).
 
@@ -259,6 +260,14 @@ def single_head_attention(
             memory of earlier segments); the result is that of ``cat([k[:n].detach(), k[n:]])``
             (and the same for v), so the gates' gradients still include them. The Triton
             backward skips their share of the dK and dV products.
+        segment: optional, for keys and values that are one tensor ``kv = cat([memory,
+            segment])`` with ``detached_keys = len(memory)`` (an SHA-RNN layer's memory and the
+            current segment): pass ``k = v = kv`` and ``segment``, and the gradient of keys and
+            values ``n..`` goes to ``segment`` (as ``dk + dv``), none to ``kv``. The result is
+            that of ``cat([kv[:n].detach(), segment])`` for both keys and values; the Triton
+            backward then never writes zero rows for the memory nor a [K, B, E] dk and dv for
+            autograd to add. ``kv[n:]`` must hold ``segment``'s values (not checked: that would
+            cost a pass over them); ``[K - n, B, E]`` (``[B, K - n, E]`` with ``batch_first``).
 
     Returns:
         ``[T, B, E]`` (``[B, T, E]`` with ``batch_first``).
@@ -271,8 +280,18 @@ def single_head_attention(
     op = "single_head_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op, name, t, ndim=3)
+    same_kv = v is k
+    if segment is not None:
+        _check_tensor(op, "segment", segment, ndim=3)
+        if not same_kv:
+            raise ValueError(
+                f"{op}: segment needs k and v to be one tensor (cat([memory, segment]), passed "
+                f"twice); got two tensors"
+            )
     if batch_first:
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        v = k if same_kv else v.transpose(0, 1)
+        segment = None if segment is None else segment.transpose(0, 1)
     layout = "[B, {}, E]" if batch_first else "[{}, B, E]"
     query_len, batch, width = q.shape
     if k.shape != v.shape:
@@ -298,13 +317,23 @@ def single_head_attention(
         raise ValueError(
             f"{op}: detached_keys must be an int in [0, K = {key_len}]; got {detached_keys!r}"
         )
+    if segment is not None and tuple(segment.shape) != (key_len - detached_keys, batch, width):
+        raise ValueError(
+            f"{op}: segment must be {layout.format('K - detached_keys')} = "
+            f"{layout.format(key_len - detached_keys)} with B = {batch}, E = {width}; got "
+            f"{_shape(segment.transpose(0, 1) if batch_first else segment)}"
+        )
     key_gate = _gate(op, "key_gate", key_gate, width)
     value_gate = _gate(op, "value_gate", value_gate, width)
     p = check_probability("dropout", dropout, op)
     pv = check_probability("value_dropout", value_dropout, op)
     _check_seed(op, seed)
-    (q, k, v), autocast_on = _autocast([q, k, v])
-    _check_same(op, [("q", q), ("k", k), ("v", v)], check_dtype=not autocast_on)
+    (q, k, v, segment), autocast_on = _autocast([q, k, None if same_kv else v, segment])
+    if same_kv:
+        v = k
+    _check_same(
+        op, [("q", q), ("k", k), ("v", v), ("segment", segment)], check_dtype=not autocast_on
+    )
     for name, gate in (("key_gate", key_gate), ("value_gate", value_gate)):
         if gate is not None and gate.device != q.device:
             raise ValueError(f"{op}: {name} is on {gate.device} but q is on {q.device}")
@@ -327,6 +356,7 @@ def single_head_attention(
             out = reference.single_head_attention(
                 q, k, v, dropout_p=p, training=training, key_gate=key_gate,
                 value_gate=value_gate, value_dropout_p=pv, detached_keys=detached_keys,
+                segment=segment,
             )  # fmt: skip
         else:
             module, _ = _triton_module("attention")
@@ -335,6 +365,7 @@ def single_head_attention(
             out = module.attention(
                 q, k, v, key_gate=key_gate, value_gate=value_gate, dropout_p=p,
                 value_dropout_p=pv, seed=0 if seed is None else seed, detached_keys=detached_keys,
+                segment=segment,
             )  # fmt: skip
     return out.transpose(0, 1) if batch_first else out
 

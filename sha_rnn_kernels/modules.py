@@ -355,10 +355,17 @@ class SingleHeadAttention(nn.Module):
         self.vq = None
 
     def forward(
-        self, query: Tensor, key: Tensor, value: Optional[Tensor] = None, detached_keys: int = 0
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Optional[Tensor] = None,
+        detached_keys: int = 0,
+        segment: Optional[Tensor] = None,
     ) -> Tensor:
         """``detached_keys``: the first n keys and values get no gradient (earlier segments'
-        memory; see :func:`sha_rnn_kernels.functional.single_head_attention`)."""
+        memory); ``segment``: with ``key`` and ``value`` one tensor ``cat([memory, segment])``,
+        their gradient goes to ``segment`` in one piece (see
+        :func:`sha_rnn_kernels.functional.single_head_attention`)."""
         if value is None:
             value = key
         e = self.embed_dim
@@ -372,13 +379,14 @@ class SingleHeadAttention(nn.Module):
             same = value is key
             key = key.to(dtype)
             value = key if same else value.to(dtype)
+            segment = None if segment is None else segment.to(dtype)
         q = query_gate * _layer_norm(self.qln, self.q(query), dtype)
         q = F.dropout(q, self.dropout, self.training)
         return SF.single_head_attention(
             q, key, value, dropout=self.dropout, training=self.training,
             batch_first=self.batch_first, backend=self.backend,
             key_gate=torch.sigmoid(self.ks).reshape(e), value_gate=self.value_gate(),
-            value_dropout=self.dropout, detached_keys=detached_keys,
+            value_dropout=self.dropout, detached_keys=detached_keys, segment=segment,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -512,8 +520,10 @@ class SHALayer(nn.Module):
                 mem = mem.detach()
                 big = torch.cat([mem if dtype is None else mem.to(dtype), mh], 0)
             new_mem = big[-self.max_positions :]
-            # The memory is detached: its keys and values need no dK/dV products.
-            h = F.dropout(self.attn(h, big, big, detached_keys=memory_len), p, training) + h
+            # The memory is detached: its keys and values need no dK/dV products, and the
+            # gradient of the segment's keys and values reaches mh in one piece.
+            attended = self.attn(h, big, big, detached_keys=memory_len, segment=mh)
+            h = F.dropout(attended, p, training) + h
         ff_in = _layer_norm(self.lnxff, h, dtype)
         h = _layer_norm(self.lnff, h, dtype)
         h = F.dropout(self.ff(ff_in), p, training) + h

@@ -68,6 +68,7 @@ def single_head_attention(
     value_gate: Optional[Tensor] = None,
     value_dropout_p: float = 0.0,
     detached_keys: int = 0,
+    segment: Optional[Tensor] = None,
 ) -> Tensor:
     """One attention head of width E over ``K >= T`` keys, causal with the memory visible.
 
@@ -78,10 +79,13 @@ def single_head_attention(
 
     The first ``detached_keys`` keys and values receive no gradient (the memory of earlier
     segments): k and v are ``cat([k[:n].detach(), k[n:]])``; the gates still see every key.
+    With ``segment`` (k and v one tensor), both are ``cat([k[:n].detach(), segment])``.
     """
     query_len, _, width = q.shape
     key_len = k.shape[0]
-    if detached_keys > 0:
+    if segment is not None:
+        k = v = torch.cat([k[:detached_keys].detach(), segment])
+    elif detached_keys > 0:
         k = torch.cat([k[:detached_keys].detach(), k[detached_keys:]])
         v = torch.cat([v[:detached_keys].detach(), v[detached_keys:]])
     if key_gate is not None:

@@ -458,6 +458,105 @@ def test_detached_keys_change_only_dk_dv(ops, device):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(
+    "chunked,dropout,dtype",
+    [
+        (False, False, torch.float32),
+        (True, False, torch.float32),
+        (False, True, torch.float32),
+        (True, True, torch.float32),
+        (False, True, torch.bfloat16),
+    ],
+)
+def test_segment_gradient_parity(ops, device, monkeypatch, chunked, dropout, dtype):
+    """``segment=`` (k = v = cat([memory, segment]), ``detached_keys = n``): the output, dq,
+    the gate gradients and the segment's gradient (dk + dv of keys n.., one tensor) equal the
+    float64 formula on ``cat([kv[:n].detach(), segment])``; kv itself gets no gradient. n is
+    the memory length (the SHA-RNN), 0 (no memory) or past it (part of the segment detached too).
+    In one chunk (dk accumulated onto dv by the GEMM) and chunked, with both dropouts (masks
+    read back from the kernel) and without."""
+    seq_len, memory_len, batch, width = 7, 6, 2, 40
+    key_len = seq_len + memory_len
+    p, pv, seed = (0.3, 0.25, 77) if dropout else (0.0, 0.0, 0)
+    masks = {}
+    if dropout:
+        masks = dict(
+            attn_keep=_recover_attention_keep(ops, seq_len, key_len, batch, p, seed, device),
+            value_keep=_recover_value_keep(ops, seq_len, key_len, batch, width, pv, seed, device),
+            dropout_p=p, value_dropout_p=pv,
+        )
+    if chunked:
+        _force_chunks(ops, monkeypatch, batch, seq_len, key_len, dtype, rows=3)
+    q, kv, _, key_gate, value_gate = _gated_inputs(seq_len, key_len, batch, width, device, dtype)
+    grad_out = torch.randn(seq_len, batch, width, device=device).to(dtype)
+    for n in (memory_len, 0, 9):
+        leaves = [t.detach().requires_grad_() for t in (q, kv[n:], key_gate, value_gate)]
+        q_l, segment, kg, vg = leaves
+        full = torch.cat([kv[:n], segment]).detach().requires_grad_()  # the op must not use it
+        out = ops.attention(q_l, full, full, key_gate=kg, value_gate=vg, dropout_p=p,
+                            value_dropout_p=pv, seed=seed, detached_keys=n, segment=segment)
+        grads = torch.autograd.grad(out, leaves + [full], grad_out, allow_unused=True)
+        assert grads[-1] is None, "kv got a gradient"
+
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        kv64 = torch.cat([kv[:n].double(), ref_leaves[1]])
+        out64 = reference(ref_leaves[0], kv64, kv64, ref_leaves[2], ref_leaves[3],
+                          detached_keys=n, **masks)
+        grads64 = torch.autograd.grad(out64, ref_leaves, grad_out.double())
+        assert_parity(f"out (n={n})", out, out64, dtype=dtype)
+        names = ["dq", "d segment", "d key_gate", "d value_gate"]
+        for name, got, want in zip(names, grads, grads64):
+            assert got.shape == want.shape, name
+            assert_parity(f"{name} (n={n})", got, want, dtype=dtype)
+
+
+def test_segment_errors(ops, device):
+    """``segment`` needs k and v to be one tensor and the shape of ``k[n:]``: errors name it, in
+    the op and in the functional (both backends)."""
+    import sha_rnn_kernels.functional as SF
+
+    q, kv = torch.randn(5, 2, 8, device=device), torch.randn(13, 2, 8, device=device)
+    other = kv.clone()
+    kwargs = dict(key_gate=None, value_gate=None, dropout_p=0.0, value_dropout_p=0.0, seed=0)
+    with pytest.raises(ValueError, match="segment needs k and v to be one tensor"):
+        ops.attention(q, kv, other, detached_keys=8, segment=kv[8:], **kwargs)
+    with pytest.raises(ValueError, match=r"segment must be \[K - detached_keys, B, E\]"):
+        ops.attention(q, kv, kv, detached_keys=8, segment=kv[7:], **kwargs)
+    with pytest.raises(ValueError, match="segment must match k's dtype"):
+        ops.attention(q, kv, kv, detached_keys=8, segment=kv[8:].double(), **kwargs)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="segment needs k and v to be one tensor"):
+            SF.single_head_attention(q, kv, other, detached_keys=8, segment=kv[8:],
+                                     backend=backend)
+        with pytest.raises(ValueError, match=r"segment must be \[K - detached_keys, B, E\]"):
+            SF.single_head_attention(q, kv, kv, detached_keys=8, segment=kv[6:], backend=backend)
+        with pytest.raises(ValueError, match=r"segment must be \[B, K - detached_keys, E\]"):
+            kv_bf = kv.transpose(0, 1)
+            SF.single_head_attention(q.transpose(0, 1), kv_bf, kv_bf, detached_keys=8,
+                                     segment=kv_bf[:, 6:], batch_first=True, backend=backend)
+
+
+def test_segment_batch_first_matches_reference_backend(device):
+    """The functional's ``segment`` with ``batch_first``: Triton and the reference backend give
+    the same output and the same gradients for q and the segment."""
+    import sha_rnn_kernels.functional as SF
+
+    seq_len, memory_len, batch, width = 5, 4, 3, 16
+    memory = torch.randn(batch, memory_len, width, device=device)
+    q0 = torch.randn(batch, seq_len, width, device=device)
+    seg0 = torch.randn(batch, seq_len, width, device=device)
+    results = []
+    for backend in ("triton", "reference"):
+        q, segment = q0.clone().requires_grad_(), seg0.clone().requires_grad_()
+        kv = torch.cat([memory, segment], 1)
+        out = SF.single_head_attention(q, kv, kv, batch_first=True, backend=backend,
+                                       detached_keys=memory_len, segment=segment)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [q, segment])))
+    for name, got, want in zip(["out", "dq", "d segment"], *results):
+        assert got.shape == want.shape, name
+        assert_parity(name, got, want.double(), atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [-1, 14, 2.0, True, None])
 def test_detached_keys_must_be_an_int_in_range(ops, device, bad):
     import sha_rnn_kernels.functional as SF
@@ -497,6 +596,7 @@ def test_shalayer_detaches_its_memory_keys(device, monkeypatch):
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("detached_keys"))
+        assert kwargs.get("segment") is not None  # the gradient goes to mh in one piece
         return attention(*args, **kwargs)
 
     monkeypatch.setattr(SF, "single_head_attention", spy)
@@ -577,19 +677,24 @@ def test_unsupported_reason(ops, device):
     assert reason is not None and "empty" in reason
 
 
-@pytest.mark.parametrize("chunked,detached_keys", [(False, 0), (False, 4), (True, 6)])
-def test_custom_op_registration(ops, device, monkeypatch, chunked, detached_keys):
+@pytest.mark.parametrize(
+    "chunked,detached_keys,segment",
+    [(False, 0, False), (False, 4, False), (True, 6, False), (False, 4, True), (True, 6, True)],
+)
+def test_custom_op_registration(ops, device, monkeypatch, chunked, detached_keys, segment):
     """Schema, fake (meta) kernel and autograd registration agree with the real kernel, in one
-    chunk (P saved) and chunked (only the LSE saved), with and without detached keys."""
+    chunk (P saved) and chunked (only the LSE saved), with and without detached keys, and with
+    the gradient routed to a segment tensor."""
     if chunked:
         _force_chunks(ops, monkeypatch, 2, 5, 9, torch.float32)
     q = torch.randn(5, 2, 16, device=device, requires_grad=True)
-    k = torch.randn(9, 2, 16, device=device, requires_grad=True)
-    v = torch.randn(9, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(9, 2, 16, device=device, requires_grad=not segment)
+    v = k if segment else torch.randn(9, 2, 16, device=device, requires_grad=True)
+    seg = k[detached_keys:].clone().requires_grad_() if segment else None
     gate = torch.rand(16, device=device, requires_grad=True)
     torch.library.opcheck(
         torch.ops.sha_rnn_kernels.attention_fwd.default,
-        (q, k, v, gate, None, 0.1, 0.1, 3, detached_keys),
+        (q, k, v, gate, None, 0.1, 0.1, 3, detached_keys, seg),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -610,6 +715,24 @@ def test_torch_compile_keeps_the_op_whole(ops, device):
     grads_eager = torch.autograd.grad(out_eager.sum(), leaves + [gate])
     assert torch.equal(out, out_eager)
     for name, a, b in zip(["dq", "dk", "dv", "d key_gate"], grads, grads_eager):
+        assert_parity(name, a, b.double(), atol=1e-6)
+
+    # The segment form (k and v one tensor, the gradient to the segment) compiles whole too.
+    memory = torch.randn(4, 2, 16, device=device)
+
+    def run_segment(q, segment, key_gate):
+        kv = torch.cat([memory, segment])
+        return ops.attention(q, kv, kv, key_gate=key_gate, value_gate=None, dropout_p=0.1,
+                             value_dropout_p=0.1, seed=3, detached_keys=4, segment=segment)
+
+    segment = leaves[1]
+    compiled = torch.compile(run_segment, fullgraph=True, backend="aot_eager")
+    out = compiled(leaves[0], segment, gate)
+    grads = torch.autograd.grad(out.sum(), [leaves[0], segment, gate])
+    out_eager = run_segment(leaves[0], segment, gate)
+    grads_eager = torch.autograd.grad(out_eager.sum(), [leaves[0], segment, gate])
+    assert torch.equal(out, out_eager)
+    for name, a, b in zip(["dq", "d segment", "d key_gate"], grads, grads_eager):
         assert_parity(name, a, b.double(), atol=1e-6)
 
 

@@ -630,6 +630,7 @@ def attention_backward(
     value_dropout_p: float,
     seed: int,
     detached_keys: int = 0,
+    combine: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward. Returns ``dq, dk, dv`` (contiguous) and the gate gradients (``[E]``, or empty
     tensors for an absent gate). The first ``detached_keys`` rows of dk and dv are zero-filled
@@ -658,11 +659,29 @@ def attention_backward(
         elif q_gated.numel() == 0:  # not saved (a direct call): recompute it
             q_gated = _gate_rows(q, key_gate)[0]
         dq_gated = empty(seq_len, batch, width, dtype=dtype, device=device)
-        dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
-        dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
-        # Rows of detached keys: an exact zero gradient, one memset each, no product.
-        dk[:detached].zero_()
-        dv[:detached].zero_()
+        live_len = key_len - detached
+        vdrop = value_dropout_p > 0.0 and live_len > 0
+        # dk_live, dv_live: the gradients of keys and values detached..K-1 (row r: key
+        # detached + r). dv_live holds dW = P_d^T dO_g until the value-dropout pass.
+        if combine:
+            # One gradient for the segment, dk + dv: no rows for the detached keys at all.
+            d_segment = empty(live_len, batch, width, dtype=dtype, device=device)
+            if saved:
+                # dv first (into d_segment, or a scratch the dropout pass reads), then the dk
+                # products accumulate onto it in their epilogue (beta = 1).
+                dk_live = d_segment
+                dv_live = empty(live_len, batch, width, dtype=dtype, device=device) if vdrop \
+                    else d_segment
+            else:
+                dk_live = d_segment
+                dv_live = empty(live_len, batch, width, dtype=dtype, device=device)
+        else:
+            dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
+            dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
+            # Rows of detached keys: an exact zero gradient, one memset each, no product.
+            dk[:detached].zero_()
+            dv[:detached].zero_()
+            dk_live, dv_live = dk[detached:], dv[detached:]
         size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
         if saved:
             size = batch * seq_len * key_len
@@ -697,11 +716,12 @@ def attention_backward(
             if not saved and cols > detached:
                 first = index == 0
                 live = slice(detached, cols)
+                rows_live = slice(0, cols - detached)
                 p_live = p_drop[:, :, live].transpose(1, 2)
-                _accumulate(_batch_major(dv)[:, live], p_live, grad_gated_c, first)
+                _accumulate(_batch_major(dv_live)[:, rows_live], p_live, grad_gated_c, first)
                 queries = _batch_major(q_gated)[:, t0:t1]
-                _accumulate(_batch_major(dk)[:, live], ds[:, :, live].transpose(1, 2), queries,
-                            first)
+                _accumulate(_batch_major(dk_live)[:, rows_live], ds[:, :, live].transpose(1, 2),
+                            queries, first)
             torch.bmm(ds, _batch_major(k)[:, :cols], out=_batch_major(dq_gated)[:, t0:t1])
         if saved:
             # Keys j0..j1-1 first seen by block (t0, t1) are seen by queries t0.. only: one
@@ -709,20 +729,31 @@ def attention_backward(
             # inside it were written as 0 by the row passes).
             grad_full = grad_scores.view(batch, seq_len, key_len)
             p_full = dropped if attn_dropout else probs
-            j0 = 0
+            key_blocks, j0 = [], 0
             for t0, _, cols in plan:
                 j0, j1 = max(j0, detached), cols
                 if j1 > j0:
-                    grad_tail = _batch_major(grad_gated)[:, t0:]
-                    p_block = p_full[:, t0:, j0:j1].transpose(1, 2)
-                    torch.bmm(p_block, grad_tail, out=_batch_major(dv)[:, j0:j1])
-                    ds_block = grad_full[:, t0:, j0:j1].transpose(1, 2)
-                    queries = _batch_major(q_gated)[:, t0:]
-                    torch.bmm(ds_block, queries, out=_batch_major(dk)[:, j0:j1])
+                    key_blocks.append((t0, j0, j1))
                 j0 = j1
-        if value_dropout_p > 0.0 and detached < key_len:
-            dv_live = dv[detached:]
+            for t0, j0, j1 in key_blocks:
+                p_block = p_full[:, t0:, j0:j1].transpose(1, 2)
+                out_rows = _batch_major(dv_live)[:, j0 - detached : j1 - detached]
+                torch.bmm(p_block, _batch_major(grad_gated)[:, t0:], out=out_rows)
+            if vdrop:
+                target = d_segment if combine else dv_live
+                _drop_values(dv_live, value_dropout_p, seed, out=target, first_key=detached)
+            for t0, j0, j1 in key_blocks:
+                ds_block = grad_full[:, t0:, j0:j1].transpose(1, 2)
+                queries = _batch_major(q_gated)[:, t0:]
+                out_rows = _batch_major(dk_live)[:, j0 - detached : j1 - detached]
+                if combine:
+                    out_rows.baddbmm_(ds_block, queries)  # d_segment = dv + dk
+                else:
+                    torch.bmm(ds_block, queries, out=out_rows)
+        elif vdrop:
             _drop_values(dv_live, value_dropout_p, seed, out=dv_live, first_key=detached)
+        if combine and not saved:
+            d_segment.add_(dv_live)
         if key_gate is not None:
             dq, _, dkg = _gate_rows(dq_gated, key_gate, q, partial=True)
         else:
@@ -730,6 +761,8 @@ def attention_backward(
     # Absent gates get distinct empty tensors: outputs of a custom op may not alias each other.
     dkg = dkg.to(key_gate.dtype) if key_gate is not None else q.new_empty(0)
     dvg = dvg.to(value_gate.dtype) if value_gate is not None else q.new_empty(0)
+    if combine:
+        return dq, d_segment, q.new_empty(0), dkg, dvg
     return dq, dk, dv, dkg, dvg
 
 
@@ -744,15 +777,17 @@ def _attention_fwd_op(
     value_dropout_p: float,
     seed: int,
     detached_keys: int,
+    segment: Optional[torch.Tensor],
 ) -> Tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    # detached_keys is in the schema for the autograd context; the forward reads every key.
+    # detached_keys and segment are in the schema for the autograd context (segment: where the
+    # gradient of keys and values detached_keys.. goes); the forward reads every key of k and v.
     return attention_forward(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys):
+def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys, segment):
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     single = _fits(batch, seq_len, key_len, q.dtype)
@@ -787,29 +822,33 @@ def _attention_bwd_op(
     value_dropout_p: float,
     seed: int,
     detached_keys: int,
+    combine: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(
         grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-        q_gated, dropout_p, value_dropout_p, seed, detached_keys,
+        q_gated, dropout_p, value_dropout_p, seed, detached_keys, combine,
     )
 
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, key_gate, value_gate, out, out_ungated, probs, dropped, lse, values,
-      q_gated, dropout_p, value_dropout_p, seed, detached_keys):
+      q_gated, dropout_p, value_dropout_p, seed, detached_keys, combine):
     def gate_grad(gate):
         return gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
 
-    return (
-        q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-        gate_grad(key_gate), gate_grad(value_gate),
-    )
+    if combine:
+        segment_shape = (k.shape[0] - detached_keys, *k.shape[1:])
+        keys, values = q.new_empty(segment_shape), q.new_empty(0)
+    else:
+        keys, values = k.new_empty(k.shape), v.new_empty(v.shape)
+    return q.new_empty(q.shape), keys, values, gate_grad(key_gate), gate_grad(value_gate)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys = inputs
+    q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys, segment = inputs
     ctx.save_for_backward(q, k, v, key_gate, value_gate, *output)
-    ctx.dropout = (dropout_p, value_dropout_p, seed, detached_keys)
+    ctx.combine = segment is not None
+    ctx.dropout = (dropout_p, value_dropout_p, seed, detached_keys, ctx.combine)
     ctx.has_gates = (key_gate is not None, value_gate is not None)
 
 
@@ -819,10 +858,10 @@ def _backward(ctx, grad_out, *unused):
         grad_out, q, k, v, key_gate, value_gate, *saved, *ctx.dropout
     )
     has_key_gate, has_value_gate = ctx.has_gates
-    return (
-        dq, dk, dv, dkg if has_key_gate else None, dvg if has_value_gate else None,
-        None, None, None, None,
-    )
+    gates = (dkg if has_key_gate else None, dvg if has_value_gate else None)
+    if ctx.combine:  # dk holds the segment's gradient (dk + dv of keys detached_keys..)
+        return (dq, None, None, *gates, None, None, None, None, dk)
+    return (dq, dk, dv, *gates, None, None, None, None, None)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -849,6 +888,7 @@ def attention(
     value_dropout_p: float,
     seed: int,
     detached_keys: int = 0,
+    segment: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Single-head causal attention over memory + segment (cuBLAS + Triton), differentiable.
 
@@ -863,6 +903,12 @@ def attention(
             memory of earlier segments), as if the op ran on ``cat([k[:n].detach(), k[n:]])``
             (and the same for v). Their rows of dk and dv are exactly zero and cost no product;
             the gates' and q's gradients still include them.
+        segment: optional ``[K - n, B, E]`` tensor holding the same values as ``k[n:]``, with
+            ``k`` and ``v`` one tensor (``cat([memory, segment])``, as an SHA-RNN layer builds
+            it). The keys' and values' gradients then go to ``segment`` as one tensor,
+            ``dk[n:] + dv[n:]``, and k and v get none: no zero rows for the memory and no
+            separate [K, B, E] dk and dv for autograd to add up. The values of ``k[n:]`` are
+            what the op reads; keeping them equal to ``segment`` is the caller's part.
 
     Returns:
         ``[T, B, E]`` contiguous: ``dropout(softmax(q k_eff^T / sqrt(E) + causal mask)) @ v_eff``,
@@ -878,8 +924,24 @@ def attention(
     value_gate = value_gate.contiguous() if value_gate is not None else None
     if not 0 <= detached_keys <= k.shape[0]:
         raise ValueError(f"detached_keys must be in [0, K = {k.shape[0]}]; got {detached_keys}")
+    if segment is not None:
+        expected = (k.shape[0] - detached_keys, *k.shape[1:])
+        if tuple(segment.shape) != expected:
+            raise ValueError(
+                f"segment must be [K - detached_keys, B, E] = {list(expected)}; "
+                f"got {list(segment.shape)}"
+            )
+        if segment.dtype != k.dtype or segment.device != k.device:
+            raise ValueError(
+                f"segment must match k's dtype and device ({k.dtype}, {k.device}); "
+                f"got {segment.dtype}, {segment.device}"
+            )
+        if v is not k:
+            raise ValueError("segment needs k and v to be one tensor (pass the same tensor twice)")
+        # The op reads k; the gradient goes to segment only.
+        k = v = k.detach()
     outputs = _attention_fwd_op(
         q, k, v, key_gate, value_gate, float(dropout_p), float(value_dropout_p), int(seed),
-        int(detached_keys),
+        int(detached_keys), segment,
     )
     return outputs[0]
