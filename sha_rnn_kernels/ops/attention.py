@@ -777,7 +777,7 @@ def _attention_fwd_op(
     value_dropout_p: float,
     seed: int,
     detached_keys: int,
-    segment: Optional[torch.Tensor],
+    segment: Optional[torch.Tensor] = None,
 ) -> Tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
@@ -787,7 +787,8 @@ def _attention_fwd_op(
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys, segment):
+def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_keys,
+      segment=None):
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     single = _fits(batch, seq_len, key_len, q.dtype)
