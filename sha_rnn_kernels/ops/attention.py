@@ -15,24 +15,26 @@ GEMM each, fp32 accumulation) straight on the time-major tensors (``[T, B, E]`` 
 ``[B, T, E]`` with leading dimension B*E: no copies), and the small work runs in fused
 memory-bound Triton kernels:
 
-- forward: ``S = (q * gk) k^T`` (cuBLAS); ``_attention_fwd_kernel`` reads each row of S twice
-  (fp32 max/sum, then the probabilities; the second read mostly from L2), applies 1/sqrt(E),
-  the causal mask with the memory offset and attention dropout, and writes ``P`` (saved) and
-  the dropped ``P_d`` (saved) in the compute dtype, plus the row log-sum-exp;
-  ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v); ``O = O_u * gv``.
+- forward: ``S = (q * gk) k^T`` (cuBLAS; ``q * gk`` is saved for the backward);
+  ``_attention_fwd_kernel`` reads each row of S twice (fp32 max/sum, then the probabilities;
+  the second read mostly from L2), applies 1/sqrt(E), the causal mask with the memory offset
+  and attention dropout, and writes the row log-sum-exp and, in training, only the dropped
+  ``P_d`` (S stays, saved: the backward recomputes P from it and the LSE) or, without attention
+  dropout, ``P`` over S; ``O_u = P_d W`` (cuBLAS) where ``W = dropout(v)`` (or v);
+  ``O = O_u * gv``.
 - backward: ``dO_g = dO * gv``, ``delta = rowsum(dO * O)``, ``dgv = sum_rows(dO * O_u)``
   (``_attention_bwd_preprocess_kernel``); ``dP = dO_g W^T`` (cuBLAS); ``_attention_bwd_kernel``
   turns it in place into ``dS = P * (keep/(1-p) * dP - delta) / sqrt(E)``; then ``dW = P_d^T dO_g``,
   ``dQ_g = dS k``, ``dk = dS^T (q * gk)`` (cuBLAS); ``dv = dW * keep_v / (1-p_v)``
-  (``_attention_value_dropout_kernel``, in place); ``dq = dQ_g * gk``, ``dgk = sum_rows(dQ_g * q)``.
+  (``_attention_value_dropout_kernel``); ``dq = dQ_g * gk``, ``dgk = sum_rows(dQ_g * q)``.
 
 Detached keys (``detached_keys = n``). In an SHA-RNN the first ``M = K - T`` keys and values are
 the memory of earlier segments, detached: their dk and dv are thrown away. The op then returns
 exactly what it would for ``cat([k[:n].detach(), k[n:]])`` (same for v), and computes
 ``dW = P_d[:, :, n:]^T dO_g``, ``dk = dS[:, :, n:]^T (q * gk)`` and the value-dropout pass only for
 keys ``j >= n``; rows ``j < n`` of dk and dv are zero-filled (one memset each: a custom op must
-return a gradient of k's shape). Nothing else depends on them. With ``S_ij = sum_e q_ie gk_e k_je``
-and ``O = gv * (P_d W)``:
+return a gradient of k's shape; the segment form below has no such rows). Nothing else depends
+on them. With ``S_ij = sum_e q_ie gk_e k_je`` and ``O = gv * (P_d W)``:
 
 - ``dq = gk * dQ_g`` with ``dQ_g = dS k`` over every key, detached or not;
 - ``dgk_e = sum_ij dS_ij q_ie k_je = sum_i q_ie dQ_g,ie``: the key gate multiplies the detached
@@ -45,13 +47,24 @@ So dq and both gate gradients are bit for bit those of ``detached_keys=0``. The 
 key and value as before; the chunked path skips the dk/dv products of chunks that see only
 detached keys and restricts the others to keys ``n..K_c-1``.
 
+Segment form (``segment=``). An SHA-RNN layer's keys and values are one tensor
+``kv = cat([memory, segment])`` with ``detached_keys = M``. Returning dk and dv for it costs two
+[K, B, E] tensors whose memory rows are zero, and autograd then adds them (another [K, B, E]
+pass) before handing ``dk[M:] + dv[M:]`` to the segment. Given ``segment`` (and k is v), the op
+returns that sum itself, ``[K - n, B, E]``: the dV products write it (through the value-dropout
+pass when there is one), and the dK products accumulate onto it in their epilogue
+(``baddbmm_``, beta = 1; one rounding of the sum in bf16/fp16). ``SHALayer`` uses it.
+
 Gates are folded, never materialised on the long [K, B, E] tensors: ``(q*gk).k = q.(gk*k)``
-and ``P (gv * W) = gv * (P W)``. The value-dropout mask is drawn once per element, by one
-elementwise kernel in forward (``W``) and once more in backward (``dv``); the attention-dropout
-mask once per score in each row pass. Both are Philox on global element indices (attention:
-``(b*T + i)*K + j`` with key ``seed``; values: ``(j*B + b)*E + e`` with key ``seed + 2**32``), so
-they are reproducible from the seed and identical however the queries are chunked. No atomics:
-every output element is written by one program or one GEMM, so dq, dk and dv are deterministic.
+and ``P (gv * W) = gv * (P W)``. Dropout flags come eight to a Philox call
+(``_dropout.keep_flags``: 16-bit uniforms, p rounded to a multiple of 2**-16): ``tl.rand``'s
+call per element was most of the row passes' instructions. The value-dropout mask is drawn once
+per element, by one elementwise kernel in forward (``W``) and once more in backward (``dv``);
+the attention-dropout mask once per score in each row pass. Both depend on global indices only
+(attention: row ``b*T + i``, column j, key ``seed``; values: row ``j*B + b``, column e, key
+``seed + 2**32``), so they are reproducible from the seed and identical however the queries are
+chunked. No atomics: every output element is written by one program or one GEMM, so dq, dk and
+dv are deterministic.
 
 Masked triangle. cuBLAS cannot skip the masked (future) corner of a product, so the queries run
 in ``TRIANGLE_BLOCKS`` (4) blocks (a multiple of 128 rows each when >= 128: 256 at the paper
@@ -72,16 +85,17 @@ with ``baddbmm_`` in the compute dtype (one extra rounding per chunk in fp16/bf1
 
 Estimates (no GPU here; figures are **estimated** by counting, not measured). Paper shape T=1024,
 K=5000 (M = 3976 memory), B=16, E=1024, bf16, training config (gates, both dropouts 0.1), as the
-SHA-RNN runs it (``detached_keys = M``) unless said otherwise; H100 (about 800 TFLOP/s measured
-bf16 GEMM on large square shapes, ~3 TB/s HBM).
+SHA-RNN runs it (``detached_keys = M`` and ``segment``) unless said otherwise; H100 SXM (about
+800 TFLOP/s measured bf16 GEMM on large square shapes, ~3 TB/s HBM, 132 SMs issuing at most
+4 warp-instructions per clock at ~1.755 GHz: 927 G warp-instructions/s).
 - One full-rectangle product: ``2 B T K E`` = 167.8 GFLOP; one over the segment keys only
   (``2 B T T E``) = 34.4 GFLOP. Visible (query, key) pairs: ``B (T M + T (T+1)/2)`` = 73.54M,
   so ``G = 2 E pairs`` = 150.6 GFLOP. cuBLAS cannot skip masked entries inside a block: the
   4 query blocks of 256 see 4232, 4488, 4744 and 5000 keys, 92.3% of the full rectangle, so S,
   O, dP and dQ cost 154.9 GFLOP each (1.028 G); dV and dK over the 1024 non-detached keys, by
   blocks of 256 keys against 1024, 768, 512 and 256 queries, 21.5 GFLOP each.
-- FLOPs run: forward 309.8 GFLOP (S, O); backward dP, dQ (309.8) and dV, dK (42.9; P is saved,
-  so S is not recomputed) = 352.7 GFLOP; total 662.5 GFLOP = 0.56x the ``14 B T K E`` budget
+- FLOPs run: forward 309.8 GFLOP (S, O); backward dP, dQ (309.8) and dV, dK (42.9; S is saved,
+  so it is not recomputed) = 352.7 GFLOP; total 662.5 GFLOP = 0.56x the ``14 B T K E`` budget
   (1174 GFLOP). Without detached keys dV and dK cost 154.9 GFLOP each (total 929.3 GFLOP,
   0.79x); with neither the blocks nor the detached keys, 6 full products (1006.6 GFLOP,
   ``12 B T K E``): the detached memory saves 266.8 GFLOP (26.5%), the blocks a further
@@ -89,48 +103,62 @@ bf16 GEMM on large square shapes, ~3 TB/s HBM).
   dV, dK over its non-detached ones: at most ``14 B T K E`` (1.0x) without detached keys,
   ~0.77x with. Counting visible pairs only, the least any design could run (no recompute,
   dK/dV over the segment's visible pairs) is 636.8 GFLOP, 4% below this; a "minimum of 2G
-  forward and 5G backward" counts a recompute of S that saving P avoids, and a "floor of
+  forward and 5G backward" counts a recompute of S that saving it avoids, and a "floor of
   ~1.1 ms" for 7G holds at the 989 TFLOP/s datasheet peak, not at the 800 TFLOP/s measured rate
   (1.32 ms).
 - GEMM time: S, O, dP, dQ are large, well-shaped batched GEMMs (every dimension >= 256,
   16 batches, 256-1280 tiles of 128x128 per block: 2-10 waves of 132 SMs), but K is not a
-  multiple of 128 and the operands are strided (ld = B*E or K), so we assume 650-800 TFLOP/s;
-  the eight 256-key dV/dK GEMMs (42.9 GFLOP, 256 tiles each) may run slower. 0.83-1.02 ms for
-  all (1.26-1.55 ms for the six full products without blocks or detached keys).
-- HBM bytes of the memory-bound passes (one [B, T, K] bf16 tensor = 163.8 MB, of which 89.8%
-  visible; [T, B, E] = 33.6 MB; [K, B, E] = 163.8 MB; [M, B, E] = 130.3 MB): forward ``q*gk``
-  67 MB, value dropout W 328 MB, row pass (read the visible S once, the second read assumed to
-  hit L2; write P and P_d over the blocks) ~463 MB, ``O_u*gv`` 67 MB: ~0.93 GB, 0.31 ms.
-  Backward preprocess 101 MB, ``q*gk`` again 67 MB, row pass (read the visible P and dP, write
-  dS over the blocks) ~452 MB, dv dropout over the T live keys 67 MB (328 MB over all K), the
-  zero fill of the detached rows of dk and dv 2 x 130 MB (write only, ~0.087 ms), ``dq``/``dgk``
-  101 MB: ~1.05 GB, 0.35 ms, as without detached keys (the zero fill costs what the shorter dv
-  pass saves). The GEMMs' own traffic (<= ~0.4 GB each, ~0.13 ms) hides under their compute.
-- Estimated total, training config: forward 0.39-0.48 + 0.31 = 0.70-0.79 ms; forward+backward
-  0.83-1.02 + 0.66 = 1.49-1.68 ms with ``detached_keys = M`` (1.9-2.2 ms before the blocks and
-  the detached keys). Against earlier estimates by the same kind of analysis (the previous
-  flash-style kernels ~44 ms, the eager reference ~5.3 ms, torch.compile of it ~2.6 ms): about
-  26-29x, 3.1-3.5x and 1.55-1.75x. Neither the eager reference nor its compiled form can skip
-  the memory's dK: their key-gate gradient is ``sum(d(k*gk) * k)`` over every key, which needs
-  the full product. **The 1.5 ms goal is met only at the upper end of the assumed GEMM
-  efficiency (1.49 ms at 800 TFLOP/s; 1.68 ms at 650): not met with margin by this estimate.**
-  What is left, estimated: (a) drop the 0.087 ms zero fill with a form of the op that takes
-  memory and segment keys as two tensors (the memory never differentiated): 1.40-1.60 ms;
-  (b) move the memory-bound passes (~0.66 ms) into GEMM prologues/epilogues (Triton GEMMs),
-  which this design leaves to cuBLAS; (c) 8 query blocks instead of 4 skip 7/16 instead of 3/8
-  of the triangle (a further ~13 GFLOP, ~0.02 ms) for 2x the launches of half the size. Eval
-  config (gates, no dropout): no W, no P_d, forward ~0.39-0.48 + 0.15 = 0.54-0.63 ms.
-- Registers (tools/compile_triton.py, 60 compilations: sm_90 and sm_80, fp32/fp16/bf16, every
-  switch): 32-96 per thread, no spills, no shared memory beyond 2 KB; one config per kernel, no
-  autotuning (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
-- Peak memory above the inputs, training config, forward+backward: forward allocates W, P, P_d
-  (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all but q*gk; backward adds dP/dS,
-  dk, dv (3 x 164 MB: dk and dv stay full-size, with zero-filled detached rows) and dO_g, q*gk,
-  dQ_g, dq (4 x 34 MB): ~1.2 GB at its peak. The eager reference keeps k*gk, dropout(v*gv) and
-  its mask, the fp32 softmax, the dropped bf16 weights and their mask (~0.98 GB), peaks at
-  ~1.1 GB in forward (two fp32 score temporaries) and at ~1.7-2 GB in backward (its fp32 score
-  gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the recompute of S (+168 GFLOP, ~0.22 ms)
-  for ~0.5 GB.
+  multiple of 128, the operands are strided (ld = B*E or K) and the waves do not divide evenly,
+  so we assume 650-800 TFLOP/s; the eight 256-key dV/dK GEMMs (42.9 GFLOP, 256 tiles each) may
+  run slower. 0.83-1.02 ms for all (1.26-1.55 ms for the six full products without blocks or
+  detached keys).
+- Memory-bound passes: the larger of HBM bytes / 3 TB/s and the instructions of their compiled
+  sm_90 loops (read off the SASS, per element) / 927 G warp-instructions/s. Sizes: one [B, T, K]
+  bf16 tensor = 163.8 MB (89.8% visible, 92.3% written by the blocks), [T, B, E] = 33.6 MB,
+  [K, B, E] = 163.8 MB, [M, B, E] = 130.3 MB.
+  Forward: ``q*gk`` 67 MB (0.022 ms); value dropout W 328 MB, 25 instructions per element
+  (65.5 M warp-instructions, 0.071 ms of issue): 0.109 ms; row pass reads the visible S once
+  (the second read assumed to hit L2) and writes P_d, 298 MB (0.099 ms), but issues 16.6
+  instructions per visible score (statistics) and 35 per written one (probabilities, flags,
+  P_d): 123 M warp-instructions, 0.133 ms, issue-bound; ``O_u*gv`` 67 MB (0.022 ms):
+  **0.29 ms**. Backward: preprocess 101 MB (0.034 ms); row pass reads S and dP and writes dS,
+  445 MB (0.148 ms; 40.5 instructions per score, 0.106 ms of issue); the value-dropout pass
+  into the segment's gradient 67 MB (0.022 ms; the dK products' read of it hides under their
+  compute); ``dq``/``dgk`` 101 MB (0.034 ms): **0.24 ms**. Without ``segment`` the zero fill of
+  the detached rows of dk and dv adds 2 x 130 MB (0.087 ms), and autograd's ``dk + dv`` for one
+  kv tensor a further [K, B, E] pass (492 MB, 0.16 ms) outside the op.
+- Estimated total, training config: forward 0.39-0.48 + 0.29 = 0.68-0.77 ms; forward+backward
+  0.83-1.02 + 0.29 + 0.24 = **1.35-1.54 ms** (1.44-1.63 ms with ``detached_keys`` alone). The
+  1.5 ms goal holds unless the GEMMs run near the low end of the assumed rate (below
+  ~680 TFLOP/s): met at the centre of the estimate, not with margin. Against estimates of the
+  other designs by the same kind of analysis: torch.compile of the reference ~2.4-2.7 ms (six
+  full products, 1.26-1.55 ms, plus ~1 ms of fused softmax, dropout and gate passes over the
+  fp32 scores and the [K, B, E] tensors): 1.6-2.0x; the eager reference ~5.3 ms: 3.4-3.9x;
+  PyTorch SDPA with an explicit mask, which takes its memory-efficient CUTLASS backend here
+  (flash and cuDNN refuse a mask or a head dimension of 1024), sm80 ``mma.sync`` kernels that
+  recompute Q K^T in backward and compute the masked triangle, 7 full products (1174 GFLOP) at
+  an assumed 100-230 TFLOP/s: ~5.7-11.5 ms, 3.7-8.5x. Neither the reference nor SDPA can skip the
+  memory's dK: their key-gate gradient is ``sum(d(k*gk) * k)`` over every key, which needs the
+  full product. Correction to this module's earlier estimate (1.49-1.68 ms for the previous
+  revision): it counted the row passes and the value dropout by bytes only, but ``tl.rand``'s
+  Philox call per element made them issue-bound (81, 81 and 73 SASS instructions per element:
+  ~0.28 ms more), so that revision was ~1.77-1.96 ms. Eval config (gates, no dropout): no W,
+  no P_d, forward ~0.39-0.48 + 0.15 = 0.54-0.63 ms.
+- What is left, estimated: the forward row pass is issue-bound by ~0.03 ms (a per-tile rather
+  than per-lane running max would halve its statistics loop); moving the memory-bound passes
+  (~0.53 ms) into Triton GEMM prologues/epilogues would remove most of their traffic but trades
+  cuBLAS's GEMM rate for Triton's, which only a measurement can settle.
+- Registers (tools/compile_triton.py, sm_90 and sm_80, fp32/fp16/bf16, every switch): 18-96
+  per thread, no spills, at most 4 KB of shared memory; one config per kernel, no autotuning
+  (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
+- Peak memory above the inputs, training config, forward+backward: forward allocates W, S,
+  P_d (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all of it; backward adds
+  dP/dS (164 MB), dO_g, dQ_g, dq, the dV scratch and the segment's gradient (5 x 34 MB):
+  ~0.93 GB at its peak (~1.2 GB without ``segment``: full-size dk and dv). The eager reference
+  keeps k*gk, dropout(v*gv) and its mask, the fp32 softmax, the dropped bf16 weights and their
+  mask (~0.98 GB), peaks at ~1.1 GB in forward (two fp32 score temporaries) and at ~1.7-2 GB in
+  backward (its fp32 score gradients). Lowering ``SCORE_BUDGET_BYTES`` trades the recompute of
+  S (+168 GFLOP, ~0.22 ms) for ~0.5 GB.
 """
 
 import contextlib
@@ -539,9 +567,11 @@ def attention_forward(
 ) -> Tuple[torch.Tensor, ...]:
     """Forward. Returns ``out [T, B, E]`` and what backward needs: ``out_ungated`` (``P_d W``,
     [T, B, E], empty without a value gate), ``probs`` and ``dropped`` ([B, T, K]; empty when
-    chunked, dropped also without attention dropout), ``lse [B, T]`` fp32 (base 2) and
-    ``values`` (the dropped values W [K, B, E], empty without value dropout). All contiguous.
-    The forward reads every key and value: ``detached_keys`` only changes the backward."""
+    chunked, dropped also without attention dropout; with attention dropout ``probs`` holds the
+    raw scores S, from which the backward recomputes P), ``lse [B, T]`` fp32 (base 2),
+    ``values`` (the dropped values W [K, B, E], empty without value dropout) and ``q * gk``
+    ([T, B, E], empty without a key gate). All contiguous. The forward reads every key and
+    value: ``detached_keys`` and ``segment`` only change the backward."""
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     memory_len = key_len - seq_len
@@ -635,7 +665,9 @@ def attention_backward(
     """Backward. Returns ``dq, dk, dv`` (contiguous) and the gate gradients (``[E]``, or empty
     tensors for an absent gate). The first ``detached_keys`` rows of dk and dv are zero-filled
     and no product, nor the value-dropout pass, touches them (dq and the gate gradients still
-    see every key: they come from dS and dO)."""
+    see every key: they come from dS and dO). With ``combine`` (the segment form: k is v), ``dk``
+    is instead ``dk[n:] + dv[n:]`` ([K - n, B, E], no zero rows) and ``dv`` is empty.
+    ``q_gated`` is the forward's saved ``q * gk`` (recomputed when empty)."""
     seq_len, batch, width = q.shape
     key_len = k.shape[0]
     detached = detached_keys
