@@ -390,16 +390,32 @@ def test_one_buffer_path_skips_the_masked_block_triangle(ops, device):
 DETACHED_KEYS = [0, 4, 6, 9, 13]
 
 
-@pytest.mark.parametrize(
-    "chunked,dropout,dtype",
-    [
-        (False, False, torch.float32),
-        (True, False, torch.float32),
-        (False, True, torch.float32),
-        (True, True, torch.float32),
-        (False, False, torch.bfloat16),
-    ],
-)
+# (chunked, dropout, dtype) of the detached-keys and segment parity tests.
+MEMORY_GRADIENT_CASES = [
+    (False, False, torch.float32),
+    (True, False, torch.float32),
+    (False, True, torch.float32),
+    (True, True, torch.float32),
+    (False, False, torch.bfloat16),
+    (False, True, torch.bfloat16),
+]
+
+
+def _memory_dropout(ops, device, seq_len, key_len, batch, width, dropout):
+    """(p, p_v, seed, reference masks kwargs) of the memory-gradient tests: both dropouts with
+    their masks read back from the kernel, or none."""
+    if not dropout:
+        return 0.0, 0.0, 0, {}
+    p, pv, seed = 0.3, 0.25, 77
+    masks = dict(
+        attn_keep=_recover_attention_keep(ops, seq_len, key_len, batch, p, seed, device),
+        value_keep=_recover_value_keep(ops, seq_len, key_len, batch, width, pv, seed, device),
+        dropout_p=p, value_dropout_p=pv,
+    )
+    return p, pv, seed, masks
+
+
+@pytest.mark.parametrize("chunked,dropout,dtype", MEMORY_GRADIENT_CASES)
 def test_detached_keys_parity(ops, device, monkeypatch, chunked, dropout, dtype):
     """``detached_keys=n`` equals the float64 formula on ``cat([k[:n].detach(), k[n:]])`` (and
     the same for v): the output, dq, the gate gradients (the key gate multiplies the detached
@@ -408,14 +424,7 @@ def test_detached_keys_parity(ops, device, monkeypatch, chunked, dropout, dtype)
     In one chunk and chunked, with both dropouts (masks read back from the kernel) and without."""
     seq_len, memory_len, batch, width = 7, 6, 2, 40
     key_len = seq_len + memory_len
-    p, pv, seed = (0.3, 0.25, 77) if dropout else (0.0, 0.0, 0)
-    masks = {}
-    if dropout:
-        masks = dict(
-            attn_keep=_recover_attention_keep(ops, seq_len, key_len, batch, p, seed, device),
-            value_keep=_recover_value_keep(ops, seq_len, key_len, batch, width, pv, seed, device),
-            dropout_p=p, value_dropout_p=pv,
-        )
+    p, pv, seed, masks = _memory_dropout(ops, device, seq_len, key_len, batch, width, dropout)
     if chunked:
         plan = _force_chunks(ops, monkeypatch, batch, seq_len, key_len, dtype, rows=3)
         assert [cols for _, _, cols in plan] == [9, 12, 13]
@@ -428,7 +437,8 @@ def test_detached_keys_parity(ops, device, monkeypatch, chunked, dropout, dtype)
                                               **masks)
         lowp_out, lowp_grads = None, [None] * len(grads)
         if dtype != torch.float32:
-            lowp_out, lowp_grads = _reference_and_grads(inputs, grad_out, dtype, detached_keys=n)
+            lowp_out, lowp_grads = _reference_and_grads(inputs, grad_out, dtype, detached_keys=n,
+                                                       **masks)
         assert_parity(f"out (n={n})", out, out64, lowp=lowp_out, dtype=dtype)
         names = _grad_names(*inputs[3:])
         for name, got, want, lowp in zip(names, grads, grads64, lowp_grads):
@@ -458,16 +468,7 @@ def test_detached_keys_change_only_dk_dv(ops, device):
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize(
-    "chunked,dropout,dtype",
-    [
-        (False, False, torch.float32),
-        (True, False, torch.float32),
-        (False, True, torch.float32),
-        (True, True, torch.float32),
-        (False, True, torch.bfloat16),
-    ],
-)
+@pytest.mark.parametrize("chunked,dropout,dtype", MEMORY_GRADIENT_CASES)
 def test_segment_gradient_parity(ops, device, monkeypatch, chunked, dropout, dtype):
     """``segment=`` (k = v = cat([memory, segment]), ``detached_keys = n``): the output, dq,
     the gate gradients and the segment's gradient (dk + dv of keys n.., one tensor) equal the
@@ -477,14 +478,7 @@ def test_segment_gradient_parity(ops, device, monkeypatch, chunked, dropout, dty
     read back from the kernel) and without."""
     seq_len, memory_len, batch, width = 7, 6, 2, 40
     key_len = seq_len + memory_len
-    p, pv, seed = (0.3, 0.25, 77) if dropout else (0.0, 0.0, 0)
-    masks = {}
-    if dropout:
-        masks = dict(
-            attn_keep=_recover_attention_keep(ops, seq_len, key_len, batch, p, seed, device),
-            value_keep=_recover_value_keep(ops, seq_len, key_len, batch, width, pv, seed, device),
-            dropout_p=p, value_dropout_p=pv,
-        )
+    p, pv, seed, masks = _memory_dropout(ops, device, seq_len, key_len, batch, width, dropout)
     if chunked:
         _force_chunks(ops, monkeypatch, batch, seq_len, key_len, dtype, rows=3)
     q, kv, _, key_gate, value_gate = _gated_inputs(seq_len, key_len, batch, width, device, dtype)
