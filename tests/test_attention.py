@@ -145,7 +145,8 @@ def test_parity(ops, device, seq_len, memory_len, width, batch, gates, dtype):
 def _force_chunks(ops, monkeypatch, batch, seq_len, key_len, dtype, rows=2):
     """Lower the score budget so that chunks hold ``rows`` queries; returns the plan."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    monkeypatch.setattr(ops, "SCORE_BUDGET_BYTES", batch * rows * key_len * itemsize)
+    # Score rows are stored with a stride of key_len rounded up to 16 (ops._pad).
+    monkeypatch.setattr(ops, "SCORE_BUDGET_BYTES", batch * rows * ops._pad(key_len) * itemsize)
     plan = ops._plan(batch, seq_len, key_len, dtype)
     assert len(plan) == math.ceil(seq_len / rows), plan
     return plan
@@ -175,7 +176,7 @@ def test_chunked_path_equals_one_chunk(ops, device, monkeypatch):
     kwargs = dict(dropout_p=0.3, value_dropout_p=0.2, seed=99)
     out, grads = _kernel_and_grads(ops, inputs, grad_out, **kwargs)
     saved = ops._attention_fwd_op(*inputs, 0.3, 0.2, 99, 0)
-    assert saved[2].shape == (batch, seq_len, key_len)  # one chunk: P is saved
+    assert saved[2].shape == (batch, seq_len, ops._pad(key_len))  # one chunk: S or P is saved
 
     _force_chunks(ops, monkeypatch, batch, seq_len, key_len, torch.float32, rows=4)
     saved = ops._attention_fwd_op(*inputs, 0.3, 0.2, 99, 0)
@@ -366,23 +367,27 @@ def test_dropout_masks_shared_by_forward_and_backward(ops, device):
 
 
 def test_one_buffer_path_skips_the_masked_block_triangle(ops, device):
-    """The saved [B, T, K] probabilities are written block by block, each block of queries only
-    up to the last key it can see: the masked corners above the blocks stay unwritten (NaN in
-    tests), so no product reads them; the paper shape gets 4 blocks of 256 queries."""
+    """The saved [B, T, pad(K)] scores and probabilities are written block by block, each block
+    of queries only up to the last key it can see (rounded up to 16 columns, the row passes'
+    vectors): the masked corners above the blocks stay unwritten (NaN in tests), so no product
+    reads them; the paper shape gets 4 blocks of 256 queries, rows padded from 5000 to 5008."""
     assert ops._triangle_blocks(1024, 5000) == [
         (0, 256, 4232), (256, 512, 4488), (512, 768, 4744), (768, 1024, 5000)
     ]
-    seq_len, memory_len, batch, width = 7, 3, 2, 16
+    assert ops._pad(5000) == 5008 and ops._pad(4232) == 4240 and ops._pad(16) == 16
+    seq_len, memory_len, batch, width = 64, 3, 2, 16
     key_len = seq_len + memory_len
     blocks = ops._triangle_blocks(seq_len, key_len)
-    assert blocks == [(0, 2, 5), (2, 4, 7), (4, 6, 9), (6, 7, 10)]
+    assert blocks == [(0, 16, 19), (16, 32, 35), (32, 48, 51), (48, 64, 67)]
     q = torch.randn(seq_len, batch, width, device=device)
     k = torch.randn(key_len, batch, width, device=device)
-    saved = ops._attention_fwd_op(q, k, k, None, None, 0.1, 0.0, 3, 0)
-    for probs in saved[2:4]:
-        for t0, t1, cols in blocks:
-            assert torch.isfinite(probs[:, t0:t1, :cols]).all()
-            assert torch.isnan(probs[:, t0:t1, cols:]).all()
+    for dropout_p in (0.1, 0.0):  # (raw S, P_d) saved, or P written over S
+        saved = ops._attention_fwd_op(q, k, k, None, None, dropout_p, 0.0, 3, 0)
+        assert saved[2].shape == (batch, seq_len, 80)
+        for probs in saved[2:4] if dropout_p else saved[2:3]:
+            for t0, t1, cols in blocks:
+                assert torch.isfinite(probs[:, t0:t1, :cols]).all()
+                assert torch.isnan(probs[:, t0:t1, ops._pad(cols):]).all()
 
 
 # detached_keys n: none, part of the memory, the memory (K - T), memory and part of the segment

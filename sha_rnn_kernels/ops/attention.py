@@ -203,7 +203,7 @@ def _row_block(pid, rows, row0, memory_len, key_cols, stride_b, stride_row, BLOC
 @triton.jit
 def _attention_fwd_kernel(
     S, P, PD, LSE,
-    rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
+    rows, key_cols, cols_pad, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
     qk_scale, drop_below, keep_scale, seed,
     ATTN_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -216,8 +216,10 @@ def _attention_fwd_kernel(
     ``P_d = keep * P / (1-p)`` to ``PD``, leaving S as it is (backward recomputes P from S and
     LSE: one store per score instead of two), or P to ``P`` (may be S itself: each program reads
     its rows before it overwrites them). Keep flags: ``_dropout.keep_flags`` on row
-    ``b*T + query``, ``cdiv(K, 8)`` counters per row. Masked (future) scores are never read, so a
-    NaN in a future key cannot reach a row; their P (P_d) is written as 0.
+    ``b*T + query``, ``cdiv(K, 8)`` counters per row. Rows are read and written in whole vectors
+    up to ``cols_pad`` (``key_cols`` rounded up to 16, within the row stride): masked (future)
+    scores are replaced by -inf before any arithmetic, so a NaN in a future key cannot reach a
+    row; their P (P_d) is written as 0.
     Grid ``(cdiv(rows, BLOCK_M) * B,)``; a program owns BLOCK_M rows of one batch and walks their
     keys twice: running per-lane max and sum over the visible keys, then the probabilities over
     all ``key_cols``. P_d is computed from the rounded P, so the backward's recomputation
@@ -237,9 +239,10 @@ def _attention_fwd_kernel(
     run_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
+        whole = m_valid[:, None] & (cols < cols_pad)[None, :]
         visible = cols[None, :] < n_visible[:, None]
-        s = tl.load(S + row_offs[:, None] + cols[None, :], mask=visible, other=float("-inf"))
-        s = s.to(tl.float32) * qk_scale
+        s = tl.load(S + row_offs[:, None] + cols[None, :], mask=whole, other=0.0)
+        s = tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
         new_max = tl.maximum(run_max, s)
         # Lanes that have seen only masked scores keep max -inf; rebase them on 0 (exp2 -> 0).
         base = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -256,10 +259,11 @@ def _attention_fwd_kernel(
     key_groups = tl.cdiv(key_len, 8)
     for start_n in range(0, key_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        in_row = m_valid[:, None] & (cols < key_cols)[None, :]
+        in_row = m_valid[:, None] & (cols < cols_pad)[None, :]
         visible = cols[None, :] < n_visible[:, None]
         offs = row_offs[:, None] + cols[None, :]
-        s = tl.load(S + offs, mask=visible, other=float("-inf")).to(tl.float32) * qk_scale
+        s = tl.load(S + offs, mask=in_row, other=0.0)
+        s = tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
         p = tl.exp2(s - lse[:, None]).to(P.dtype.element_ty)
         if ATTN_DROPOUT:
             keep = keep_flags(seed, philox_rows, key_groups, start_n, drop_below, BLOCK_M, BLOCK_N)
@@ -272,7 +276,7 @@ def _attention_fwd_kernel(
 @triton.jit
 def _attention_bwd_kernel(
     P, DP, PD, LSE, DELTA,
-    rows, key_cols, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
+    rows, key_cols, cols_pad, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
     qk_scale, score_scale, drop_below, keep_scale, seed,
     RECOMPUTE: tl.constexpr, ATTN_DROPOUT: tl.constexpr, WRITE_PD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -282,7 +286,8 @@ def _attention_bwd_kernel(
     ``DP [B, rows, key_cols]`` (strides ``stride_b, stride_row, 1``, shared by P and PD) holds
     ``dP_d = dO_g W^T`` and is overwritten with
     ``dS = P * (keep/(1-p) * dP_d - delta) / sqrt(E)``, the gradient of the raw score
-    ``(q*gk) . k`` (0 on masked keys, whatever dP holds there), where
+    ``(q*gk) . k`` (0 on masked keys and on columns ``key_cols..cols_pad-1``, whatever dP holds
+    there), where
     ``delta[i, b] = rowsum(dO * O)`` (``DELTA [T, B]``, fp32): the identity
     ``rowsum(P * dP) = rowsum(P_d * dP_d) = rowsum(dO * O)`` holds with both dropouts and gates.
     ``P`` holds the saved probabilities, or with RECOMPUTE the raw scores of this chunk, turned
@@ -302,16 +307,18 @@ def _attention_bwd_kernel(
     key_groups = tl.cdiv(key_len, 8)
     for start_n in range(0, key_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        in_row = m_valid[:, None] & (cols < key_cols)[None, :]
+        in_row = m_valid[:, None] & (cols < cols_pad)[None, :]
         visible = cols[None, :] < n_visible[:, None]
         offs = row_offs[:, None] + cols[None, :]
         if RECOMPUTE:
-            s = tl.load(P + offs, mask=visible, other=float("-inf")).to(tl.float32) * qk_scale
+            s = tl.load(P + offs, mask=in_row, other=0.0)
+            s = tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
             p_lowp = tl.exp2(s - lse[:, None]).to(PD.dtype.element_ty)
         else:
-            p_lowp = tl.load(P + offs, mask=visible, other=0.0)
+            p_lowp = tl.where(visible, tl.load(P + offs, mask=in_row, other=0.0), 0.0)
+            p_lowp = p_lowp.to(PD.dtype.element_ty)
         p = p_lowp.to(tl.float32)
-        dp = tl.load(DP + offs, mask=visible, other=0.0).to(tl.float32)
+        dp = tl.load(DP + offs, mask=in_row, other=0.0).to(tl.float32)
         if ATTN_DROPOUT:
             keep = keep_flags(seed, philox_rows, key_groups, start_n, drop_below, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
@@ -534,7 +541,7 @@ def _plan(batch: int, seq_len: int, key_len: int, dtype: torch.dtype) -> List[Tu
     ``SCORE_BUDGET_BYTES``, else chunks of their own buffers."""
     if _fits(batch, seq_len, key_len, dtype):
         return _triangle_blocks(seq_len, key_len)
-    per_row = batch * key_len * _itemsize(dtype)
+    per_row = batch * _pad(key_len) * _itemsize(dtype)
     rows = max(1, SCORE_BUDGET_BYTES // per_row)
     if rows >= 128:
         rows -= rows % 64  # whole GEMM tiles
@@ -546,7 +553,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _fits(batch, seq_len, key_len, dtype) -> bool:
-    return batch * seq_len * key_len * _itemsize(dtype) <= SCORE_BUDGET_BYTES
+    return batch * seq_len * _pad(key_len) * _itemsize(dtype) <= SCORE_BUDGET_BYTES
 
 
 def _launch_rows(kernel, rows: int, batch: int, *args, **kwargs) -> None:
@@ -585,9 +592,7 @@ def attention_forward(
         w = values if values is not None else v
         out_ungated = empty(seq_len, batch, width, dtype=dtype, device=device)
         lse = empty(batch, seq_len, dtype=torch.float32, device=device)
-        size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
-        if single:
-            size = batch * seq_len * key_len  # saved; the blocks' masked corners stay unwritten
+        size = _buffer_size(batch, seq_len, key_len, plan, single)
         scores = empty(size, dtype=dtype, device=device)
         dropped = empty(size, dtype=dtype, device=device) if attn_dropout else None
         for t0, t1, cols in plan:
@@ -601,8 +606,9 @@ def attention_forward(
             _launch_rows(
                 _attention_fwd_kernel, rows, batch,
                 s, s, p_drop, lse,
-                rows, cols, s.stride(0), s.stride(1), seq_len, key_len, batch, t0, memory_len,
-                math.log2(math.e) / math.sqrt(width), drop_below(dropout_p), keep_scale(dropout_p),
+                rows, cols, _pad(cols), s.stride(0), s.stride(1), seq_len, key_len, batch, t0,
+                memory_len, math.log2(math.e) / math.sqrt(width), drop_below(dropout_p),
+                keep_scale(dropout_p),
                 seed,
                 ATTN_DROPOUT=attn_dropout,
             )
@@ -615,23 +621,40 @@ def attention_forward(
     return (
         out,
         out_ungated,
-        scores.view(batch, seq_len, key_len) if single else nothing.clone(),
-        dropped.view(batch, seq_len, key_len) if single and attn_dropout else nothing.clone(),
+        scores.view(batch, seq_len, _pad(key_len)) if single else nothing.clone(),
+        dropped.view(batch, seq_len, _pad(key_len)) if single and attn_dropout else nothing.clone(),
         lse,
         values if values is not None else nothing.clone(),
         q_gated if key_gate is not None else nothing.clone(),
     )
 
 
+def _pad(cols: int) -> int:
+    """Row stride of the score buffers: ``cols`` rounded up to a multiple of 16 elements, so
+    that every row starts 32-byte aligned and the row passes load and store whole vectors of
+    8 (their masks change only at multiples of 16 columns)."""
+    return -(-cols // 16) * 16
+
+
+def _buffer_size(batch: int, seq_len: int, key_len: int, plan, single: bool) -> int:
+    """Elements of one score buffer: the saved ``[B, T, pad(K)]`` one (the blocks' masked
+    corners past ``pad(cols)`` stay unwritten) or the largest chunk's ``[B, rows, pad(cols)]``."""
+    if single:
+        return batch * seq_len * _pad(key_len)
+    return max(batch * (t1 - t0) * _pad(cols) for t0, t1, cols in plan)
+
+
 def _scores_view(
     buffer: torch.Tensor, batch: int, seq_len: int, key_len: int, single: bool, t0: int, t1: int,
     cols: int,
 ) -> torch.Tensor:
-    """The ``[B, t1-t0, cols]`` scores of a block: a view into the saved [B, T, K] buffer (row
-    stride K) in the one-buffer path, else the head of a chunk-sized buffer (contiguous)."""
+    """The ``[B, t1-t0, cols]`` scores of a block: a view into the saved [B, T, pad(K)] buffer
+    in the one-buffer path, else into the head of a chunk-sized buffer with row stride
+    ``pad(cols)``. The row pass may read and write up to column ``pad(cols)`` of each row."""
     if single:
-        return buffer.view(batch, seq_len, key_len)[:, t0:t1, :cols]
-    return buffer[: batch * (t1 - t0) * cols].view(batch, t1 - t0, cols)
+        return buffer.view(batch, seq_len, _pad(key_len))[:, t0:t1, :cols]
+    rows = t1 - t0
+    return buffer[: batch * rows * _pad(cols)].view(batch, rows, _pad(cols))[:, :, :cols]
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -714,9 +737,7 @@ def attention_backward(
             dk[:detached].zero_()
             dv[:detached].zero_()
             dk_live, dv_live = dk[detached:], dv[detached:]
-        size = max(batch * (t1 - t0) * cols for t0, t1, cols in plan)
-        if saved:
-            size = batch * seq_len * key_len
+        size = _buffer_size(batch, seq_len, key_len, plan, saved)
         grad_scores = empty(size, dtype=dtype, device=device)
         scratch = None if saved else empty(size, dtype=dtype, device=device)
         qk_scale = math.log2(math.e) / math.sqrt(width)
@@ -733,15 +754,15 @@ def attention_backward(
                 source = probs[:, t0:t1, :cols]
                 p_drop = dropped[:, t0:t1, :cols] if attn_dropout else source
             else:
-                source = scratch[: ds.numel()].view_as(ds)
+                source = _scores_view(scratch, batch, seq_len, key_len, False, t0, t1, cols)
                 keys_t = _batch_major(k)[:, :cols].transpose(1, 2)
                 torch.bmm(_batch_major(q_gated)[:, t0:t1], keys_t, out=source)
                 p_drop = source
             _launch_rows(
                 _attention_bwd_kernel, rows, batch,
                 source, ds, p_drop, lse, delta,
-                rows, cols, ds.stride(0), ds.stride(1), seq_len, key_len, batch, t0, memory_len,
-                qk_scale, 1.0 / math.sqrt(width), drop_below(dropout_p), keep_scale(dropout_p),
+                rows, cols, _pad(cols), ds.stride(0), ds.stride(1), seq_len, key_len, batch, t0,
+                memory_len, qk_scale, 1.0 / math.sqrt(width), drop_below(dropout_p), keep_scale(dropout_p),
                 seed,
                 RECOMPUTE=not saved or attn_dropout, ATTN_DROPOUT=attn_dropout, WRITE_PD=not saved,
             )
@@ -759,7 +780,7 @@ def attention_backward(
             # Keys j0..j1-1 first seen by block (t0, t1) are seen by queries t0.. only: one
             # product each for dv and dk over that rectangle, written once (the masked entries
             # inside it were written as 0 by the row passes).
-            grad_full = grad_scores.view(batch, seq_len, key_len)
+            grad_full = grad_scores.view(batch, seq_len, _pad(key_len))
             p_full = dropped if attn_dropout else probs
             key_blocks, j0 = [], 0
             for t0, _, cols in plan:
@@ -828,8 +849,8 @@ def _(q, k, v, key_gate, value_gate, dropout_p, value_dropout_p, seed, detached_
     return (
         q.new_empty(seq_len, batch, width),
         q.new_empty(seq_len, batch, width) if value_gate is not None else nothing(),
-        q.new_empty(batch, seq_len, key_len) if single else nothing(),
-        q.new_empty(batch, seq_len, key_len) if single and dropout_p > 0.0 else nothing(),
+        q.new_empty(batch, seq_len, _pad(key_len)) if single else nothing(),
+        q.new_empty(batch, seq_len, _pad(key_len)) if single and dropout_p > 0.0 else nothing(),
         q.new_empty(batch, seq_len, dtype=torch.float32),
         q.new_empty(key_len, batch, width) if value_dropout_p > 0.0 else nothing(),
         q.new_empty(seq_len, batch, width) if key_gate is not None else nothing(),
