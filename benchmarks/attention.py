@@ -4,9 +4,12 @@ width E, causal with the memory fully visible, key and value gates ``[E]``.
 Two configurations, as the model runs them: ``fwd`` rows are inference (``"config": "eval"``:
 gates on, no dropout, ``no_grad``); ``fwd+bwd`` rows are training (``"config": "train"``: gates
 on, attention-weight dropout and value dropout both 0.1, gradients of q, k, v and both gates).
-As in the model, whose memory is detached, the ``sha_rnn_kernels`` and ``triton`` training rows
-pass ``detached_keys = K - T`` (the row's ``detached_keys``): the first K - T keys and values get
-a zero gradient and no dK/dV product. The baselines run as they would in the model: their
+As in the model (``SHALayer``), the ``sha_rnn_kernels`` and ``triton`` training rows run the
+segment form: keys and values are one tensor ``kv = cat([memory, segment])``, ``detached_keys =
+K - T`` (the row's ``detached_keys``) and ``segment=``, so the memory's keys and values cost no
+dK/dV product and the gradients are those of q, the segment and the gates. The baselines take
+separate k and v and return dk and dv over every key, which is what they do in the model
+(where autograd then also adds dk and dv for the one kv tensor: not timed here). Their
 key-gate gradient needs ``d(k * gate)`` over every key, so they compute the full products
 whether or not the memory is detached (an explicit detach would only add a copy).
 
@@ -70,19 +73,29 @@ def cases(opts: Options) -> Iterator[Case]:
     return expand_cases(OP, IMPLS, opts, shapes(opts), _builder)
 
 
-def _make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, grad: bool) -> dict:
+def _make_inputs(
+    shape: dict, dtype: torch.dtype, device: torch.device, grad: bool, segment: bool = False
+) -> dict:
+    """q, k, v and the gates; with ``segment`` (training rows of this library) ``kv`` =
+    ``cat([memory, segment])`` and the ``segment`` leaf instead of k and v."""
     T, K, B, E = shape["T"], shape["K"], shape["B"], shape["E"]
     gate = lambda: torch.sigmoid(randn(E, dtype=torch.float32, device=device)).to(dtype)
-    return {
+    inputs = {
         "q": randn(T, B, E, dtype=dtype, device=device, requires_grad=grad),
-        "k": randn(K, B, E, dtype=dtype, device=device, requires_grad=grad),
-        "v": randn(K, B, E, dtype=dtype, device=device, requires_grad=grad),
         "key_gate": gate().requires_grad_(grad),
         "value_gate": gate().requires_grad_(grad),
     }
+    if segment:
+        inputs["segment"] = randn(T, B, E, dtype=dtype, device=device, requires_grad=grad)
+        memory = randn(K - T, B, E, dtype=dtype, device=device)
+        inputs["kv"] = torch.cat([memory, inputs["segment"].detach()])
+    else:
+        inputs["k"] = randn(K, B, E, dtype=dtype, device=device, requires_grad=grad)
+        inputs["v"] = randn(K, B, E, dtype=dtype, device=device, requires_grad=grad)
+    return inputs
 
 
-def _timed(forward, pass_: str, rotation: Rotation):
+def _timed(forward, pass_: str, rotation: Rotation, grad_inputs=GRAD_INPUTS):
     if pass_ == "fwd":
 
         def fwd():
@@ -95,7 +108,7 @@ def _timed(forward, pass_: str, rotation: Rotation):
     def fwd_bwd():
         p = rotation.next()
         out = forward(p)
-        return torch.autograd.grad(out, [p[name] for name in GRAD_INPUTS], grad_out)
+        return torch.autograd.grad(out, [p[name] for name in grad_inputs], grad_out)
 
     return fwd_bwd
 
@@ -139,20 +152,28 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
         config = CONFIGS[pass_]
         training = config == "train"
         dropout = DROPOUT if training else 0.0
-        make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad)
+        segment = grad and impl in ("sha_rnn_kernels", "triton")
+        make = lambda: _make_inputs(shape, DTYPES[dtype], device, grad, segment)
         rotation = rotated(make, device)
         extra: dict = {"note": None, "config": config}
+        grad_inputs = ("q", "segment", "key_gate", "value_gate") if segment else GRAD_INPUTS
         if impl in ("sha_rnn_kernels", "triton", "eager"):
             import sha_rnn_kernels.functional as SF
 
             backend = {"sha_rnn_kernels": "auto", "eager": "reference"}.get(impl, impl)
-            detached = shape["K"] - shape["T"] if grad and impl != "eager" else 0
+            detached = shape["K"] - shape["T"] if segment else 0
             extra["detached_keys"] = detached
-            forward = lambda p: SF.single_head_attention(
-                p["q"], p["k"], p["v"], backend=backend, key_gate=p["key_gate"],
-                value_gate=p["value_gate"], dropout=dropout, value_dropout=dropout,
-                training=training, detached_keys=detached,
-            )  # fmt: skip
+            extra["segment"] = segment
+
+            def forward(p):
+                k, v = (p["kv"], p["kv"]) if segment else (p["k"], p["v"])
+                return SF.single_head_attention(
+                    p["q"], k, v, backend=backend, key_gate=p["key_gate"],
+                    value_gate=p["value_gate"], dropout=dropout, value_dropout=dropout,
+                    training=training, detached_keys=detached,
+                    segment=p["segment"] if segment else None,
+                )  # fmt: skip
+
             with torch.no_grad():  # raises BackendUnavailableError when the backend cannot run
                 forward(rotation.first)
             extra["note"] = f'functional.single_head_attention(backend="{backend}")'
@@ -170,7 +191,7 @@ def _builder(impl: str, dtype: str, pass_: str, shape: dict, opts: Options):
             return _sdpa_bench(shape, pass_, rotation, opts, training)
         else:
             raise ValueError(f"unknown attention impl {impl!r}")
-        return Bench(fn=_timed(forward, pass_, rotation), extra=extra)
+        return Bench(fn=_timed(forward, pass_, rotation, grad_inputs), extra=extra)
 
     return build
 

@@ -289,7 +289,7 @@ def rows(gpu_key: str, shape: Optional[dict] = None, rates: str = "achievable") 
 ESTIMATES = {
     "h100": [
         ("lstm", 3.5, 3.5, "CUDA kernel, one layer: the latency budget in csrc/lstm_persistent.cu"),
-        ("attention", 1.35, 1.54, "sha_rnn_kernels/ops/attention.py, segment form"),
+        ("attention", 1.33, 1.52, "sha_rnn_kernels/ops/attention.py, segment form"),
         ("boom", 0.68, 0.71, "sha_rnn_kernels/ops/boom.py, cuBLAS GEMM + fused sum pass"),
     ],
 }

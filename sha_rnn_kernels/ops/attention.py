@@ -116,40 +116,47 @@ SHA-RNN runs it (``detached_keys = M`` and ``segment``) unless said otherwise; H
   sm_90 loops (read off the SASS, per element) / 927 G warp-instructions/s. Sizes: one [B, T, K]
   bf16 tensor = 163.8 MB (89.8% visible, 92.3% written by the blocks), [T, B, E] = 33.6 MB,
   [K, B, E] = 163.8 MB, [M, B, E] = 130.3 MB.
+  Score rows are stored with a stride of K rounded up to 16 (5008), so the row passes move
+  whole 16-byte vectors (``LDG.E.128``/``STG.E.128`` in the SASS).
   Forward: ``q*gk`` 67 MB (0.022 ms); value dropout W 328 MB, 25 instructions per element
   (65.5 M warp-instructions, 0.071 ms of issue): 0.109 ms; row pass reads the visible S once
-  (the second read assumed to hit L2) and writes P_d, 298 MB (0.099 ms), but issues 16.6
-  instructions per visible score (statistics) and 35 per written one (probabilities, flags,
-  P_d): 123 M warp-instructions, 0.133 ms, issue-bound; ``O_u*gv`` 67 MB (0.022 ms):
-  **0.29 ms**. Backward: preprocess 101 MB (0.034 ms); row pass reads S and dP and writes dS,
-  445 MB (0.148 ms; 40.5 instructions per score, 0.106 ms of issue); the value-dropout pass
-  into the segment's gradient 67 MB (0.022 ms; the dK products' read of it hides under their
-  compute); ``dq``/``dgk`` 101 MB (0.034 ms): **0.24 ms**. Without ``segment`` the zero fill of
-  the detached rows of dk and dv adds 2 x 130 MB (0.087 ms), and autograd's ``dk + dv`` for one
-  kv tensor a further [K, B, E] pass (492 MB, 0.16 ms) outside the op.
-- Estimated total, training config: forward 0.39-0.48 + 0.29 = 0.68-0.77 ms; forward+backward
-  0.83-1.02 + 0.29 + 0.24 = **1.35-1.54 ms** (1.44-1.63 ms with ``detached_keys`` alone). The
-  1.5 ms goal holds unless the GEMMs run near the low end of the assumed rate (below
-  ~680 TFLOP/s): met at the centre of the estimate, not with margin. Against estimates of the
+  (the second read assumed to hit L2) and writes P_d, 298 MB (0.099 ms), and issues 15.75
+  instructions per visible score (statistics) and 25.25 per written one (probabilities, flags,
+  P_d): 97 M warp-instructions, 0.105 ms, so issue and memory about balance; ``O_u*gv`` 67 MB
+  (0.022 ms): **0.26 ms**. Backward: preprocess 101 MB (0.034 ms); row pass reads S and dP and
+  writes dS, 445 MB (0.148 ms; 31 instructions per score, 0.081 ms of issue); the value-dropout
+  pass into the segment's gradient 67 MB (0.022 ms; the dK products' read of it hides under
+  their compute); ``dq``/``dgk`` 101 MB (0.034 ms): **0.24 ms**. Without ``segment`` the zero
+  fill of the detached rows of dk and dv adds 2 x 130 MB (0.087 ms), and autograd's ``dk + dv``
+  for one kv tensor a further [K, B, E] pass (492 MB, 0.16 ms) outside the op.
+- Estimated total, training config: forward 0.39-0.48 + 0.26 = 0.65-0.74 ms; forward+backward
+  0.83-1.02 + 0.26 + 0.24 = **1.33-1.52 ms** (1.42-1.61 ms with ``detached_keys`` alone). The
+  1.5 ms goal holds unless the GEMMs average below ~660 TFLOP/s, the low end of the assumed
+  rate: met at the centre of the estimate, not across all of it. Against estimates of the
   other designs by the same kind of analysis: torch.compile of the reference ~2.4-2.7 ms (six
   full products, 1.26-1.55 ms, plus ~1 ms of fused softmax, dropout and gate passes over the
-  fp32 scores and the [K, B, E] tensors): 1.6-2.0x; the eager reference ~5.3 ms: 3.4-3.9x;
+  fp32 scores and the [K, B, E] tensors): 1.6-2.0x; the eager reference ~5.3 ms: 3.5-4.0x;
   PyTorch SDPA with an explicit mask, which takes its memory-efficient CUTLASS backend here
   (flash and cuDNN refuse a mask or a head dimension of 1024), sm80 ``mma.sync`` kernels that
   recompute Q K^T in backward and compute the masked triangle, 7 full products (1174 GFLOP) at
-  an assumed 100-230 TFLOP/s: ~5.7-11.5 ms, 3.7-8.5x. Neither the reference nor SDPA can skip the
-  memory's dK: their key-gate gradient is ``sum(d(k*gk) * k)`` over every key, which needs the
-  full product. Correction to this module's earlier estimate (1.49-1.68 ms for the previous
+  an assumed 100-230 TFLOP/s: ~5.7-11.5 ms, 3.7-8.6x. Neither the reference nor SDPA can skip
+  the memory's dK: their key-gate gradient is ``sum(d(k*gk) * k)`` over every key, which needs
+  the full product. Correction to this module's earlier estimate (1.49-1.68 ms for the previous
   revision): it counted the row passes and the value dropout by bytes only, but ``tl.rand``'s
-  Philox call per element made them issue-bound (81, 81 and 73 SASS instructions per element:
-  ~0.28 ms more), so that revision was ~1.77-1.96 ms. Eval config (gates, no dropout): no W,
-  no P_d, forward ~0.39-0.48 + 0.15 = 0.54-0.63 ms.
-- What is left, estimated: the forward row pass is issue-bound by ~0.03 ms (a per-tile rather
-  than per-lane running max would halve its statistics loop); moving the memory-bound passes
-  (~0.53 ms) into Triton GEMM prologues/epilogues would remove most of their traffic but trades
-  cuBLAS's GEMM rate for Triton's, which only a measurement can settle.
+  Philox call per element and scalar 2-byte loads made them issue-bound (81, 81 and 73 SASS
+  instructions per element: ~0.28 ms more), so that revision was ~1.77-1.96 ms. Eval config
+  (gates, no dropout): no W, no P_d, forward ~0.39-0.48 + 0.15 = 0.54-0.63 ms.
+- cuBLAS plus row passes, or Triton GEMMs with fused prologues/epilogues: what fusion could
+  save is the dP round trip of the backward row pass (write and read, ~0.10 ms) and the W pass
+  (~0.11 ms, by reading v and mask bits in the O product's operand load). The forward row pass
+  cannot go into the S product's epilogue (it needs each row's full statistics first; a
+  flash-style rescaled O is a 128 x 1024 fp32 accumulator per tile, the spilling design this
+  one replaced). Against that, a Triton GEMM on Hopper runs below cuBLAS (we assume 85-95% of
+  it on these shapes: -0.04 to -0.14 ms over the four large products), and an operand that
+  passes through registers on its way to ``wgmma`` slows the O product's main loop. Net
+  -0.1 to +0.1 ms: not worth a second GEMM implementation without a measurement.
 - Registers (tools/compile_triton.py, sm_90 and sm_80, fp32/fp16/bf16, every switch): 18-96
-  per thread, no spills, at most 4 KB of shared memory; one config per kernel, no autotuning
+  per thread, no spills, at most 2 KB of shared memory; one config per kernel, no autotuning
   (these passes are memory-bound), so nothing is tuned inside CUDA-graph capture.
 - Peak memory above the inputs, training config, forward+backward: forward allocates W, S,
   P_d (3 x 164 MB), q*gk, O_u, O (3 x 34 MB), ~0.59 GB, and keeps all of it; backward adds
