@@ -69,3 +69,26 @@ def test_every_kernel_compiles_for_gpu_targets():
     ):
         assert kernel in result.stdout, f"{kernel} was not compiled:\n{result.stdout}"
     assert "sm_90" in result.stdout and "sm_80" in result.stdout, result.stdout
+
+
+def test_autotune_prune_runs_for_each_target():
+    """An autotuner's early_config_prune runs as on each target architecture: the Boom's fused
+    training tile that spills on sm_80 (64x64x64 with dropout) and the 128x128 tile are listed
+    for sm_90 only, as the runtime prune keeps them on Hopper and drops them on Ampere."""
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, TOOL, "--kernels", "_boom_fwd", "--dtypes", "bf16", "--list"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=BUDGET_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if "_boom_fwd_kernel" in line]
+
+    def listed(config, switches, arch):
+        return any(r[1] == config and r[4] == switches and r[6] == arch for r in rows)
+
+    train = "bias,dropout,save_pre,even_k"
+    assert listed("M64xN64xK64xM8", train, "sm_90")
+    assert not listed("M64xN64xK64xM8", train, "sm_80")
+    assert listed("M128xN128xK64xM8", "bias,even_k", "sm_90")
+    assert not listed("M128xN128xK64xM8", "bias,even_k", "sm_80")
+    assert listed("M64xN64xK32xM8", train, "sm_80")

@@ -13,8 +13,9 @@ with the kernels swapped for recorders, so the constexpr switches, block-size he
 meta-parameters and Triton's own argument specialisation (``tt.divisibility`` of pointers and
 integers, integers equal to 1 turned into constants) are exactly those of a real launch. An
 autotuned kernel is expanded into the configs its autotuner would consider for those arguments
-(after ``early_config_prune``). Nothing touches CUDA: ``TRITON_INTERPRET`` is forced to 0 before
-the ops are imported, and targets are named explicitly.
+(after ``early_config_prune``, run for each target architecture). Nothing touches CUDA:
+``TRITON_INTERPRET`` is forced to 0 before the ops are imported, and targets are named
+explicitly.
 
 Paper shapes: Boom 16384 rows x 1024 -> 4096; attention T=1024, K=5000, B=16, E=1024; LSTM
 T=1024, H=1024, input 1024, B=16 and B=1.
@@ -267,6 +268,29 @@ def _switch_label(constexprs: dict, params) -> str:
     return ",".join(on) or "-"
 
 
+def _variants(kernel, args: tuple, kwargs: dict, arch: int) -> list[dict]:
+    """The launch keywords of one recorded launch on ``arch``: an autotuner's configs after its
+    ``early_config_prune``, run as on that architecture (for meta tensors the ops read the
+    target's compute capability from ``_common.META_CAPABILITY``), or the launch's own."""
+    from triton.runtime.autotuner import Autotuner
+
+    from sha_rnn_kernels.ops import _common
+
+    if not isinstance(kernel, Autotuner):
+        return [dict(kwargs)]
+    configs = kernel.configs
+    if kernel.early_config_prune:
+        previous = _common.META_CAPABILITY
+        _common.META_CAPABILITY = (arch // 10, arch % 10)
+        try:
+            configs = kernel.early_config_prune(
+                configs, dict(zip(kernel.arg_names, args)), **kwargs
+            )
+        finally:
+            _common.META_CAPABILITY = previous
+    return [{**kwargs, **config.all_kwargs()} for config in configs]
+
+
 def _expand(op: str, dtype_name: str, archs: list[int]) -> list[Task]:
     """The distinct compilations behind the recorded launches, for every target."""
     from triton.backends.compiler import GPUTarget
@@ -277,19 +301,10 @@ def _expand(op: str, dtype_name: str, archs: list[int]) -> list[Task]:
     tasks: dict = {}
     binders: dict = {}
     for scenario, name, kernel, args, kwargs in _record(op, dtype_name):
-        if isinstance(kernel, Autotuner):
-            fn = kernel.fn
-            configs = kernel.configs
-            if kernel.early_config_prune:
-                configs = kernel.early_config_prune(
-                    configs, dict(zip(kernel.arg_names, args)), **kwargs
-                )
-            variants = [{**kwargs, **config.all_kwargs()} for config in configs]
-        else:
-            fn, variants = kernel, [dict(kwargs)]
-        for index, launch_kwargs in enumerate(variants):
-            launch_kwargs["debug"] = False
-            for arch in archs:
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        for arch in archs:
+            for index, launch_kwargs in enumerate(_variants(kernel, args, kwargs, arch)):
+                launch_kwargs["debug"] = False
                 # Triton 3.9's own launch path (JITFunction.run): the binder turns the arguments
                 # into a specialisation, _pack_args into ASTSource's signature/constexprs/attrs.
                 key = (name, arch)

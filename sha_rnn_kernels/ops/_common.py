@@ -3,6 +3,8 @@ autotuned launches that survive CUDA-graph capture."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .._backend import interpreter_enabled
@@ -76,6 +78,21 @@ def cuda_capability(device: torch.device) -> tuple:
     """``(major, minor)`` of a CUDA device (its index, or the current device)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return tuple(_cuda_capability(index))
+
+
+# The compute capability that ``target_capability`` reports for ``meta`` tensors: None, except
+# while tools/compile_triton.py prunes autotune configs for one target architecture.
+META_CAPABILITY: Optional[tuple] = None
+
+
+def target_capability(device: torch.device) -> Optional[tuple]:
+    """The ``(major, minor)`` a launch on ``device`` compiles for: the CUDA device's, the
+    ahead-of-time compiler's target for ``meta`` tensors, None otherwise (CPU, interpreter)."""
+    if device.type == "cuda":
+        return cuda_capability(device)
+    if device.type == "meta":
+        return META_CAPABILITY
+    return None
 
 
 def rows_bucket(rows: int) -> int:

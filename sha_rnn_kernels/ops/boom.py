@@ -222,7 +222,8 @@ def _prune(configs, named_args, **kwargs):
     dropout = bool(kwargs.get("HAS_DROPOUT", False))
     width, rows = named_args["E"], named_args["ROWS_BUCKET"]
     # Without wgmma (sm_80) the 128x128 tile spills 170-200 B; Hopper keeps it.
-    ampere = x.device.type == "cuda" and _common.cuda_capability(x.device)[0] < 9
+    capability = _common.target_capability(x.device)
+    ampere = capability is not None and capability[0] < 9
 
     def fits(c):
         block_m, block_n, block_k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
