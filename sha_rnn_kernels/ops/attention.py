@@ -208,6 +208,26 @@ def _row_block(pid, rows, row0, memory_len, key_cols, stride_b, stride_row, BLOC
 
 
 @triton.jit
+def _tile(start_n, m_valid, n_visible, row_offs, cols_pad, BLOCK_N: tl.constexpr):
+    """The column tile ``start_n + [0, BLOCK_N)`` of a program's rows: the offsets of its
+    scores, which of them lie in the buffer's rows (up to ``cols_pad``, a multiple of 16, so
+    loads and stores move whole vectors) and which keys each row sees."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    in_row = m_valid[:, None] & (cols < cols_pad)[None, :]
+    visible = cols[None, :] < n_visible[:, None]
+    return row_offs[:, None] + cols[None, :], in_row, visible
+
+
+@triton.jit
+def _scaled_scores(S, offs, in_row, visible, qk_scale):
+    """A tile of raw scores times ``qk_scale`` in fp32, -inf where the key is not visible
+    (whatever S holds there: a NaN in a future key goes no further). The forward's softmax and
+    the backward's recomputation of P both start here, so they agree bit for bit."""
+    s = tl.load(S + offs, mask=in_row, other=0.0)
+    return tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
+
+
+@triton.jit
 def _attention_fwd_kernel(
     S, P, PD, LSE,
     rows, key_cols, cols_pad, stride_b, stride_row, seq_len, key_len, batch, row0, memory_len,
@@ -245,11 +265,8 @@ def _attention_fwd_kernel(
     run_max = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        whole = m_valid[:, None] & (cols < cols_pad)[None, :]
-        visible = cols[None, :] < n_visible[:, None]
-        s = tl.load(S + row_offs[:, None] + cols[None, :], mask=whole, other=0.0)
-        s = tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
+        offs, in_row, visible = _tile(start_n, m_valid, n_visible, row_offs, cols_pad, BLOCK_N)
+        s = _scaled_scores(S, offs, in_row, visible, qk_scale)
         new_max = tl.maximum(run_max, s)
         # Lanes that have seen only masked scores keep max -inf; rebase them on 0 (exp2 -> 0).
         base = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -265,12 +282,8 @@ def _attention_fwd_kernel(
     philox_rows = (b * seq_len + query).to(tl.int64)
     key_groups = tl.cdiv(key_len, 8)
     for start_n in range(0, key_cols, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        in_row = m_valid[:, None] & (cols < cols_pad)[None, :]
-        visible = cols[None, :] < n_visible[:, None]
-        offs = row_offs[:, None] + cols[None, :]
-        s = tl.load(S + offs, mask=in_row, other=0.0)
-        s = tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
+        offs, in_row, visible = _tile(start_n, m_valid, n_visible, row_offs, cols_pad, BLOCK_N)
+        s = _scaled_scores(S, offs, in_row, visible, qk_scale)
         p = tl.exp2(s - lse[:, None]).to(P.dtype.element_ty)
         if ATTN_DROPOUT:
             keep = keep_flags(seed, philox_rows, key_groups, start_n, drop_below, BLOCK_M, BLOCK_N)
@@ -313,13 +326,9 @@ def _attention_bwd_kernel(
     philox_rows = (b * seq_len + query).to(tl.int64)
     key_groups = tl.cdiv(key_len, 8)
     for start_n in range(0, key_cols, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        in_row = m_valid[:, None] & (cols < cols_pad)[None, :]
-        visible = cols[None, :] < n_visible[:, None]
-        offs = row_offs[:, None] + cols[None, :]
+        offs, in_row, visible = _tile(start_n, m_valid, n_visible, row_offs, cols_pad, BLOCK_N)
         if RECOMPUTE:
-            s = tl.load(P + offs, mask=in_row, other=0.0)
-            s = tl.where(visible, s.to(tl.float32) * qk_scale, float("-inf"))
+            s = _scaled_scores(P, offs, in_row, visible, qk_scale)
             p_lowp = tl.exp2(s - lse[:, None]).to(PD.dtype.element_ty)
         else:
             p_lowp = tl.where(visible, tl.load(P + offs, mask=in_row, other=0.0), 0.0)
