@@ -104,23 +104,11 @@ def load_model(
     Raises:
         CheckpointError: the file is missing or is not such a checkpoint.
     """
-    from . import SHARNN
-
     payload = read_checkpoint(path)
     config, state = payload["config"], payload["model"]
     try:
         ntoken = state["encoder.weight"].shape[0]
-        model = SHARNN(
-            ntoken,
-            ninp=config["emsize"],
-            nhid=config["nhid"],
-            nlayers=config["nlayers"],
-            dropout=config["dropout"],
-            dropouth=config["dropouth"],
-            dropouti=config["dropouti"],
-            max_positions=config["max_positions"],
-            backend=backend if backend is not None else config.get("backend"),
-        )
+        model = train.model_from_config(config, ntoken, backend)
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(

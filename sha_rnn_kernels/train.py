@@ -711,6 +711,24 @@ class TrainResult:
     model: Optional[nn.Module] = None
 
 
+def model_from_config(config: dict, ntoken: int, backend=None) -> nn.Module:
+    """The ``SHARNN`` a run's settings describe (a training config or a checkpoint's), with
+    ``ntoken`` tokens and ``backend`` (default: the config's)."""
+    from . import SHARNN
+
+    return SHARNN(
+        ntoken,
+        ninp=config["emsize"],
+        nhid=config["nhid"],
+        nlayers=config["nlayers"],
+        dropout=config["dropout"],
+        dropouth=config["dropouth"],
+        dropouti=config["dropouti"],
+        max_positions=config["max_positions"],
+        backend=backend if backend is not None else config.get("backend"),
+    )
+
+
 def resolve_dtype(dtype_name: str, device: torch.device) -> str:
     """``auto`` is bf16 autocast on CUDA and fp32 elsewhere; other names pass through."""
     if dtype_name == "auto":
@@ -808,7 +826,6 @@ def _train(
 ) -> TrainResult:
     from tqdm.auto import tqdm
 
-    from . import SHARNN
 
     verbose = ddp.is_main and not config["quiet"]
     dtype_name = resolve_dtype(config["dtype"], device)
@@ -857,17 +874,7 @@ def _train(
     if device.type == "cuda":
         train_src, valid_src, test_src = (t.pin_memory() for t in (train_src, valid_src, test_src))
 
-    model = SHARNN(
-        corpus.vocab_size,
-        ninp=config["emsize"],
-        nhid=config["nhid"],
-        nlayers=config["nlayers"],
-        dropout=config["dropout"],
-        dropouth=config["dropouth"],
-        dropouti=config["dropouti"],
-        max_positions=config["max_positions"],
-        backend=config["backend"],
-    ).to(device)
+    model = model_from_config(config, corpus.vocab_size).to(device)
     # Byte ids are below the 256-token vocabulary by construction; skip the per-step range check
     # (a device sync) that SHARNN does for arbitrary callers.
     model.check_token_ids = False

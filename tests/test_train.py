@@ -14,8 +14,9 @@ import torch
 import torch.multiprocessing as mp
 
 from sha_rnn_kernels import train
+from sha_rnn_kernels.testing import SAMPLE_TEXT
 
-TEXT = b"the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n"
+TEXT = SAMPLE_TEXT
 
 # A 2-block model (attention in block 0), 4 columns of 16 bytes: tens of milliseconds a step.
 TINY = [
