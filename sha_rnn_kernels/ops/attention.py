@@ -735,17 +735,14 @@ def attention_backward(
         # dk_live, dv_live: the gradients of keys and values detached..K-1 (row r: key
         # detached + r). dv_live holds dW = P_d^T dO_g until the value-dropout pass.
         if combine:
-            # One gradient for the segment, dk + dv: no rows for the detached keys at all.
-            d_segment = empty(live_len, batch, width, dtype=dtype, device=device)
-            if saved:
-                # dv first (into d_segment, or a scratch the dropout pass reads), then the dk
-                # products accumulate onto it in their epilogue (beta = 1).
-                dk_live = d_segment
-                dv_live = empty(live_len, batch, width, dtype=dtype, device=device) if vdrop \
-                    else d_segment
-            else:
-                dk_live = d_segment
-                dv_live = empty(live_len, batch, width, dtype=dtype, device=device)
+            # One gradient for the segment, dk + dv: no rows for the detached keys at all. The
+            # dk products write it; with saved scores dv goes first (into it, or into a scratch
+            # the value-dropout pass reads) and the dk products accumulate onto it in their
+            # epilogue (beta = 1); chunked, dk and dv accumulate apart and are added at the end.
+            d_segment = dk_live = empty(live_len, batch, width, dtype=dtype, device=device)
+            dv_live = d_segment if saved and not vdrop else empty(
+                live_len, batch, width, dtype=dtype, device=device
+            )
         else:
             dk = empty(key_len, batch, width, dtype=k.dtype, device=device)
             dv = empty(key_len, batch, width, dtype=v.dtype, device=device)
