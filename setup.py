@@ -54,6 +54,8 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
         "tqdm",
+        # config.json + model.safetensors: the shareable model format (loading it runs no code).
+        "safetensors",
         # The CUDA LSTM extension is JIT-built with torch.utils.cpp_extension, which needs ninja.
         "ninja",
     ],
@@ -68,6 +70,7 @@ setup(
             "sha-rnn-generate=sha_rnn_kernels.generate:main",
             "sha-rnn-evaluate=sha_rnn_kernels.evaluate:main",
             "sha-rnn-check=sha_rnn_kernels.check:main",
+            "sha-rnn-export=sha_rnn_kernels.export:main",
         ]
     },
 )

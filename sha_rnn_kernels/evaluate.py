@@ -1,9 +1,15 @@
 """Bits per byte of a trained SHA-RNN: ``python -m sha_rnn_kernels.evaluate --checkpoint PATH``.
 
-The paper's protocol: the split is read as one stream (test batch size 1), in segments of the
-training bptt, with the LSTM states and the attention memory carried across the whole split and
-no dropout. The loop is the trainer's own :func:`sha_rnn_kernels.train.evaluate`, so at the same
-batch size and bptt the number equals the trainer's ``valid bpc`` / ``test bpc`` exactly.
+Two named protocols, both reading the split in segments of the training bptt with the LSTM
+states and the attention memory (up to ``max_positions``) carried across the whole split and no
+dropout: ``original`` (the default), as smerity/sha-rnn's ``main.py`` evaluated, valid at batch
+``min(100, training batch)`` and test at batch 10; ``stream``, the split as one stream (batch 1).
+Every printed bpc names its protocol, split, batch, bptt and memory. The loop is the trainer's
+own :func:`sha_rnn_kernels.train.evaluate`, so at the same batch size and bptt the number equals
+the trainer's ``valid bpc`` / ``test bpc`` exactly.
+
+``--checkpoint`` takes a training checkpoint or a pretrained folder (``config.json`` +
+``model.safetensors``); neither runs code when loaded.
 
 With ``--data`` omitted the split comes from the corpus the checkpoint was trained on (its
 ``--data`` and ``--max-bytes``; the Python standard library's source for the default preset).
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,6 +33,8 @@ import torch
 
 from . import data as data_lib
 from . import train
+from .checkpoint import CheckpointError
+from .pretrained import from_pretrained, is_pretrained
 
 __all__ = ["CheckpointError", "load_model", "evaluate_checkpoint", "main"]
 
@@ -40,35 +47,26 @@ DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
-    """The file is missing or is not a checkpoint written by ``sha_rnn_kernels.train``."""
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str, label: str = "checkpoint") -> dict:
     """The payload of a training checkpoint, or a :class:`CheckpointError` saying why not.
 
-    The checkpoint is unpickled in full (it holds RNG states): load only files you trust.
+    Read with ``weights_only=True``: a file that would need code to load is refused and nothing
+    in it runs. ``label`` starts every message (``--checkpoint`` for the command line).
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointError(f"--checkpoint must be a file path; got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"--checkpoint {path}: no such file")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--checkpoint {path}: not a file")
-    kind = "not a checkpoint of sha_rnn_kernels.train"
     try:
-        payload = train.load_checkpoint(path)
-    except Exception as exc:  # torch.load raises many types for foreign files
-        raise CheckpointError(f"--checkpoint {path}: {kind} ({_first_line(exc)})") from None
+        payload = train.load_checkpoint(path, label)
+    except train.UsageError as exc:
+        raise CheckpointError(str(exc)) from None
     missing = [k for k in ("config", "model") if k not in payload]
     if missing:
-        raise CheckpointError(f"--checkpoint {path}: {kind} (no {', '.join(missing)})")
+        raise CheckpointError(
+            f"{label} {path}: not a checkpoint of sha_rnn_kernels.train (no {', '.join(missing)})"
+        )
     return payload
 
 
@@ -92,19 +90,32 @@ def load_model(
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
+    label: str = "path",
 ) -> tuple[torch.nn.Module, dict]:
-    """``(model, config)`` from a checkpoint of the training command, in eval mode.
+    """``(model, config)`` from a training checkpoint or a pretrained folder, in eval mode.
 
     Args:
-        path: the checkpoint (``--save`` of ``python -m sha_rnn_kernels.train``).
+        path: a checkpoint (``--save`` of ``python -m sha_rnn_kernels.train``) or a folder of
+            ``config.json`` + ``model.safetensors`` (``SHARNN.save_pretrained``,
+            ``python -m sha_rnn_kernels.export``).
         device: where the model goes (default: the CPU).
         dtype: cast the weights to this dtype (default: keep float32).
         backend: kernel backend (default: the one the run was trained with).
+        label: how error messages name ``path`` (the commands pass their flag).
+
+    ``config`` is the training run's settings (for a folder: its ``"training"`` entry, else the
+    model's own sizes with the defaults below). Nothing in the file runs code when loaded.
 
     Raises:
-        CheckpointError: the file is missing or is not such a checkpoint.
+        CheckpointError: the path is missing, empty, would need code to load, or is not such a
+            checkpoint or folder.
     """
-    payload = read_checkpoint(path)
+    if is_pretrained(path):
+        model, saved = from_pretrained(path, device, dtype, backend, label)
+        config = dict(_FOLDER_DEFAULTS, bptt=min(1024, model.max_positions))
+        config.update(saved.get("training", {}))
+        return model, config
+    payload = read_checkpoint(path, label)
     config, state = payload["config"], payload["model"]
     try:
         ntoken = state["encoder.weight"].shape[0]
@@ -112,11 +123,34 @@ def load_model(
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(
-            f"--checkpoint {path}: its weights do not fit its settings ({_first_line(exc)})"
+            f"{label} {path}: its weights do not fit its settings ({_first_line(exc)})"
         ) from None
     model.eval()
     model.to(device=device or torch.device("cpu"), dtype=dtype)
     return model, config
+
+
+# A folder without a "training" entry (saved from Python): evaluated and sampled with these.
+_FOLDER_DEFAULTS: dict = {"data": None, "max_bytes": None, "eval_batch_size": 16, "dtype": "auto"}
+
+
+# Evaluation protocols. "original": as smerity/sha-rnn's main.py evaluated (valid at batch
+# min(100, training batch) = 16, test at its test_batch_size = 10, segments of the training
+# bptt, state and memory carried across the split, memory up to max_positions). "stream":
+# the whole split as one stream (batch 1).
+PROTOCOLS = ("original", "stream")
+ORIGINAL_TEST_BATCH = 10
+
+
+def protocol_settings(protocol: str, split: str, config: dict) -> tuple[int, int]:
+    """``(batch_size, bptt)`` of ``protocol`` on ``split`` for a run's ``config``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    if protocol == "stream":
+        return 1, config["bptt"]
+    if split == "test":
+        return ORIGINAL_TEST_BATCH, config["bptt"]
+    return min(100, config.get("batch_size", config.get("eval_batch_size", 16))), config["bptt"]
 
 
 def evaluate_checkpoint(
@@ -129,27 +163,35 @@ def evaluate_checkpoint(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    protocol: str = "original",
+    label: str = "checkpoint",
+    details: Optional[dict] = None,
 ) -> float:
-    """Bits per byte of ``split`` (``"valid"`` or ``"test"``) under the paper's protocol.
+    """Bits per byte of ``split`` (``"valid"`` or ``"test"``) under an evaluation protocol.
 
     Args:
-        checkpoint: a checkpoint of the training command.
+        checkpoint: a checkpoint of the training command, or a pretrained folder.
         split: which 5% of the corpus.
         data: the corpus file (None: the one the checkpoint was trained on).
         max_bytes: read at most this many bytes of it (None: the checkpoint's setting when
             ``data`` is None, else all).
-        batch_size: streams read side by side (None: 1 for test, as the paper; the trainer's
-            ``eval_batch_size`` for valid, so the number matches its ``valid bpc``).
-        bptt: segment length (None: the training bptt).
+        batch_size: streams read side by side (None: the protocol's).
+        bptt: segment length (None: the protocol's, the training bptt).
         device: where to run (None: CUDA when present, else the CPU).
         dtype: autocast dtype ``fp32``, ``bf16`` or ``fp16`` (None: the run's on CUDA, fp32
             elsewhere).
         progress: ``progress(done, total)`` is called before each segment.
+        protocol: ``"original"`` (valid batch 16, test batch 10, as the original code) or
+            ``"stream"`` (batch 1); both carry the state and memory across the split.
+        label: how errors name ``checkpoint`` (the command passes ``--checkpoint``).
+        details: if a dict, filled with the protocol, split, batch, bptt and memory used.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"--split must be 'valid' or 'test'; got {split!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     dev = pick_device(device)
-    model, config = load_model(checkpoint, dev)
+    model, config = load_model(checkpoint, dev, label=label)
     model.check_token_ids = False  # byte ids are below the 256-token vocabulary
     if dtype is None:
         dtype = config.get("dtype", "fp32") if dev.type == "cuda" else "fp32"
@@ -157,10 +199,9 @@ def evaluate_checkpoint(
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--dtype must be fp32, bf16 or fp16; got {dtype!r}")
-    if batch_size is None:
-        batch_size = 1 if split == "test" else config["eval_batch_size"]
-    if bptt is None:
-        bptt = config["bptt"]
+    own_batch, own_bptt = protocol_settings(protocol, split, config)
+    batch_size = own_batch if batch_size is None else batch_size
+    bptt = own_bptt if bptt is None else bptt
     for name, value in (("--batch-size", batch_size), ("--bptt", bptt)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -180,6 +221,9 @@ def evaluate_checkpoint(
             f"the {split} split of {corpus.name} holds {stream.numel()} bytes: too few for "
             f"--batch-size {batch_size} (each stream needs 2 or more)"
         )
+    if details is not None:
+        details.update(protocol=protocol, split=split, batch=batch_size, bptt=bptt,
+                       memory=model.max_positions)  # fmt: skip
     source = data_lib.batchify(stream, batch_size)
     total = math.ceil((source.shape[0] - 1) / bptt)
     done = [0]
@@ -194,6 +238,15 @@ def evaluate_checkpoint(
     if progress is not None:
         progress(total, total)
     return bpc
+
+
+def describe_bpc(bpc: float, details: dict) -> str:
+    """``test bpc 1.2345 (protocol original: batch 10, bptt 1024, memory 5000)``."""
+    custom = "" if details.get("custom") is None else f", {details['custom']}"
+    return (
+        f"{details['split']} bpc {bpc:.4f} (protocol {details['protocol']}{custom}: batch "
+        f"{details['batch']}, bptt {details['bptt']}, memory {details['memory']})"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,7 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(state and memory carried across the whole split).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a checkpoint of train")
+    p.add_argument(
+        "--checkpoint", default=DEFAULT_CHECKPOINT,
+        help="a checkpoint of train, or a folder of config.json + model.safetensors",
+    )  # fmt: skip
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="original",
+        help="original: as smerity/sha-rnn evaluated (valid batch min(100, training batch), "
+        "test batch 10, training bptt, memory max_positions, state carried across the split); "
+        "stream: batch 1, the whole split as one stream",
+    )
     p.add_argument(
         "--data", default=None, help="corpus file (default: the one the checkpoint trained on)"
     )
@@ -245,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="streams side by side (default: 1 for test, the run's eval batch for valid)",
+        help="streams side by side (default: the protocol's)",
     )
     p.add_argument("--bptt", type=int, default=None, help="segment length (default: training's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
@@ -261,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print ``<split> bpc X.XXXX``; 0 on success, 2 (one line on stderr) on bad input."""
+    """Print ``<split> bpc X.XXXX (protocol ...)``; 0 on success, 2 (one line on stderr) on
+    bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -271,11 +336,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     update, close = (None, lambda: None)
     if not args.quiet:
         update, close = _progress_printer(f"{args.split}")
+    details: dict = {}
+    custom = [f"{flag} {value}" for flag, value in (("--batch-size", args.batch_size),
+              ("--bptt", args.bptt)) if value is not None]  # fmt: skip
     try:
         bpc = evaluate_checkpoint(
             args.checkpoint, split=args.split, data=args.data, max_bytes=args.max_bytes,
             batch_size=args.batch_size, bptt=args.bptt, device=args.device, dtype=args.dtype,
-            progress=update,
+            progress=update, protocol=args.protocol, label="--checkpoint", details=details,
         )  # fmt: skip
     except (ValueError, OSError) as exc:
         close()
@@ -285,7 +353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         close()
         return 130
     close()
-    print(f"{args.split} bpc {bpc:.4f}", flush=True)
+    details["custom"] = " ".join(custom) or None
+    print(describe_bpc(bpc, details), flush=True)
     return 0
 
 

@@ -206,21 +206,52 @@ class Decoder:
 
 
 def next_token_probs(
-    logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
 ) -> Tensor:
-    """``softmax(logits / temperature)`` over the ``top_k`` largest logits (all when None).
+    """``softmax(logits / temperature)`` over the ``top_k`` largest logits, then the nucleus.
 
     ``logits [..., V]`` to probabilities of the same shape, in float32 (float64 for float64
-    logits); the tokens outside the top k get exactly zero.
+    logits). The order is the usual one: temperature, then top-k, then top-p: of the tokens
+    top-k kept, top-p keeps the smallest set, most likely first, whose probability mass
+    reaches ``top_p`` (among equal probabilities the lower id comes first), and renormalises.
+    Tokens left out get exactly zero. ``top_p`` None or 1 keeps every token.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         values, indices = logits.topk(top_k, dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is None or top_p >= 1.0:
+        return probs
+    ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    # Mass of the tokens ranked before each one, summed in float64 so that a set whose mass
+    # equals top_p exactly is not cut one token late by rounding.
+    before = ordered.double().cumsum(-1) - ordered.double()
+    keep_sorted = before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
 
 
-def _check_args(model, prompt_ids, length, temperature, top_k, generator, segment_len) -> Tensor:
+def check_top_p(top_p, name: str = "top_p") -> Optional[float]:
+    """``top_p`` as a float in (0, 1], or None; ValueError naming ``name`` otherwise."""
+    if top_p is None:
+        return None
+    if (
+        isinstance(top_p, bool)
+        or not isinstance(top_p, (int, float))
+        or not math.isfinite(top_p)
+        or not 0.0 < top_p <= 1.0
+    ):
+        raise ValueError(f"{name} must be a number in (0, 1] (None: off); got {top_p!r}")
+    return float(top_p)
+
+
+def _check_args(
+    model, prompt_ids, length, temperature, top_k, generator, segment_len, top_p=None
+) -> Tensor:
     ntoken = model.ntoken
     if isinstance(prompt_ids, Tensor):
         if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.is_complex():
@@ -262,6 +293,7 @@ def _check_args(model, prompt_ids, length, temperature, top_k, generator, segmen
         isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= ntoken
     ):
         raise ValueError(f"top_k must be None or an int in [1, {ntoken}]; got {top_k!r}")
+    check_top_p(top_p)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator)}")
     if segment_len is not None and (
@@ -284,6 +316,7 @@ def generate(
     top_k: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     segment_len: Optional[int] = None,
+    top_p: Optional[float] = None,
 ) -> Iterator[int]:
     """Sample ``length`` token ids after ``prompt_ids``, yielding each as soon as it is drawn.
 
@@ -293,6 +326,8 @@ def generate(
         length: how many ids to sample (>= 1).
         temperature: divides the logits (> 0); small values approach greedy decoding.
         top_k: sample among the ``top_k`` most likely ids only (None: all; 1: greedy).
+        top_p: nucleus sampling, after temperature and top-k: the smallest set of ids whose
+            probability reaches ``top_p``, in (0, 1] (None: off).
         generator: a ``torch.Generator`` for the draws (None: PyTorch's global RNG). The draws
             happen on the generator's device; a CPU generator gives the same text on any device
             up to the model's arithmetic.
@@ -306,19 +341,25 @@ def generate(
         >>> g = torch.Generator().manual_seed(0)
         >>> text = bytes(generate(model, b"Hello", 20, top_k=5, generator=g))
     """
-    ids = _check_args(model, prompt_ids, length, temperature, top_k, generator, segment_len)
+    ids = _check_args(
+        model, prompt_ids, length, temperature, top_k, generator, segment_len, top_p
+    )
     if segment_len is None:
         segment_len = max(1, min(1024, model.max_positions // 2))
-    return _sample(model, ids, length, float(temperature), top_k, generator, segment_len)
+    return _sample(
+        model, ids, length, float(temperature), top_k, generator, segment_len, check_top_p(top_p)
+    )
 
 
-def _sample(model, ids, length, temperature, top_k, generator, segment_len) -> Iterator[int]:
+def _sample(
+    model, ids, length, temperature, top_k, generator, segment_len, top_p=None
+) -> Iterator[int]:
     device = model.encoder.weight.device
     decoder = Decoder(model, batch=1)
     logits = decoder.prefill(ids.to(device).reshape(-1, 1), segment_len)
     draw_device = generator.device if generator is not None else torch.device("cpu")
     for n in range(length):
-        probs = next_token_probs(logits[0], temperature, top_k).to(draw_device)
+        probs = next_token_probs(logits[0], temperature, top_k, top_p).to(draw_device)
         token = torch.multinomial(probs, 1, generator=generator)
         value = int(token)
         yield value
@@ -336,7 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample bytes from a trained SHA-RNN, streaming them to stdout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a checkpoint of train")
+    p.add_argument(
+        "--checkpoint", default=DEFAULT_CHECKPOINT,
+        help="a checkpoint of train, or a folder of config.json + model.safetensors",
+    )  # fmt: skip
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="the text to continue")
     prompt.add_argument("--prompt-file", default=None, help="read the prompt's bytes from a file")
@@ -344,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits (> 0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest bytes")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling, 0 < P <= 1: after --temperature and --top-k, sample among the "
+        "smallest set of bytes whose probability reaches P (default: off; smerity/sha-rnn's "
+        "generate.py samples without it, its call to top-p filtering, at 0.91, is commented out)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="fp32", help="the model's weights and state"
@@ -382,7 +434,8 @@ def _run(args, out) -> None:
             raise ValueError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model, config = load_model(args.checkpoint, device, DTYPES[args.dtype])
+    top_p = check_top_p(args.top_p, "--top-p")
+    model, config = load_model(args.checkpoint, device, DTYPES[args.dtype], label="--checkpoint")
     model.check_token_ids = False  # ids are checked once, up front, by generate()
     if model.ntoken > 256:
         raise ValueError(f"--checkpoint {args.checkpoint}: {model.ntoken} tokens are not bytes")
@@ -390,7 +443,7 @@ def _run(args, out) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     tokens = generate(
         model, prompt, args.length, temperature=args.temperature, top_k=args.top_k,
-        generator=generator, segment_len=min(segment_len, model.max_positions),
+        generator=generator, segment_len=min(segment_len, model.max_positions), top_p=top_p,
     )  # fmt: skip
     for token in tokens:
         out.write(bytes((token,)))

@@ -746,6 +746,7 @@ class SHARNN(nn.Module):
         top_k: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         segment_len: Optional[int] = None,
+        top_p: Optional[float] = None,
     ):
         """Sample ``length`` token ids after ``prompt_ids``: an iterator yielding each id (an
         int) as soon as it is drawn. Each new id is one ``T = 1`` step that carries the LSTM
@@ -759,8 +760,25 @@ class SHARNN(nn.Module):
 
         return generate(
             self, prompt_ids, length, temperature=temperature, top_k=top_k,
-            generator=generator, segment_len=segment_len,
+            generator=generator, segment_len=segment_len, top_p=top_p,
         )  # fmt: skip
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``directory/config.json`` (every constructor argument) and
+        ``directory/model.safetensors``; see :mod:`sha_rnn_kernels.pretrained`."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, device=None, dtype: Optional[torch.dtype] = None, backend=None
+    ) -> SHARNN:
+        """The model :meth:`save_pretrained` wrote to ``directory``, in eval mode (no network,
+        no code from the folder runs). Raises ``CheckpointError`` saying what is wrong."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(directory, device=device, dtype=dtype, backend=backend)[0]
 
     def extra_repr(self) -> str:
         return (

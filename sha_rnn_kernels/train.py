@@ -56,10 +56,12 @@ from torch import nn
 
 from . import data as data_lib
 from ._backend import backend_for, format_backend
+from .checkpoint import numpy_state_from_plain, numpy_state_to_plain
 from .optim import Lamb
 
 LN2 = math.log(2.0)
-CHECKPOINT_FORMAT = 1
+# 2: RNG states as plain data, so that the file loads with weights_only=True.
+CHECKPOINT_FORMAT = 2
 
 # The paper's recipe (Merity 2019, enwik8); presets change only what they list.
 BASE_CONFIG: dict[str, Any] = {
@@ -85,15 +87,20 @@ BASE_CONFIG: dict[str, Any] = {
     "eval_batch_size": 16,
     "bptt": 1024,
     "epochs": 32,
-    "final_epochs": 5,
+    # The original ran its second phase as a separate run (preset enwik8-phase2), not here.
+    "final_epochs": 0,
     "final_lr": 1e-3,
     "max_steps": None,
     "eval_interval": 1000,
     "save_interval": 1000,
     "log_interval": 10,
-    # The original resets the LSTM state and the memory with probability 0.025 after a step.
+    # smerity/sha-rnn's main.py drops the LSTM state and the memory after a step when a draw
+    # of its numpy RNG exceeds 0.975 (probability 0.025), one draw for each.
     "reset_prob": 0.025,
-    "seed": 1111,
+    "seed": 5512,  # the README's phase-1 command
+    "test_batch_size": 10,  # main.py's test_batch_size (its valid batch is min(100, batch))
+    "init_from": None,
+    "save_pretrained": None,
     # auto: bf16 autocast on CUDA (the fast path), fp32 elsewhere.
     "dtype": "auto",
     "compile": False,
@@ -101,7 +108,17 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # Phase 1 of the README's recipe: 32 epochs at lr 2e-3, seed 5512, warm-up 800.
     "enwik8": {},
+    # Phase 2, as the README's second command ran it: a new run from phase 1's weights
+    # (--init-from; the original saved no optimizer, so LAMB and the warm-up start afresh),
+    # 5 epochs at lr 1e-3 with seed 125.
+    "enwik8-phase2": {
+        "lr": 1e-3,
+        "seed": 125,
+        "epochs": 5,
+        "save": "checkpoints/sha-rnn-enwik8-phase2.pt",
+    },
     # About two minutes on a 2-core CPU: 0.9M parameters, 600 steps of 16 x 64 bytes at the
     # paper's learning rate (higher rates stall LAMB near the unigram entropy at this size).
     "default": {
@@ -118,6 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_interval": 100,
         "save_interval": 0,
         "reset_prob": 0.0,
+        "seed": 1111,
         "save": "checkpoints/sha-rnn-default.pt",
     },
 }
@@ -134,8 +152,9 @@ class UsageError(ValueError):
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
-# Settings that belong to the machine, not the run: never taken from a checkpoint.
-_MACHINE_KEYS = ("device", "quiet", "threads")
+# Settings that belong to the machine or to one invocation, not the run: never taken from a
+# checkpoint (a resumed run writes its pretrained folder only when asked again).
+_MACHINE_KEYS = ("device", "quiet", "threads", "save_pretrained")
 
 
 def _backend_arg(value: str) -> str:
@@ -161,8 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="hyperparameter set: 'default' (small, ~2 min on CPU) or 'enwik8' "
-        "(the paper's); defaults to 'enwik8' when --data names enwik8",
+        help="hyperparameter set: 'default' (small, ~2 min on CPU), 'enwik8' (phase 1 of "
+        "the paper's recipe; needs --data) or 'enwik8-phase2' (its second run: needs --data "
+        "and --init-from PHASE1); defaults to 'enwik8' when --data names enwik8",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this checkpoint's (or pretrained folder's) weights only: a new "
+        "optimizer, warm-up and step count, as the original's second phase",
     )
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     g = p.add_argument_group("data")
@@ -203,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wdecay", type=float, default=None, help="weight decay")
     g.add_argument("--clip", type=float, default=None, help="gradient norm clip (0: off)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch (all ranks)")
-    g.add_argument("--eval-batch-size", type=int, default=None)
+    g.add_argument("--eval-batch-size", type=int, default=None, help="validation batch")
+    g.add_argument(
+        "--test-batch-size",
+        type=int,
+        default=None,
+        help="batch of the final test (the original protocol's 10)",
+    )
     g.add_argument("--bptt", type=int, default=None, help="segment length (jittered)")
     g.add_argument("--epochs", type=int, default=None, help="epochs at --lr")
     g.add_argument(
@@ -235,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--log-interval", type=int, default=None, help="progress update every N steps")
     g.add_argument("--save", default=None, help="checkpoint path ('' disables checkpoints)")
+    g.add_argument(
+        "--save-pretrained",
+        default=None,
+        help="at the end also write this folder: config.json + model.safetensors (shareable; "
+        "loads with SHARNN.from_pretrained)",
+    )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     g.add_argument(
@@ -267,6 +305,8 @@ _DEFAULT_NOTES = {
     "max_steps": "default preset: {default} on the built-in corpus, full epochs on a --data "
     "file; enwik8: full epochs",
     "data": None,
+    "init_from": None,
+    "save_pretrained": None,
     "backend": "$SHA_RNN_KERNELS_BACKEND, else auto",
     "device": None,
     "threads": None,
@@ -330,11 +370,29 @@ def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] =
                     f"without --resume)"
                 )
     config.update(given)
+    if checkpoint_config is None:
+        _check_preset_inputs(config)
     config.setdefault("device", None)
     config.setdefault("threads", None)
     config["quiet"] = bool(given.get("quiet", False))
     _validate_config(config)
     return config
+
+
+def _check_preset_inputs(config: dict) -> None:
+    """The enwik8 presets train the paper's 54M-parameter model: they need the corpus (without
+    --data they would train it on the built-in 1 MB sample), and phase 2 needs phase 1."""
+    preset = config["preset"]
+    if preset.startswith("enwik8") and config["data"] is None:
+        raise UsageError(
+            f"--preset {preset} trains the paper's 54M-parameter model and needs the corpus: "
+            f"add --data enwik8.zip (or use --preset default for the small built-in run)"
+        )
+    if preset == "enwik8-phase2" and not config.get("init_from"):
+        raise UsageError(
+            "--preset enwik8-phase2 continues phase 1's weights: add --init-from PATH (the "
+            "--save file of the --preset enwik8 run, or its pretrained folder)"
+        )
 
 
 def _validate_config(c: dict) -> None:
@@ -345,6 +403,7 @@ def _validate_config(c: dict) -> None:
         "max_positions",
         "batch_size",
         "eval_batch_size",
+        "test_batch_size",
         "bptt",
         "log_interval",
     )
@@ -550,24 +609,26 @@ def save_checkpoint(path: str, payload: dict) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by this module (it holds RNG states, so it is unpickled in
-    full: load only checkpoints you trust). Raises :class:`UsageError` for a missing file or a
-    file that is not such a checkpoint."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume {path}: no such file")
+def load_checkpoint(path: str, label: str = "--resume") -> dict:
+    """Read a checkpoint written by this module with ``weights_only=True`` (nothing in the file
+    runs). Raises :class:`UsageError` naming ``label`` for a missing, empty or foreign file, a
+    file that would need code to load, or an older checkpoint format (with the way to convert
+    it)."""
+    from .checkpoint import CONVERT_HINT, CheckpointError, load_tensors
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - whatever unpickling a foreign file raises
-        first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+        payload = load_tensors(path, label, "a sha_rnn_kernels training checkpoint")
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    if not isinstance(payload, dict) or "format" not in payload:
         raise UsageError(
-            f"--resume {path}: not a sha_rnn_kernels training checkpoint (cannot be read: "
-            f"{type(exc).__name__}: {first_line}); give a file that --save wrote"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"--resume {path}: not a sha_rnn_kernels training checkpoint; give a file that "
+            f"{label} {path}: not a sha_rnn_kernels training checkpoint; give a file that "
             f"--save wrote"
+        )
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise UsageError(
+            f"{label} {path}: checkpoint format {payload['format']}, this version reads "
+            f"{CHECKPOINT_FORMAT}; convert a file you trust with `{CONVERT_HINT}`"
         )
     return payload
 
@@ -867,10 +928,7 @@ def _train(
         _batchify(corpus, "valid", config["eval_batch_size"], "--eval-batch-size"), ddp.rank,
         ddp.world_size,
     )  # fmt: skip
-    test_src = data_lib.shard_columns(
-        _batchify(corpus, "test", config["eval_batch_size"], "--eval-batch-size"), ddp.rank,
-        ddp.world_size,
-    )  # fmt: skip
+    test_src, test_dist = _test_source(corpus, config["test_batch_size"], ddp)
     if device.type == "cuda":
         train_src, valid_src, test_src = (t.pin_memory() for t in (train_src, valid_src, test_src))
 
@@ -893,6 +951,8 @@ def _train(
     step, epoch, position = 0, 0, 0
     hidden = mems = None
     history_valid: list = []
+    if config.get("init_from") and not loaded:
+        _init_weights(model, config["init_from"])
     if loaded:
         checkpoint = loaded.pop()
         try:
@@ -909,9 +969,9 @@ def _train(
         step, epoch, position = checkpoint["step"], checkpoint["epoch"], checkpoint["position"]
         history_valid = list(checkpoint.get("valid_bpc", []))
         rng = checkpoint["rng"]
-        data_rng.set_state(rng["data"])
+        data_rng.set_state(numpy_state_from_plain(rng["data"]))
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(numpy_state_from_plain(rng["numpy"]))
         if checkpoint["world_size"] == ddp.world_size:
             _set_rng_state(rng["ranks"][ddp.rank], device)
         else:
@@ -1008,9 +1068,9 @@ def _train(
             "mems": full_mems,
             "world_size": ddp.world_size,
             "rng": {
-                "data": data_rng.get_state(),
+                "data": numpy_state_to_plain(data_rng.get_state()),
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": numpy_state_to_plain(np.random.get_state()),
                 "ranks": ranks_rng,
             },
             "valid_bpc": result.valid_bpc,
@@ -1050,7 +1110,10 @@ def _train(
         bpc = evaluate(model, valid_src, config["bptt"], device, dtype_name, ddp, stop)
         if bpc is not None:
             result.valid_bpc.append((step, bpc))
-            say(f"| {label} | step {step} | epoch {epoch + 1} | valid bpc {bpc:.4f}")
+            say(
+                f"| {label} | step {step} | epoch {epoch + 1} | valid bpc {bpc:.4f} "
+                + _protocol_note(config, "valid")
+            )
         return bpc
 
     progress = tqdm(
@@ -1107,11 +1170,12 @@ def _train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             hidden, mems = _detach_state(hidden, mems)
-            # Two draws, as in the original: one for the LSTM state, one for the memory.
+            # Two draws, as in the original: one for the LSTM state, one for the memory, each
+            # reset when the draw exceeds 1 - reset_prob (its `random() > 0.975`).
             if config["reset_prob"] > 0:
-                if data_rng.random_sample() < config["reset_prob"]:
+                if data_rng.random_sample() > 1.0 - config["reset_prob"]:
                     hidden = None
-                if data_rng.random_sample() < config["reset_prob"]:
+                if data_rng.random_sample() > 1.0 - config["reset_prob"]:
                     mems = None
             position += x.shape[0]
             step += 1
@@ -1174,10 +1238,20 @@ def _train(
         if not result.interrupted:
             if last_eval_step != step:
                 validate("end")
-            test_bpc = evaluate(model, test_src, config["bptt"], device, dtype_name, ddp, stop)
+            test_bpc = evaluate(
+                model, test_src, config["bptt"], device, dtype_name, test_dist, stop
+            )
             if test_bpc is not None:
                 result.test_bpc = test_bpc
-                say(f"| end | step {step} | test bpc {test_bpc:.4f}")
+                say(
+                    f"| end | step {step} | test bpc {test_bpc:.4f} "
+                    + _protocol_note(config, "test")
+                )
+                if config.get("save_pretrained") and ddp.is_main:
+                    from .pretrained import save_pretrained
+
+                    save_pretrained(model, config["save_pretrained"], training=config)
+                    say(f"pretrained folder: {config['save_pretrained']}")
         if save_path:
             checkpoint_now()
             say(
@@ -1191,6 +1265,49 @@ def _train(
                 + ")"
             )
     return result
+
+
+def _protocol_note(config: dict, split: str) -> str:
+    """What a printed bpc was measured with, named as ``evaluate``'s protocols: ``original``
+    when the batch is the original code's for that split (valid min(100, batch), test 10)."""
+    if split == "valid":
+        batch, original = config["eval_batch_size"], min(100, config["batch_size"])
+    else:
+        batch, original = config["test_batch_size"], 10
+    name = "original" if batch == original else "custom"
+    return (
+        f"(protocol {name}: batch {batch}, bptt {config['bptt']}, memory "
+        f"{config['max_positions']})"
+    )
+
+
+def _test_source(corpus, batch: int, ddp: Dist) -> tuple:
+    """The test split in ``batch`` columns and the Dist to evaluate it with: sharded across
+    ranks when ``batch`` divides among them, else every rank reads all columns (the same
+    number on each, no all-reduce), so the original's batch of 10 works on any world size."""
+    source = _batchify(corpus, "test", batch, "--test-batch-size")
+    if batch % ddp.world_size == 0:
+        return data_lib.shard_columns(source, ddp.rank, ddp.world_size), ddp
+    return source, Dist()
+
+
+def _init_weights(model: nn.Module, path: str) -> None:
+    """Copy the weights of a checkpoint or pretrained folder into ``model`` (--init-from);
+    nothing in the file runs code."""
+    from .checkpoint import CheckpointError
+    from .evaluate import load_model
+
+    try:
+        source, _ = load_model(path, label="--init-from")
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise UsageError(
+            f"--init-from {path}: its weights do not fit this model "
+            f"({str(exc).splitlines()[-1].strip()}); give the same --emsize/--nhid/--nlayers"
+        ) from None
 
 
 def _checkpoint_step(path: str):

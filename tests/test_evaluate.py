@@ -31,12 +31,26 @@ def trained(tmp_path_factory):
 def test_equals_the_trainers_evaluation(trained, capsys):
     path, result, _ = trained
     assert result.test_bpc is not None and result.valid_bpc[-1][0] == 30
-    # Same batch (4) and bptt (16) as the trainer's: the same number, to the last bit.
-    assert evaluate_checkpoint(path, "test", batch_size=4) == result.test_bpc
-    assert evaluate_checkpoint(path, "valid") == result.valid_bpc[-1][1]  # valid: its batch
-    assert main(["--checkpoint", path, "--split", "test", "--batch-size", "4", "--quiet"]) == 0
+    # The trainer's final test and evaluate's default both use the original protocol (test
+    # batch 10, the training bptt 16): the same number, to the last bit.
+    assert evaluate_checkpoint(path, "test") == result.test_bpc
+    # The trainer validates at its --eval-batch-size 4; the original protocol at min(100, 4).
+    assert evaluate_checkpoint(path, "valid") == result.valid_bpc[-1][1]
+    assert main(["--checkpoint", path, "--split", "test", "--quiet"]) == 0
     out, err = capsys.readouterr()
-    assert out == f"test bpc {result.test_bpc:.4f}\n" and err == ""
+    assert err == "" and out == (
+        f"test bpc {result.test_bpc:.4f} (protocol original: batch 10, bptt 16, memory 48)\n"
+    )
+    assert main(["--checkpoint", path, "--protocol", "stream", "--quiet"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("test bpc ") and out.endswith(
+        "(protocol stream: batch 1, bptt 16, memory 48)\n"
+    ), out
+    assert main(["--checkpoint", path, "--split", "valid", "--bptt", "8", "--quiet"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("valid bpc ") and out.endswith(
+        "(protocol original, --bptt 8: batch 4, bptt 8, memory 48)\n"
+    ), out
 
 
 def hand_loop_bpc(model, stream, bptt, carry):
@@ -58,7 +72,7 @@ def test_paper_protocol_matches_a_hand_loop(trained):
     # Batch 1, segments of the training bptt, state and memory carried across the whole test
     # split, against the same computed by hand in float64.
     path, _, corpus = trained
-    got = evaluate_checkpoint(path, "test")
+    got = evaluate_checkpoint(path, "test", protocol="stream")
     model, _ = load_model(path, dtype=torch.float64)
     stream = data_lib.load_corpus(corpus).test.long()
     carried = hand_loop_bpc(model, stream, 16, carry=True)
@@ -69,7 +83,7 @@ def test_paper_protocol_matches_a_hand_loop(trained):
 
 def test_data_flag_reads_another_corpus(trained, tmp_path):
     path, result, corpus = trained
-    assert evaluate_checkpoint(path, "test", data=corpus, batch_size=4) == result.test_bpc
+    assert evaluate_checkpoint(path, "test", data=corpus) == result.test_bpc
     other = tmp_path / "other.txt"
     other.write_bytes(bytes(range(256)) * 30)
     assert evaluate_checkpoint(path, "test", data=str(other)) > result.test_bpc + 0.5
@@ -89,8 +103,9 @@ def test_progress_is_plain_when_not_a_terminal(trained, capsys):
     "case, argv, match",
     [
         ("missing", [], "no such file"),
-        ("plain_dict", [], "not a checkpoint of sha_rnn_kernels.train"),
-        ("text_file", [], "not a checkpoint of sha_rnn_kernels.train"),
+        ("plain_dict", [], "--checkpoint {path}: not a sha_rnn_kernels training checkpoint"),
+        ("text_file", [], "--checkpoint {path}: not a sha_rnn_kernels training checkpoint"),
+        ("ok", ["--protocol", "paper"], "invalid choice"),
         ("ok", ["--batch-size", "0"], "--batch-size must be a positive int; got 0"),
         ("ok", ["--bptt", "49"], "--bptt 49 exceeds the model's max_positions 48"),
         ("ok", ["--data", "/nonexistent/corpus"], "no such file"),
@@ -107,7 +122,7 @@ def test_bad_input_is_one_line_and_status_2(trained, tmp_path, capsys, case, arg
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("sha-rnn-evaluate: error: "), err
-    assert match in err, err
+    assert match.format(path=path) in err, err
 
 
 def test_process_exit_status(tmp_path):

@@ -253,8 +253,8 @@ def test_generation_leaves_mode_and_grad_alone(checkpoint):
     "case, match",
     [
         ("missing", "no such file"),
-        ("plain_dict", "not a checkpoint of sha_rnn_kernels.train"),
-        ("text_file", "not a checkpoint of sha_rnn_kernels.train"),
+        ("plain_dict", "not a sha_rnn_kernels training checkpoint"),
+        ("text_file", "not a sha_rnn_kernels training checkpoint"),
         ("empty_prompt", "the prompt is empty"),
         ("zero_length", "--length must be >= 1; got 0"),
         ("no_prompt", "--prompt TEXT or --prompt-file FILE"),
