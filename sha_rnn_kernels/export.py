@@ -31,7 +31,8 @@ class InferenceStep(nn.Module):
     """One inference segment of a :class:`~sha_rnn_kernels.SHARNN` with its state as tensors.
 
     ``h`` and ``c`` stack the blocks' LSTM states ``[nlayers, B, E]``; ``memory`` is the
-    attention block's memory ``[M, B, E]`` (M >= 1; the model keeps at most ``max_positions``).
+    attention block's memory ``[M, B, E]`` (the model keeps at most ``max_positions``). A
+    program exported with ``M = 0`` is the first segment's: no memory yet, as ``mems=None``.
     Returns the logits and the new ``h``, ``c`` and memory (``min(M + T, max_positions)``
     positions).
     """
@@ -67,9 +68,9 @@ def example_inputs(model, segment: int, batch: int, memory: int) -> tuple:
 
 def export_program(model, segment: int = 64, batch: int = 1, memory: int = 256):
     """``torch.export.export`` of :class:`InferenceStep` at these shapes (model in eval mode)."""
-    for name, value in (("segment", segment), ("batch", batch), ("memory", memory)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    for name, value, low in (("segment", segment, 1), ("batch", batch, 1), ("memory", memory, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
     if segment > model.max_positions:
         raise ValueError(
             f"segment {segment} exceeds the model's max_positions {model.max_positions}"
@@ -128,7 +129,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--segment", type=int, default=None, help="traced T (default: training bptt)")
     p.add_argument("--batch", type=int, default=1, help="traced batch")
     p.add_argument(
-        "--memory", type=int, default=None, help="traced memory length (default: max_positions - T)"
+        "--memory",
+        type=int,
+        default=None,
+        help="traced memory length (default: max_positions - T; 0: the first segment's program)",
     )
     args = p.parse_args(argv)
     try:

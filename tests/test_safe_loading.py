@@ -342,9 +342,19 @@ def test_export_command_and_torch_export_match_eager(trained, tmp_path, capsys):
     assert torch.isfinite(again[0]).all()
 
 
-def test_export_program_rejects_bad_shapes():
+def test_export_program_rejects_bad_shapes_and_traces_the_first_segment():
     model = _tiny()
+    # memory 0: the program of the first segment, equal to the model without memory.
+    program = export_program(model, segment=5, batch=2, memory=0).module()
+    x = torch.randint(0, 256, (5, 2))
+    zeros = torch.zeros(3, 2, 16)
+    logits, h, c, mem = program(x, zeros, zeros, torch.zeros(0, 2, 16))
+    want, hidden, mems = model.logits(x)
+    assert torch.equal(logits, want) and torch.equal(mem, mems[1])
+    assert torch.equal(h, torch.cat([state[0] for state in hidden]))
     with pytest.raises(ValueError, match="segment 25 exceeds the model's max_positions 24"):
         export_program(model, segment=25)
     with pytest.raises(ValueError, match="batch must be an int >= 1; got 0"):
         export_program(model, batch=0)
+    with pytest.raises(ValueError, match="memory must be an int >= 0; got -1"):
+        export_program(model, memory=-1)
