@@ -227,9 +227,10 @@ def next_token_probs(
     if top_p is None or top_p >= 1.0:
         return probs
     ordered, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    # Mass of the tokens ranked before each one, summed in float64 so that a set whose mass
-    # equals top_p exactly is not cut one token late by rounding.
-    before = ordered.double().cumsum(-1) - ordered.double()
+    # Mass of the tokens ranked before each one (an exclusive running sum in float64, so that
+    # a set whose mass equals top_p exactly is not cut one token late by rounding).
+    mass = ordered.double().cumsum(-1)
+    before = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], dim=-1)
     keep_sorted = before < top_p
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)

@@ -1170,13 +1170,9 @@ def _train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             hidden, mems = _detach_state(hidden, mems)
-            # Two draws, as in the original: one for the LSTM state, one for the memory, each
-            # reset when the draw exceeds 1 - reset_prob (its `random() > 0.975`).
-            if config["reset_prob"] > 0:
-                if data_rng.random_sample() > 1.0 - config["reset_prob"]:
-                    hidden = None
-                if data_rng.random_sample() > 1.0 - config["reset_prob"]:
-                    mems = None
+            reset_hidden, reset_mems = draw_resets(data_rng, config["reset_prob"])
+            hidden = None if reset_hidden else hidden
+            mems = None if reset_mems else mems
             position += x.shape[0]
             step += 1
             tokens_since += x.numel() * ddp.world_size
@@ -1265,6 +1261,15 @@ def _train(
                 + ")"
             )
     return result
+
+
+def draw_resets(rng: np.random.RandomState, reset_prob: float) -> tuple[bool, bool]:
+    """Whether to drop the LSTM state and the memory after a step: two draws, as the original
+    (one each, after the jitter's two, from the same generator), each true when the draw
+    exceeds ``1 - reset_prob`` (its ``random() > 0.975``). No draw when ``reset_prob`` is 0."""
+    if reset_prob <= 0:
+        return False, False
+    return rng.random_sample() > 1.0 - reset_prob, rng.random_sample() > 1.0 - reset_prob
 
 
 def _protocol_note(config: dict, split: str) -> str:
