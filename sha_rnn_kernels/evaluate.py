@@ -52,7 +52,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def read_checkpoint(path: str, label: str = "checkpoint") -> dict:
+def read_checkpoint(path: str, label: str = "path") -> dict:
     """The payload of a training checkpoint, or a :class:`CheckpointError` saying why not.
 
     Read with ``weights_only=True``: a file that would need code to load is refused and nothing

@@ -227,3 +227,14 @@ def test_seeded_top_p_sampling_reproduces_and_the_cli_validates(capsysbinary):
     assert err == (
         "sha-rnn-generate: error: --top-p must be a number in (0, 1] (None: off); got 1.5\n"
     )
+
+
+def test_the_original_test_batch_runs_on_any_world_size(corpus):
+    # Batch 10 over 4 ranks: every rank reads all 10 columns (the same number on each, no
+    # all-reduce) rather than refusing the original protocol; over 2 ranks each takes 5.
+    split = data_lib.load_corpus(corpus)
+    full, _ = train._test_source(split, 10, train.Dist())
+    source, dist = train._test_source(split, 10, train.Dist(rank=1, world_size=4))
+    assert torch.equal(source, full) and not dist.enabled
+    source, dist = train._test_source(split, 10, train.Dist(rank=1, world_size=2))
+    assert torch.equal(source, full[:, 5:]) and dist.world_size == 2
