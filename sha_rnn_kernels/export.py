@@ -8,8 +8,9 @@ memory [M, B, E]) -> (logits [T, B, V], h, c, memory)``, traced at the shapes gi
 ``--segment``, ``--batch`` and ``--memory`` (static shapes; export again for others). Load it
 with ``torch.export.load(path).module()``.
 
-The trace runs on the CPU with the backend the model resolves to there (the reference ops);
-the package's custom ops (Triton, CUDA) have fake kernels and trace the same way on a GPU.
+The program holds the ops the model's backend resolves to while tracing: ``"auto"`` on the CPU
+gives the reference's ATen ops; ``backend="triton"`` (on a GPU, or on the CPU under
+``TRITON_INTERPRET=1``) gives the package's custom ops, traced through their fake kernels.
 """
 
 from __future__ import annotations

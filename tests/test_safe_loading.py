@@ -358,3 +358,26 @@ def test_export_program_rejects_bad_shapes_and_traces_the_first_segment():
         export_program(model, batch=0)
     with pytest.raises(ValueError, match="memory must be an int >= 0; got -1"):
         export_program(model, memory=-1)
+
+
+def test_torch_export_keeps_the_packages_custom_ops():
+    # backend="triton" (Triton's interpreter on the CPU here): the exported program calls the
+    # package's custom ops, traced through their fake kernels, and matches eager.
+    torch.manual_seed(0)
+    model = SHARNN(256, ninp=32, nhid=64, nlayers=2, max_positions=16, backend="triton").eval()
+    program = export_program(model, segment=4, batch=2, memory=8)
+    called = set()
+    for module in program.graph_module.modules():
+        if hasattr(module, "graph"):
+            called |= {str(n.target) for n in module.graph.nodes if n.op == "call_function"}
+    ops = {"sha_rnn_kernels.attention_fwd.default", "sha_rnn_kernels.boom_fwd.default",
+           "sha_rnn_kernels.lstm_fwd.default"}  # fmt: skip
+    assert ops <= called, sorted(called)
+    x, h, c, mem = example_inputs(model, 4, 2, 8)
+    h, c, mem = torch.randn_like(h), torch.randn_like(c), torch.randn_like(mem)
+    got = program.module()(x, h, c, mem)
+    model.check_token_ids = False
+    with torch.no_grad():
+        want = InferenceStep(model)(x, h, c, mem)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
