@@ -3,7 +3,7 @@
 Two named protocols, both reading the split in segments of the training bptt with the LSTM
 states and the attention memory (up to ``max_positions``) carried across the whole split and no
 dropout: ``original`` (the default), as smerity/sha-rnn's ``main.py`` evaluated, valid at batch
-``min(100, training batch)`` and test at batch 10; ``stream``, the split as one stream (batch 1).
+``min(100, training batch)`` and test at batch 8; ``stream``, the split as one stream (batch 1).
 Every printed bpc names its protocol, split, batch, bptt and memory. The loop is the trainer's
 own :func:`sha_rnn_kernels.train.evaluate`, so at the same batch size and bptt the number equals
 the trainer's ``valid bpc`` / ``test bpc`` exactly.
@@ -135,11 +135,11 @@ _FOLDER_DEFAULTS: dict = {"data": None, "max_bytes": None, "eval_batch_size": 16
 
 
 # Evaluation protocols. "original": as smerity/sha-rnn's main.py evaluated (valid at batch
-# min(100, training batch) = 16, test at its test_batch_size = 10, segments of the training
+# min(100, training batch) = 16, test at its test_batch_size = 8, segments of the training
 # bptt, state and memory carried across the split, memory up to max_positions). "stream":
 # the whole split as one stream (batch 1).
 PROTOCOLS = ("original", "stream")
-ORIGINAL_TEST_BATCH = 10
+ORIGINAL_TEST_BATCH = 8
 
 
 def protocol_settings(protocol: str, split: str, config: dict) -> tuple[int, int]:
@@ -181,7 +181,7 @@ def evaluate_checkpoint(
         dtype: autocast dtype ``fp32``, ``bf16`` or ``fp16`` (None: the run's on CUDA, fp32
             elsewhere).
         progress: ``progress(done, total)`` is called before each segment.
-        protocol: ``"original"`` (valid batch 16, test batch 10, as the original code) or
+        protocol: ``"original"`` (valid batch 16, test batch 8, as the original code) or
             ``"stream"`` (batch 1); both carry the state and memory across the split.
         label: how errors name ``checkpoint`` (the command passes ``--checkpoint``).
         details: if a dict, filled with the protocol, split, batch, bptt and memory used.
@@ -241,7 +241,7 @@ def evaluate_checkpoint(
 
 
 def describe_bpc(bpc: float, details: dict) -> str:
-    """``test bpc 1.2345 (protocol original: batch 10, bptt 1024, memory 5000)``."""
+    """``test bpc 1.2345 (protocol original: batch 8, bptt 1024, memory 5000)``."""
     custom = "" if details.get("custom") is None else f", {details['custom']}"
     return (
         f"{details['split']} bpc {bpc:.4f} (protocol {details['protocol']}{custom}: batch "
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PROTOCOLS,
         default="original",
         help="original: as smerity/sha-rnn evaluated (valid batch min(100, training batch), "
-        "test batch 10, training bptt, memory max_positions, state carried across the split); "
+        "test batch 8, training bptt, memory max_positions, state carried across the split); "
         "stream: batch 1, the whole split as one stream",
     )
     p.add_argument(

@@ -32,14 +32,14 @@ def test_equals_the_trainers_evaluation(trained, capsys):
     path, result, _ = trained
     assert result.test_bpc is not None and result.valid_bpc[-1][0] == 30
     # The trainer's final test and evaluate's default both use the original protocol (test
-    # batch 10, the training bptt 16): the same number, to the last bit.
+    # batch 8, the training bptt 16): the same number, to the last bit.
     assert evaluate_checkpoint(path, "test") == result.test_bpc
     # The trainer validates at its --eval-batch-size 4; the original protocol at min(100, 4).
     assert evaluate_checkpoint(path, "valid") == result.valid_bpc[-1][1]
     assert main(["--checkpoint", path, "--split", "test", "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out == (
-        f"test bpc {result.test_bpc:.4f} (protocol original: batch 10, bptt 16, memory 48)\n"
+        f"test bpc {result.test_bpc:.4f} (protocol original: batch 8, bptt 16, memory 48)\n"
     )
     assert main(["--checkpoint", path, "--protocol", "stream", "--quiet"]) == 0
     out, _ = capsys.readouterr()
