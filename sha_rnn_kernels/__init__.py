@@ -4,6 +4,7 @@
 """
 
 from ._backend import BACKENDS, BackendUnavailableError
+from .dispatch import backends, explain
 from .modules import LSTM, SHARNN, Boom, SHALayer, SingleHeadAttention
 
 __version__ = "0.1.0"
@@ -17,4 +18,6 @@ __all__ = [
     "SHALayer",
     "SingleHeadAttention",
     "__version__",
+    "backends",
+    "explain",
 ]
