@@ -82,15 +82,17 @@ def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(kept)[-600:]
 
 
-def run_in_child(job: Dict, seconds: Optional[float] = None) -> Verdict:
-    """Run the check ``job`` (see :func:`spec`) in a child process and return its verdict."""
+def run_in_child(job: Dict, seconds: Optional[float] = None,
+                 env: Optional[Dict[str, str]] = None) -> Verdict:  # fmt: skip
+    """Run the check ``job`` (see :func:`spec`) in a child process and return its verdict
+    (``env``: the child's environment, default this process's)."""
     seconds = timeout() if seconds is None else seconds
     command = [sys.executable, "-m", "sha_rnn_kernels._contained", json.dumps(job)]
     if getattr(sys, "frozen", False) or not sys.executable:
         raise OSError("this is a frozen application: there is no Python interpreter to start")
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=seconds,
-                                env=_child_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+                                env=env or _child_env(), stdin=subprocess.DEVNULL)  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         # subprocess.run killed the child; what it printed says how far it got.
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""

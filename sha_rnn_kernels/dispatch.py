@@ -185,19 +185,22 @@ def _first_use(op: str, backend: str, tensors: Sequence[Tensor], run: bool) -> O
     shape = _input_class(op, tensors)
     if not _device_check.checks_enabled():
         return None
-    if _device_check.is_compiling() or _device_check.capturing(device) or not run:
+    if _device_check.is_compiling() or _device_check.capturing(device):
         index = device.index if device.index is not None else -1
-        known = _known_verdict(op, backend, device.type, index, str(dtype)[6:], shape)
-        if known == 1:
+        if _known_verdict(op, backend, device.type, index, str(dtype)[6:], shape) == 1:
             return None
-        if known == 0 or run:
-            return _Quiet("no passing first-use verdict is known, and no check runs under "
-                          "torch.compile or CUDA-graph capture")  # fmt: skip
-        return _Quiet("not checked yet on this device: auto checks it (in a child process) "
-                      "at first use")  # fmt: skip
-    from . import _contained
+        return _Quiet("no passing first-use verdict is known, and no check runs under "
+                      "torch.compile or CUDA-graph capture")  # fmt: skip
+    if run:
+        from . import _contained
 
-    verdict = _contained.first_use_verdict(op, backend, device, dtype, shape)
+        verdict = _contained.first_use_verdict(op, backend, device, dtype, shape)
+    else:
+        store = _device_check.FIRST_USE
+        verdict = store.lookup(store.key(op, backend, device, dtype, shape))
+        if verdict is None:
+            return _Quiet("not checked yet on this device: auto checks it (in a child process) "
+                          "at first use")  # fmt: skip
     if verdict.passed:
         return None
     return (f"failed its first-use check on {device} ({verdict.dtype}, "

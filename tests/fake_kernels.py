@@ -37,8 +37,9 @@ def _fault(right, kind):
         result = right(*args, **kwargs)
         if kind == "wrong":  # one element off: a tile edge computed wrongly
             first = result[0] if isinstance(result, tuple) else result
-            with torch.no_grad():
-                first.view(-1)[-1] += 1.0
+            bump = torch.zeros_like(first)
+            bump.view(-1)[-1] = 1.0
+            result = (first + bump, *result[1:]) if isinstance(result, tuple) else first + bump
         return result
 
     return kernel
