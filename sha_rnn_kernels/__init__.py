@@ -4,10 +4,9 @@
 """
 
 from ._backend import BACKENDS, BackendUnavailableError
+from ._version import __version__
 from .dispatch import backends, explain
 from .modules import LSTM, SHARNN, Boom, SHALayer, SingleHeadAttention
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",

@@ -174,7 +174,7 @@ def source_fingerprint(op: str, backend: str) -> str:
 
 def device_identity(device: torch.device) -> Dict[str, str]:
     """What a verdict depends on besides the op and its inputs: the device and the software."""
-    from . import __version__
+    from ._version import __version__
 
     try:
         import triton
