@@ -177,6 +177,15 @@ def _gate(op: str, name: str, gate: Optional[Tensor], width: int) -> Optional[Te
     return gate.reshape(width)
 
 
+def _gates_like(op: str, q: Tensor, key_gate, value_gate) -> tuple:
+    """The gates on q's device (else an error) in q's dtype."""
+    for name, gate in (("key_gate", key_gate), ("value_gate", value_gate)):
+        if gate is not None and gate.device != q.device:
+            raise ValueError(f"{op}: {name} is on {gate.device} but q is on {q.device}")
+    # The gates are parameters kept in float32; the kernels take them in q's dtype.
+    return tuple(None if g is None else g.to(q.dtype) for g in (key_gate, value_gate))
+
+
 def single_head_attention(
     q: Tensor,
     k: Tensor,
@@ -290,12 +299,7 @@ def single_head_attention(
     _check_same(
         op, [("q", q), ("k", k), ("v", v), ("segment", segment)], check_dtype=not autocast_on
     )
-    for name, gate in (("key_gate", key_gate), ("value_gate", value_gate)):
-        if gate is not None and gate.device != q.device:
-            raise ValueError(f"{op}: {name} is on {gate.device} but q is on {q.device}")
-    # The gates are parameters kept in float32; the kernels take them in q's dtype.
-    key_gate = None if key_gate is None else key_gate.to(q.dtype)
-    value_gate = None if value_gate is None else value_gate.to(q.dtype)
+    key_gate, value_gate = _gates_like(op, q, key_gate, value_gate)
     if not training:
         p = pv = 0.0
 
