@@ -28,17 +28,21 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from typing import Dict, Optional
 
 import torch
 
 from . import _device_check
-from ._device_check import Verdict, dtype_name
+from ._device_check import NOT_CACHED, Verdict, dtype_name
 
 TIMEOUT_ENV = "SHA_RNN_KERNELS_CHECK_TIMEOUT"
 HOOK_ENV = "SHA_RNN_KERNELS_CHECK_HOOK"
 DEFAULT_TIMEOUT = 120.0
+# Seconds a child may take to start Python and build the CUDA extension before its check.
+BUILD_TIMEOUT = 1800.0
 _MARK = "SHA_RNN_KERNELS_VERDICT "
 _no_child_warned = threading.Event()
 
@@ -85,27 +89,54 @@ def _tail(text: str, lines: int = 3) -> str:
 def run_in_child(job: Dict, seconds: Optional[float] = None,
                  env: Optional[Dict[str, str]] = None) -> Verdict:  # fmt: skip
     """Run the check ``job`` (see :func:`spec`) in a child process and return its verdict
-    (``env``: the child's environment, default this process's)."""
+    (``env``: the child's environment, default this process's).
+
+    The timeout counts from when the child is ready to run the kernel: after it started Python
+    and, for the CUDA LSTM, built the extension (which may take minutes once; that stage has
+    ``BUILD_TIMEOUT`` seconds, and running out of it gives a verdict that is not cached)."""
     seconds = timeout() if seconds is None else seconds
-    command = [sys.executable, "-m", "sha_rnn_kernels._contained", json.dumps(job)]
     if getattr(sys, "frozen", False) or not sys.executable:
         raise OSError("this is a frozen application: there is no Python interpreter to start")
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=seconds,
-                                env=env or _child_env(), stdin=subprocess.DEVNULL)  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        # subprocess.run killed the child; what it printed says how far it got.
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        return _failed(job, f"hang: no verdict within {seconds:g} s ({TIMEOUT_ENV}); the "
-                            f"check was killed{': ' + _tail(err) if err.strip() else ''}")
-    for line in reversed(result.stdout.splitlines()):
+    with tempfile.TemporaryDirectory(prefix="sha-rnn-check-") as scratch:
+        ready = os.path.join(scratch, "ready")
+        command = [sys.executable, "-m", "sha_rnn_kernels._contained", json.dumps(job), ready]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, env=env or _child_env())
+        out, err, stage = _wait(proc, ready, seconds)
+    if stage is not None:
+        if stage == "starting":
+            return _failed(job, f"{NOT_CACHED}timeout: the check did not start within "
+                                f"{BUILD_TIMEOUT:g} s (starting Python, building the kernel)"
+                                f"{': ' + _tail(err) if err.strip() else ''}")  # fmt: skip
+        return _failed(job, f"hang: no verdict within {seconds:g} s ({TIMEOUT_ENV}); the check "
+                            f"was killed{': ' + _tail(err) if err.strip() else ''}")  # fmt: skip
+    for line in reversed(out.splitlines()):
         if line.startswith(_MARK):
             return Verdict(**json.loads(line[len(_MARK):]))
-    if result.returncode < 0:
-        return _failed(job, f"crash: the check died of {_signal_name(-result.returncode)}"
-                            f"{': ' + _tail(result.stderr) if result.stderr.strip() else ''}")
-    return _failed(job, f"crash: the check exited with status {result.returncode} and no "
-                        f"verdict: {_tail(result.stderr) or 'no output'}")  # fmt: skip
+    if proc.returncode < 0:
+        return _failed(job, f"crash: the check died of {_signal_name(-proc.returncode)}"
+                            f"{': ' + _tail(err) if err.strip() else ''}")  # fmt: skip
+    return _failed(job, f"crash: the check exited with status {proc.returncode} and no "
+                        f"verdict: {_tail(err) or 'no output'}")  # fmt: skip
+
+
+def _wait(proc: subprocess.Popen, ready: str, seconds: float):
+    """(stdout, stderr, None) when the child ended; (.., .., stage) when it was killed for
+    running out of time while ``"starting"`` or ``"checking"``."""
+    deadline, started = time.monotonic() + BUILD_TIMEOUT, False
+    while True:
+        now = time.monotonic()
+        try:
+            out, err = proc.communicate(timeout=max(0.05, min(0.5, deadline - now)))
+            return out, err, None
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            if not started and os.path.exists(ready):
+                started, deadline = True, now + seconds
+            if now >= deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                return out, err, "checking" if started else "starting"
 
 
 def _child_env() -> Dict[str, str]:
@@ -178,32 +209,55 @@ def first_use_verdict(op: str, backend: str, device: torch.device, dtype: torch.
     """The verdict ``auto`` goes by for this input class: known (this process or the disk
     cache), else checked now in a child; agreed by every rank of a distributed job."""
     store = _device_check.FIRST_USE
+    job = spec(op, backend, device, dtype, shape)
+    world = _distributed()
+    if world is None:
+        verdict = store.verdict(op, backend, device, dtype, shape, lambda: run_check(job))
+        if verdict is None:
+            return _failed(job, f"{NOT_CACHED}not checked: no check runs under torch.compile "
+                                f"or while a CUDA graph is being captured")  # fmt: skip
+        return verdict
     key = store.key(op, backend, device, dtype, shape)
     key_text = json.dumps(key, sort_keys=True)
-    world = _distributed()
     with store._lock:
+        # Once per process: every rank reaches this point at the same first use.
         if key_text in store.agreed:
             return store.agreed[key_text]
         verdict = store.lookup(key)
-        if verdict is None and (world is None or world[1]):
+        if verdict is None and world[1]:
             store.runs += 1
-            verdict = run_check(spec(op, backend, device, dtype, shape))
+            verdict = run_check(job)
             store.store(key, verdict)
-        if world is not None:
-            verdict = _agree(verdict, spec(op, backend, device, dtype, shape))
+        verdict = _agree(verdict, job)
         store.agreed[key_text] = verdict
         return verdict
 
 
+def _prepare(job: Dict) -> None:
+    """What may take long once and is not the check: building the CUDA LSTM's extension."""
+    if job["op"] == "lstm" and job["backend"] == "cuda" and "cuda" in str(job["device"]):
+        from . import _cuda
+
+        _cuda.load_extension(torch.device(str(job["device"])))
+
+
 def _main(argv) -> int:
-    """The child: run the hook (tests), then the check, and print the verdict on one line."""
-    job = json.loads(argv[0])
+    """The child: run the hook (tests), build what the check needs, say so (the timeout starts
+    then), run the check and print the verdict on one line."""
+    job, ready = json.loads(argv[0]), argv[1] if len(argv) > 1 else None
     hook = os.environ.get(HOOK_ENV)
     if hook:
         import runpy
 
         runpy.run_path(hook)
-    verdict = _run_here(job)
+    try:
+        _prepare(job)
+    except Exception as exc:  # noqa: BLE001 - a failed build is a failed check
+        verdict = _failed(job, f"exception: building the kernel: {type(exc).__name__}: {exc}")
+    else:
+        if ready:
+            open(ready, "w").close()
+        verdict = _run_here(job)
     from dataclasses import asdict
 
     print(_MARK + json.dumps(asdict(verdict)), flush=True)

@@ -38,6 +38,9 @@ from .testing import ATOL, max_error
 
 CACHE_ENV = "SHA_RNN_KERNELS_CACHE_DIR"
 CHECK_ENV = "SHA_RNN_KERNELS_FIRST_USE_CHECK"
+# A verdict whose error starts with this is kept for the process only: it says nothing about
+# the kernel (the machine was too slow to build it, or no check could run).
+NOT_CACHED = "not cached: "
 FORMAT = 1
 
 @dataclass
@@ -304,10 +307,13 @@ class FirstUse:
     def store(self, key: Dict[str, object], verdict: Verdict) -> None:
         """Remember ``verdict`` for the process and write it to disk atomically (a file
         written to a temporary name in the same directory, then renamed over the target).
-        A directory that cannot be written only loses the disk copy."""
+        A directory that cannot be written only loses the disk copy; a verdict whose error
+        starts with :data:`NOT_CACHED` is not written."""
         key_text = json.dumps(key, sort_keys=True)
         with self._lock:
             self._verdicts[key_text] = verdict
+            if verdict.error.startswith(NOT_CACHED):
+                return
             path = self._path(key_text)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +358,7 @@ class FirstUse:
                 verdict = run()
             except Exception as exc:  # noqa: BLE001 - a failing check must not fail the op
                 verdict = Verdict(op, backend, _dtype_name(dtype), str(dict(shape)), False,
-                                  error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                                  error=f"exception: {type(exc).__name__}: {exc}")  # fmt: skip
             self.store(key, verdict)
             return verdict
 

@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import torch
 from torch import Tensor
 
-from . import _backend, _device_check, reference
+from . import _backend, _checks, _device_check, reference
 from ._backend import BACKENDS, BackendSpec, BackendUnavailableError, warn_once
 
 __all__ = ["backends", "explain", "explain_rows", "select", "preload", "auto_order"]
@@ -69,8 +69,7 @@ _OPS = {
     "decode": _Op("decode attention", "attention", ("triton", "reference"), ("reference",),
                   _ALIASES),
 }  # fmt: skip
-CHECKED = (("lstm", "cuda"), ("lstm", "triton"), ("attention", "triton"), ("boom", "triton"),
-           ("decode", "triton"))  # fmt: skip
+CHECKED = _checks.CHECKED  # the kernels of ours: (op, backend)
 
 
 def auto_order(op: str, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -158,9 +157,7 @@ AUTO_CONSTRAINTS: Dict[Tuple[str, str], Tuple[Callable[..., Optional[str]], ...]
 
 
 def _input_class(op: str, tensors: Sequence[Tensor]) -> Tuple[Tuple[str, int], ...]:
-    from ._checks import input_class
-
-    return input_class(op, *tensors)
+    return _checks.input_class(op, *tensors)
 
 
 def _known_verdict(op: str, backend: str, device_type: str, index: int, dtype_name: str,
@@ -205,7 +202,7 @@ def _first_use(op: str, backend: str, tensors: Sequence[Tensor], run: bool) -> O
         return None
     return (f"failed its first-use check on {device} ({verdict.dtype}, "
             f"{' '.join(f'{k}={v}' for k, v in shape)}: {verdict.describe()}); "
-            f"`python -m sha_rnn_kernels.check` prints every kernel's check")  # fmt: skip
+            f"`python -m sha_rnn_kernels.check` checks every kernel again and prints why")
 
 
 def _reason(op: str, backend: str, tensors: Sequence[Tensor], auto: bool,
@@ -319,7 +316,7 @@ def select(op: str, backend: BackendSpec, *tensors: Tensor) -> str:
             f"sha_rnn_kernels.backends() has no backend that can run these inputs ("
             f"{'; '.join(f'{b}: {r}' for b, r in passed_over)})"
         )
-    if loud:
+    if loud and decided:  # no warning from inside a torch.compile trace
         warn_once(f"{op}:auto:{chosen}:{';'.join(loud)}",
                   f"sha_rnn_kernels.{info.label}: backend='auto' uses "
                   f"{_describe(op, chosen, device)} for these inputs ({'; '.join(loud)})")
