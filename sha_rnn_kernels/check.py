@@ -9,8 +9,9 @@ backend, dtype, shape, verdict, max error, tolerance. The verdicts go to the fir
 (:mod:`sha_rnn_kernels._device_check`), so ``backend="auto"`` (and torch.compile) uses the
 kernels at once in later processes.
 
-``--explain OP`` checks nothing: it prints, for OP's inputs as described by the other options,
-every backend with the reason ``auto`` (or ``--backend``) would or would not choose it.
+``--explain [OP]`` checks nothing: it prints, for OP's inputs (every op's, without OP) as the
+other options describe them, every backend with the reason ``auto`` (or ``--backend``) would or
+would not choose it.
 
 Exit status: 0 when every check that ran passed, 1 when one failed (mismatch, exception, crash
 or hang), 2 on bad arguments. Without a CUDA device it says so and checks nothing, unless
@@ -184,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="device (default: the current CUDA device; --explain: cpu without one)")
     p.add_argument("--quiet", action="store_true", help="print the table only")
-    p.add_argument("--explain", choices=OPS, default=None, metavar="OP",
-                   help=f"explain the backend choice for OP (one of {', '.join(OPS)}) instead")
+    p.add_argument("--explain", choices=OPS + ("all",), nargs="?", const="all", default=None,
+                   metavar="OP", help=f"check nothing; explain the backend choice for OP (one "
+                                      f"of {', '.join(OPS)}; every op when left out)")
     p.add_argument("--width", type=int, default=1024, help="--explain: the model width E")
     p.add_argument("--features", type=int, default=4096, help="--explain: the Boom width F")
     p.add_argument("--steps", type=int, default=64,
@@ -224,9 +226,10 @@ def _explain(args) -> int:
     except (RuntimeError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    for name in args.dtypes or ["bf16", "fp16", "fp32"]:
-        inputs = explain_inputs(args.explain, device, DTYPES[name], args)
-        print(dispatch.explain(args.explain, *inputs, backend=backend))
+    for op in OPS if args.explain == "all" else (args.explain,):
+        for name in args.dtypes or ["bf16", "fp16", "fp32"]:
+            inputs = explain_inputs(op, device, DTYPES[name], args)
+            print(dispatch.explain(op, *inputs, backend=backend))
     return 0
 
 

@@ -302,12 +302,15 @@ def select(op: str, backend: BackendSpec, *tensors: Tensor) -> str:
     device = tensors[0].device
     if restriction is None and device.type not in AUTO_DEVICES:
         return info.elsewhere[0]
+    # The choice is kept per device, dtypes and shapes (all but the first dimension), except
+    # where no check can run (a compile trace, a CUDA-graph capture): decided again next time.
     decided = not (_device_check.is_compiling() or _device_check.capturing(device))
-    choice_key = (op, str(device), restriction, *((t.dtype, tuple(t.shape[1:])) for t in tensors
-                                                   if t is not None))  # fmt: skip
     choices = _device_check.FIRST_USE.choices
-    if decided and choice_key in choices:
-        return choices[choice_key]
+    if decided:
+        choice_key = (op, str(device), restriction, *((t.dtype, tuple(t.shape[1:]))
+                                                       for t in tensors if t is not None))
+        if choice_key in choices:
+            return choices[choice_key]
     chosen, passed_over = _walk(op, tensors, restriction, run=True)
     loud = [f"{b}: {r}" for b, r in passed_over if not isinstance(r, _Quiet)]
     if chosen is None:

@@ -402,6 +402,11 @@ def test_explain_command(capsys):
     assert "lstm on cpu, bfloat16, [64, 2, 16] [128, 16] [128, 32], backend='auto':" in out
     assert "torch      CHOSEN" in out and "cuda" in out and "triton" in out
     assert check.main(["--explain", "boom", "--device", "cpu", "--backend", "boom=fast"]) == 2
+    capsys.readouterr()
+    assert check.main(["--explain", "--device", "cpu", "--dtypes", "fp32", "--width", "16"]) == 0
+    out = capsys.readouterr().out
+    for label in ("lstm", "single_head_attention", "boom", "decode attention"):
+        assert f"{label} on cpu, float32" in out
 
 
 def test_check_table_lists_every_column():
