@@ -84,6 +84,10 @@ class _Quiet(str):
     """A reason ``auto`` passes a backend over for without a warning (a deliberate choice)."""
 
 
+class _Unchecked(_Quiet):
+    """No verdict yet (only :func:`explain` sees this: ``auto`` runs the check instead)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Constraints: each returns why a backend cannot take the inputs, or None
 # ----------------------------------------------------------------------------------------------
@@ -196,8 +200,8 @@ def _first_use(op: str, backend: str, tensors: Sequence[Tensor], run: bool) -> O
         store = _device_check.FIRST_USE
         verdict = store.lookup(store.key(op, backend, device, dtype, shape))
         if verdict is None:
-            return _Quiet("not checked yet on this device: auto checks it (in a child process) "
-                          "at first use")  # fmt: skip
+            return _Unchecked("not checked yet on this device: auto checks it (in a child "
+                              "process) at first use")  # fmt: skip
     if verdict.passed:
         return None
     return (f"failed its first-use check on {device} ({verdict.dtype}, "
@@ -336,7 +340,7 @@ def _walk(op: str, tensors: Sequence[Tensor], restriction, run: bool):
             passed_over.append((candidate, _Quiet(f"not in backends{restriction}")))
             continue
         reason = _reason(op, candidate, tensors, auto=True, run=run)
-        if reason is None or (not run and "not checked yet" in reason):
+        if reason is None or isinstance(reason, _Unchecked):
             return candidate, passed_over
         passed_over.append((candidate, reason))
     return None, passed_over
