@@ -4,8 +4,10 @@ The user's process never runs a kernel of ours that has not passed its check, an
 goes wrong cannot hurt it: the child (``python -m sha_rnn_kernels._contained``, a fresh
 interpreter on the same device with its own CUDA context) runs :func:`sha_rnn_kernels._checks.run`
 and prints its verdict. A hang (no verdict within ``SHA_RNN_KERNELS_CHECK_TIMEOUT`` seconds,
-default 120; the child is killed), a death by signal (an illegal address that aborts, SIGSEGV),
-a Python exception and a mismatch each become a failed verdict whose ``error`` says which.
+default 120, counted from when the child is ready to run the kernel; the child is killed), a
+death by signal (an illegal address that aborts, SIGSEGV), a Python exception and a mismatch
+each become a failed verdict whose ``error`` says which. A child not ready within
+``BUILD_TIMEOUT`` (starting Python, building the CUDA extension) fails without being cached.
 The child inherits the environment (``TRITON_INTERPRET``, ``TRITON_CACHE_DIR``, the cache
 directory), so it also fills Triton's on-disk cache and builds the CUDA extension for the
 parent. Where no child can be started (a frozen application, a sandbox without ``fork``), the
