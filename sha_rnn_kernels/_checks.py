@@ -131,14 +131,13 @@ def _check(op: str, backend: str, dtype: torch.dtype, shape: str, device: torch.
     return compare(op, backend, dtype, shape, actual, expected, lowp)
 
 
-def _worst(verdicts, label: str) -> Verdict:
+def _worst(verdicts) -> Verdict:
     """One verdict for several sub-checks: the first failure, else the one nearest its
-    tolerance; ``shape`` lists them all."""
+    tolerance; ``shape`` lists every sub-check."""
     first = verdicts[0]
-    shape = "; ".join(v.shape for v in verdicts)
     failed = [v for v in verdicts if not v.passed]
     pick = failed[0] if failed else max(verdicts, key=lambda v: v.max_error / v.tolerance)
-    return Verdict(first.op, first.backend, first.dtype, shape if label else pick.shape,
+    return Verdict(first.op, first.backend, first.dtype, "; ".join(v.shape for v in verdicts),
                    pick.passed, pick.max_error, pick.tolerance, pick.worst, pick.error)  # fmt: skip
 
 
@@ -281,7 +280,7 @@ def check_boom(device: torch.device, dtype: torch.dtype, rows: int, width: int,
 
         verdicts.append(_check("boom", backend, dtype, shape, device, kernel_run,
                                reference_run, torch.float64))  # fmt: skip
-    verdict = _worst(verdicts, "both")
+    verdict = _worst(verdicts)
     if rate is not None and verdict.passed:
         verdict.passed, verdict.error = False, rate
     return verdict
@@ -404,7 +403,7 @@ def check_attention(device: torch.device, dtype: torch.dtype, query_len: int, ke
                            f"train p={dropout_p},{value_dropout_p} {sizes}", device,
                            lambda: train_run(True, dtype), lambda d: train_run(False, d),
                            torch.float64))  # fmt: skip
-    verdict = _worst(verdicts, "both")
+    verdict = _worst(verdicts)
     if rate is not None and verdict.passed:
         verdict.passed, verdict.error = False, rate
     return verdict
@@ -469,7 +468,7 @@ def run(spec: Dict[str, object]) -> Verdict:
                                        batch, steps=steps, input_size=inputs, backend=backend))
             if not verdicts[-1].passed:
                 break
-        return _worst(verdicts, "batches")
+        return _worst(verdicts)
     width = int(shape["E"])
     if op == "boom":
         return check_boom(device, dtype, 7 if tiny else 256, width, int(shape["F"]), backend)
