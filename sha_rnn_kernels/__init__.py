@@ -4,9 +4,9 @@
 """
 
 from ._backend import BACKENDS, BackendUnavailableError
+from ._version import __version__
+from .dispatch import backends, explain
 from .modules import LSTM, SHARNN, Boom, SHALayer, SingleHeadAttention
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
@@ -17,4 +17,6 @@ __all__ = [
     "SHALayer",
     "SingleHeadAttention",
     "__version__",
+    "backends",
+    "explain",
 ]

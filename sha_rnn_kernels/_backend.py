@@ -1,4 +1,4 @@
-"""Backend selection shared by every op.
+"""Backend names and arguments shared by every op (parsing, the environment variable).
 
 Backends:
 - ``"reference"``: the pure-PyTorch code of :mod:`sha_rnn_kernels.reference` (any device).
@@ -9,11 +9,9 @@ Backends:
 - ``"cuda"``: the CUDA C++ kernels of ``csrc/`` (the persistent LSTM), built on first use. For an
   op without a CUDA C++ kernel (Boom, attention) ``"cuda"`` means that op's Triton kernel, so
   ``backend="cuda"`` asks for "our fastest CUDA code" everywhere.
-- ``"auto"``: on CUDA tensors, the fastest backend that can take the inputs; elsewhere the
-  reference (PyTorch's own op for the LSTM). When a CUDA input cannot use any kernel, ``auto``
-  falls back to the reference and warns once per op and reason. For the LSTM, see
-  :func:`sha_rnn_kernels.functional.lstm` (bf16 goes to the CUDA kernel once it passed its
-  first-use check on the device, everything else to cuDNN).
+- ``"auto"``: on CUDA tensors, the first backend of the op's priority order that can take the
+  inputs and whose kernel passed its first-use check; elsewhere the reference (PyTorch's own op
+  for the LSTM). :mod:`sha_rnn_kernels.dispatch` decides; this module only parses the names.
 
 A backend may be one name for every op or a per-op mapping: a dict such as
 ``{"lstm": "cuda", "attention": "triton", "boom": "triton"}`` or the same as a string,
@@ -28,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -217,70 +215,6 @@ def warn_once(key: str, message: str) -> None:
         return
     _warned.add(key)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def resolve(
-    op: str,
-    backend: BackendSpec,
-    device: torch.device,
-    reasons: dict[str, Callable[[], Optional[str]]],
-    auto_order: Sequence[str],
-    cpu_default: str = "reference",
-    key: Optional[str] = None,
-    auto_pick: Optional[Callable[[], Optional[str]]] = None,
-) -> str:
-    """Pick the backend that runs ``op``.
-
-    Args:
-        op: the op's name, for messages.
-        backend: what the caller asked for: a name or a per-op mapping (None:
-            :func:`default_backend`).
-        device: the device of the inputs.
-        reasons: for each non-reference backend, a callable returning why it cannot take these
-            inputs (None when it can). Called lazily, only for the backends considered. An op
-            without a ``"cuda"`` entry runs its ``"triton"`` entry for ``"cuda"``.
-        auto_order: the backends ``auto`` tries on CUDA tensors, fastest first.
-        cpu_default: what ``auto`` uses on non-CUDA tensors.
-        key: the op's name in a per-op mapping (one of :data:`OPS`; default ``op``).
-        auto_pick: on CUDA tensors, consulted by ``auto`` before ``auto_order``: a backend name,
-            or None to go on with ``auto_order``.
-    """
-    key = key or op
-    allowed = ("reference", "torch") + tuple(reasons)
-    name = normalize_backend(backend, allowed, key if key in OPS else "")
-    if name == "cuda" and "cuda" not in reasons:
-        name = "triton"
-        label = f"{op}: backend='cuda' (the Triton kernel: {op} has no CUDA C++ kernel)"
-    else:
-        label = f"{op}: backend={name!r}"
-    if name == "torch" and "torch" not in reasons:
-        # For ops without a fused PyTorch op of their own, PyTorch's ops are the reference.
-        return "reference"
-    if name == "reference":
-        return name
-    if name != "auto":
-        reason = reasons[name]()
-        if reason is not None:
-            raise BackendUnavailableError(f"{label} cannot run: {reason}")
-        return name
-    if device.type != "cuda":
-        return cpu_default
-    if auto_pick is not None:
-        picked = auto_pick()
-        if picked is not None:
-            return picked
-    why = []
-    for candidate in auto_order:
-        reason = reasons[candidate]()
-        if reason is None:
-            return candidate
-        why.append(f"{candidate}: {reason}")
-    warn_once(
-        f"{op}:{';'.join(why)}",
-        f"sha_rnn_kernels.{op}: no fused kernel can take these inputs, using the PyTorch "
-        f"reference ({'; '.join(why)})",
-    )
-    return "reference"
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

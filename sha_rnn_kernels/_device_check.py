@@ -1,31 +1,20 @@
-"""Device checks: run a kernel of ours against PyTorch on the device, and remember the verdict.
+"""Device-check verdicts: what a check found, how it is compared, and where it is kept.
 
-A check runs a small forward and backward of one op on the kernel under test and on PyTorch
-(``torch.lstm``, i.e. cuDNN, for the LSTM; the float64 reference for Boom and attention) and
-compares outputs and every gradient with the tolerance rule of :mod:`sha_rnn_kernels.testing`:
-the kernel's error against a high-precision reference may be at most twice the error of PyTorch
-in the kernel's dtype, plus a small absolute slack. It takes milliseconds on a GPU.
+A check (see :mod:`sha_rnn_kernels._checks`) runs a small forward and backward of one kernel of
+ours and of PyTorch and compares outputs and every gradient with the tolerance rule of
+:mod:`sha_rnn_kernels.testing`: the kernel's error against a high-precision reference may be at
+most twice the error of PyTorch in the kernel's dtype, plus a small absolute slack. This module
+holds the :class:`Verdict`, that comparison and the store of verdicts (:class:`FirstUse`).
 
-First use (:class:`FirstUse`): before ``backend="auto"`` hands an input class (device, dtype,
-hidden size, batch bucket) to a kernel that has never run on this device, the check runs once.
-The verdict is kept for the process and written, atomically, to
+A verdict is kept for the process and written, atomically, to
 ``<cache>/device-checks/<hash>.json`` where ``<cache>`` is ``$SHA_RNN_KERNELS_CACHE_DIR``, else
-``$XDG_CACHE_HOME/sha_rnn_kernels``, else ``~/.cache/sha_rnn_kernels``. The key holds the device
-name and compute capability, the driver and CUDA versions, the torch, Triton and package versions
-and a hash of the kernel's source, so any of those changing runs the check again. A failed check
-(a mismatch, or an exception) makes ``auto`` warn once and use PyTorch for that input class.
+``$XDG_CACHE_HOME/sha_rnn_kernels``, else ``~/.cache/sha_rnn_kernels``. The key holds the op,
+backend, dtype and input class, the device name and compute capability, the driver and CUDA
+versions, the torch, Triton and package versions and a hash of the kernel's source (and of the
+check's), so any of those changing runs the check again.
 
-Where no check may run, only a verdict already known is used, and an unknown one counts as
-"not checked" (``auto`` then uses PyTorch): under ``torch.compile`` tracing (the inputs are
-fake tensors there, and the check would be baked into the graph) and while a CUDA graph is
-being captured. To have a compiled model use the kernel from its first call, call
-:func:`sha_rnn_kernels.check.prepare_lstm` before compiling, run
-``python -m sha_rnn_kernels.check`` once on the machine (it writes the verdicts to the cache),
-or call the model once eagerly before compiling.
-
-``SHA_RNN_KERNELS_FIRST_USE_CHECK=0`` skips the check: ``auto`` then trusts every kernel that
-can take the inputs (for users who ran ``python -m sha_rnn_kernels.check`` and want no checking
-at all in their processes, or whose cache directory cannot be written).
+``SHA_RNN_KERNELS_FIRST_USE_CHECK=0`` turns first-use checks off (see
+:mod:`sha_rnn_kernels.dispatch`).
 """
 
 from __future__ import annotations
@@ -45,16 +34,14 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import reference
 from .testing import ATOL, max_error
 
 CACHE_ENV = "SHA_RNN_KERNELS_CACHE_DIR"
 CHECK_ENV = "SHA_RNN_KERNELS_FIRST_USE_CHECK"
+# A verdict whose error starts with this is kept for the process only: it says nothing about
+# the kernel (the machine was too slow to build it, or no check could run).
+NOT_CACHED = "not cached: "
 FORMAT = 1
-
-# An LSTM kernel: (x, w_ih, w_hh, b_ih, b_hh, h0, c0) -> (out [T, B, H], h_n [B, H], c_n [B, H]).
-LstmKernel = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
 
 @dataclass
 class Verdict:
@@ -75,11 +62,15 @@ class Verdict:
     error: str = ""
 
     def describe(self) -> str:
+        """What the check found: its error (a hang, a crash, an exception, a rate) or the
+        quantity nearest its tolerance ("mismatch" when over it)."""
         if self.error:
-            return f"raised {self.error}"
+            return self.error
+        if math.isnan(self.max_error):
+            return self.worst
         return (
-            f"{self.worst}: max |error| {self.max_error:.3g} "
-            f"{'<=' if self.passed else '>'} tolerance {self.tolerance:.3g}"
+            f"{'' if self.passed else 'mismatch: '}{self.worst}: max |error| "
+            f"{self.max_error:.3g} {'<=' if self.passed else '>'} tolerance {self.tolerance:.3g}"
         )
 
 
@@ -122,173 +113,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-@contextlib.contextmanager
-def _check_mode(device: torch.device):
-    """Gradients on (even under no_grad or inference_mode), autocast off, NaN-filled kernel
-    outputs, and the reference's cuDNN in true float32 (no TF32)."""
-    from .testing import poison_outputs
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
-        stack.enter_context(poison_outputs())
-        if device.type == "cuda":
-            stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
-        yield
-
-
-def _randn(generator: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
-    # A private generator: a check never moves the user's random stream.
-    return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
-
-
-def _grads(loss: torch.Tensor, leaves: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    names = list(leaves)
-    grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-    return {f"d{n}": g for n, g in zip(names, grads) if g is not None}
-
-
-def _reference_dtype(device: torch.device) -> torch.dtype:
-    # float64 where it is cheap (CPU, tests); on a GPU cuDNN in float32 (TF32 off), whose error
-    # is orders of magnitude under any low-precision tolerance.
-    return torch.float64 if device.type == "cpu" else torch.float32
-
-
-# ----------------------------------------------------------------------------------------------
-# The op checks
-# ----------------------------------------------------------------------------------------------
-
-
-def _check(op: str, backend: str, dtype: torch.dtype, shape: str, device: torch.device,
-           kernel_run: Callable[[], Dict[str, torch.Tensor]],
-           reference_run: Callable[[torch.dtype], Dict[str, torch.Tensor]],
-           reference_dtype: torch.dtype) -> Verdict:  # fmt: skip
-    """Run the kernel (an exception is a failed check), then the reference in
-    ``reference_dtype`` and in the kernel's dtype, and compare."""
-    with _check_mode(device):
-        try:
-            actual = kernel_run()
-        except Exception as exc:  # noqa: BLE001 - any failure of the kernel is a failed check
-            return Verdict(op, backend, _dtype_name(dtype), shape, False,
-                           error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-        expected = reference_run(reference_dtype)
-        lowp = reference_run(dtype)
-    return compare(op, backend, dtype, shape, actual, expected, lowp)
-
-
-def check_lstm(
-    kernel: LstmKernel,
-    device: torch.device,
-    dtype: torch.dtype,
-    hidden: int,
-    batch: int,
-    steps: int = 64,
-    input_size: int = 64,
-    backend: str = "cuda",
-    seed: int = 0,
-) -> Verdict:
-    """``kernel`` against ``torch.lstm``: out, h_n, c_n and the gradients of x, both weights,
-    both biases, h0 and c0, for a loss that uses out, h_n and c_n. 64 steps by default: enough
-    hand-offs between steps (grid barriers or step flags) for an ordering bug to show, and
-    still ~1 ms at H=1024 on a GPU (estimated: 64 x 6.5 us for the kernel, cuDNN about as
-    much).
-
-    Weights follow ``torch.nn.LSTM``'s init; inputs are random (a private generator).
-    """
-    shape = f"T={steps} B={batch} I={input_size} H={hidden}"
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(hidden)
-    base = {
-        "x": _randn(gen, steps, batch, input_size),
-        "weight_ih": torch.rand(4 * hidden, input_size, generator=gen, dtype=torch.float64),
-        "weight_hh": torch.rand(4 * hidden, hidden, generator=gen, dtype=torch.float64),
-        "bias_ih": torch.rand(4 * hidden, generator=gen, dtype=torch.float64),
-        "bias_hh": torch.rand(4 * hidden, generator=gen, dtype=torch.float64),
-        "h0": _randn(gen, batch, hidden, scale=0.5),
-        "c0": _randn(gen, batch, hidden, scale=0.5),
-    }
-    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-        base[name] = (base[name] * 2.0 - 1.0) * bound
-    loss_weights = {
-        "out": _randn(gen, steps, batch, hidden),
-        "h_n": _randn(gen, batch, hidden),
-        "c_n": _randn(gen, batch, hidden),
-    }
-
-    def run(fn: LstmKernel, run_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-        leaves = {
-            n: t.to(device=device, dtype=run_dtype).requires_grad_() for n, t in base.items()
-        }
-        out, h_n, c_n = fn(*leaves.values())
-        results = {"out": out, "h_n": h_n, "c_n": c_n}
-        loss = sum((results[n].double() * w.to(device)).sum() for n, w in loss_weights.items())
-        grads = _grads(loss, leaves)
-        return {**{n: r.detach() for n, r in results.items()}, **grads}
-
-    def torch_lstm(*args):
-        return reference.lstm_torch(*args, training=True)
-
-    return _check("lstm", backend, dtype, shape, device, lambda: run(kernel, dtype),
-                  lambda d: run(torch_lstm, d), _reference_dtype(device))  # fmt: skip
-
-
-def check_boom(
-    device: torch.device, dtype: torch.dtype, rows: int, width: int, hidden_dim: int,
-    backend: str = "triton", seed: int = 0,
-) -> Verdict:  # fmt: skip
-    """The Triton Boom (dropout off) against the reference in float64: out, dx, dW, db."""
-    from . import functional
-
-    shape = f"N={rows} E={width} F={hidden_dim}"
-    gen = torch.Generator().manual_seed(seed)
-    base = {
-        "x": _randn(gen, rows, width),
-        "weight": _randn(gen, hidden_dim, width, scale=1.0 / math.sqrt(width)),
-        "bias": _randn(gen, hidden_dim, scale=0.1),
-    }
-    grad_out = _randn(gen, rows, width)
-
-    def run(run_backend: str, run_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-        leaves = {n: t.to(device=device, dtype=run_dtype).requires_grad_() for n, t in base.items()}
-        out = functional.boom(*leaves.values(), backend=run_backend)
-        grads = _grads((out.double() * grad_out.to(device)).sum(), leaves)
-        return {"out": out.detach(), **grads}
-
-    return _check("boom", backend, dtype, shape, device, lambda: run(backend, dtype),
-                  lambda d: run("reference", d), torch.float64)  # fmt: skip
-
-
-def check_attention(
-    device: torch.device, dtype: torch.dtype, query_len: int, key_len: int, batch: int,
-    width: int, backend: str = "triton", seed: int = 0,
-) -> Verdict:  # fmt: skip
-    """The Triton attention (with key and value gates, dropout off) against the reference in
-    float64: out, dq, dk, dv and the gates' gradients."""
-    from . import functional
-
-    shape = f"T={query_len} K={key_len} B={batch} E={width}"
-    gen = torch.Generator().manual_seed(seed)
-    base = {
-        "q": _randn(gen, query_len, batch, width),
-        "k": _randn(gen, key_len, batch, width),
-        "v": _randn(gen, key_len, batch, width),
-        "key_gate": torch.rand(width, generator=gen, dtype=torch.float64),
-        "value_gate": torch.rand(width, generator=gen, dtype=torch.float64),
-    }
-    grad_out = _randn(gen, query_len, batch, width)
-
-    def run(run_backend: str, run_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-        leaves = {n: t.to(device=device, dtype=run_dtype).requires_grad_() for n, t in base.items()}
-        out = functional.single_head_attention(
-            leaves["q"], leaves["k"], leaves["v"], key_gate=leaves["key_gate"],
-            value_gate=leaves["value_gate"], backend=run_backend,
-        )  # fmt: skip
-        grads = _grads((out.double() * grad_out.to(device)).sum(), leaves)
-        return {"out": out.detach(), **grads}
-
-    return _check("attention", backend, dtype, shape, device, lambda: run(backend, dtype),
-                  lambda d: run("reference", d), torch.float64)  # fmt: skip
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (how verdicts and cache keys name a dtype)."""
+    return _dtype_name(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,19 +152,21 @@ _FINGERPRINTS: Dict[Tuple[str, str], str] = {}
 
 
 def source_fingerprint(op: str, backend: str) -> str:
-    """A hash of the source of ``op``'s kernel on ``backend`` (a changed kernel is checked
-    anew even when the package version stayed the same)."""
+    """A hash of the source of ``op``'s kernel on ``backend`` and of its check (a changed kernel
+    is checked anew even when the package version stayed the same). The Triton kernels share
+    helpers across files, so every file of ``ops/`` counts for each of them."""
     key = (op, backend)
     if key not in _FINGERPRINTS:
         here = Path(__file__).resolve().parent
+        paths = [here / "_checks.py"]
         if backend == "cuda" and op == "lstm":
             from . import _cuda
 
             directory = _cuda.source_dir()
-            paths = [directory / n for n in _cuda.SOURCES] if directory is not None else []
+            paths += [here / "_cuda.py"]
+            paths += [directory / n for n in _cuda.SOURCES] if directory is not None else []
         else:
-            name = "attention" if op == "attention" else op
-            paths = [here / "ops" / f"{name}.py"]
+            paths += sorted((here / "ops").glob("*.py"))
         digest = hashlib.sha256()
         for path in paths:
             digest.update(path.name.encode())
@@ -348,7 +177,7 @@ def source_fingerprint(op: str, backend: str) -> str:
 
 def device_identity(device: torch.device) -> Dict[str, str]:
     """What a verdict depends on besides the op and its inputs: the device and the software."""
-    from . import __version__
+    from ._version import __version__
 
     try:
         import triton
@@ -401,7 +230,8 @@ def is_compiling() -> bool:
     return False  # pragma: no cover - torch < 2.3
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``device``."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -429,8 +259,10 @@ class FirstUse:
         self._verdicts: Dict[str, Verdict] = {}
         self._identities: Dict[str, Dict[str, str]] = {}
         self._lock = threading.RLock()
-        # What ``auto`` decided per input class (filled by sha_rnn_kernels.functional).
+        # What ``auto`` decided per input class (filled by sha_rnn_kernels.dispatch).
         self.choices: Dict[tuple, str] = {}
+        # Verdicts every rank of a torch.distributed job agreed on (sha_rnn_kernels._contained).
+        self.agreed: Dict[str, Verdict] = {}
         self.runs = 0  # checks run by this process (for tests and the check command)
 
     def key(self, op: str, backend: str, device: torch.device, dtype: torch.dtype,
@@ -475,10 +307,13 @@ class FirstUse:
     def store(self, key: Dict[str, object], verdict: Verdict) -> None:
         """Remember ``verdict`` for the process and write it to disk atomically (a file
         written to a temporary name in the same directory, then renamed over the target).
-        A directory that cannot be written only loses the disk copy."""
+        A directory that cannot be written only loses the disk copy; a verdict whose error
+        starts with :data:`NOT_CACHED` is not written."""
         key_text = json.dumps(key, sort_keys=True)
         with self._lock:
             self._verdicts[key_text] = verdict
+            if verdict.error.startswith(NOT_CACHED):
+                return
             path = self._path(key_text)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -512,7 +347,7 @@ class FirstUse:
         known = self.lookup(key)
         if known is not None:
             return known
-        if is_compiling() or _capturing(device):
+        if is_compiling() or capturing(device):
             return None
         with self._lock:
             known = self.lookup(key)
@@ -523,7 +358,7 @@ class FirstUse:
                 verdict = run()
             except Exception as exc:  # noqa: BLE001 - a failing check must not fail the op
                 verdict = Verdict(op, backend, _dtype_name(dtype), str(dict(shape)), False,
-                                  error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                                  error=f"exception: {type(exc).__name__}: {exc}")  # fmt: skip
             self.store(key, verdict)
             return verdict
 
@@ -538,6 +373,7 @@ class FirstUse:
             self._verdicts.clear()
             self._identities.clear()
             self.choices.clear()
+            self.agreed.clear()
 
 
 FIRST_USE = FirstUse()

@@ -1,22 +1,28 @@
 """``python -m sha_rnn_kernels.check``: run every kernel's device check and print a table.
 
-The one command to run on a new GPU machine before trusting the library on it. For each op and
-backend (Boom and attention on Triton; the LSTM on Triton and on the persistent CUDA kernel) and
-each dtype, a small forward and backward is compared with PyTorch under the tolerance rule of
-:mod:`sha_rnn_kernels.testing` (at most twice PyTorch's own error in that dtype, plus a small
-absolute slack), and one row is printed: op, backend, dtype, shape, verdict, max error,
-tolerance. The CUDA LSTM's verdicts are also written to the first-use cache (see
-:mod:`sha_rnn_kernels._device_check`), so ``backend="auto"`` (and torch.compile) can use the
-kernel at once in later processes.
+The one command to run on a new GPU machine before trusting the library on it. For each kernel
+of ours (Boom, attention and decode attention on Triton; the LSTM on Triton and on the
+persistent CUDA kernel) and each dtype, the check of :mod:`sha_rnn_kernels._checks` runs at the
+paper's input classes (E=1024, F=4096; the LSTM at ``--hidden`` and ``--batch``), each in a
+child process with a timeout (:mod:`sha_rnn_kernels._contained`), and one row is printed: op,
+backend, dtype, shape, verdict, max error, tolerance. The verdicts go to the first-use cache
+(:mod:`sha_rnn_kernels._device_check`), so ``backend="auto"`` (and torch.compile) uses the
+kernels at once in later processes.
 
-Exit status: 0 when every check that ran passed, 1 when one failed or raised, 2 on bad
-arguments. Without a CUDA device it says so and checks nothing, unless ``TRITON_INTERPRET=1``
-is set: then it runs the Triton checks through Triton's CPU interpreter at tiny sizes.
+``--explain [OP]`` checks nothing: it prints, for OP's inputs (every op's, without OP) as the
+other options describe them, every backend with the reason ``auto`` (or ``--backend``) would or
+would not choose it.
+
+Exit status: 0 when every check that ran passed, 1 when one failed (mismatch, exception, crash
+or hang), 2 on bad arguments. Without a CUDA device it says so and checks nothing, unless
+``TRITON_INTERPRET=1`` is set: then it runs the Triton checks through Triton's CPU interpreter
+at tiny sizes.
 
 Example::
 
     python -m sha_rnn_kernels.check                    # bf16, fp16, fp32; LSTM H=1024, B=16
     python -m sha_rnn_kernels.check --hidden 1536 --batch 32 --dtypes bf16
+    python -m sha_rnn_kernels.check --explain lstm --dtypes bf16 --hidden 1024 --batch 16
 """
 
 from __future__ import annotations
@@ -29,38 +35,21 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import _backend, _device_check
-from ._device_check import Verdict
+from . import _backend, _contained, _device_check, dispatch
+from ._device_check import Verdict, dtype_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPS = ("lstm", "attention", "boom", "decode")
 
 
-def _lstm_cuda_check(device, dtype, hidden, batch, steps) -> Verdict:
-    """The CUDA LSTM's check through the first-use machinery: rerun here and stored for
-    ``auto``, for every batch the first-use check would run for this bucket."""
-    from . import _cuda, functional
+def _skipped(op: str, backend: str, dtype: torch.dtype, shape: str, reason: str) -> Verdict:
+    return Verdict(op, backend, dtype_name(dtype), shape, True, worst="skipped", error=reason)
 
-    shape = f"T={steps} B={batch} H={hidden}"
-    if dtype not in _cuda.DTYPES:
-        return Verdict("lstm", "cuda", _device_check._dtype_name(dtype), shape, True,
-                       worst="skipped", error="")  # fmt: skip
-    probe = torch.empty(1, batch, 1, device=device, dtype=dtype)
+
+def _lstm_probe(device, dtype, hidden: int, batch: int):
+    x = torch.empty(1, batch, 1, device=device, dtype=dtype)
     weight_hh = torch.empty(4 * hidden, hidden, device=device, dtype=dtype)
-    reason = _cuda.lstm_unsupported_reason(probe, weight_hh[:, :1], weight_hh)
-    if reason is not None:
-        return Verdict("lstm", "cuda", _device_check._dtype_name(dtype), shape, True,
-                       worst="skipped", error=reason)  # fmt: skip
-    first_use = _device_check.FIRST_USE
-    shape_key = functional._lstm_class(probe, weight_hh)
-    verdict = None
-    for check_batch in dict.fromkeys(_device_check.check_batches(batch)):
-        verdict = _device_check.check_lstm(
-            functional._cuda_lstm_kernel, device, dtype, hidden, check_batch, steps=steps
-        )
-        if not verdict.passed:
-            break
-    first_use.store(first_use.key("lstm", "cuda", device, dtype, shape_key), verdict)
-    return verdict
+    return x, weight_hh[:, :1], weight_hh
 
 
 def prepare_lstm(device, dtype: torch.dtype, hidden: int, batch: int) -> Verdict:
@@ -75,51 +64,57 @@ def prepare_lstm(device, dtype: torch.dtype, hidden: int, batch: int) -> Verdict
         >>> prepare_lstm("cuda", torch.bfloat16, hidden=1024, batch=16).passed  # doctest: +SKIP
         True
     """
-    from . import functional
-
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    probe = torch.empty(1, batch, 1, device=device, dtype=dtype)
-    weight_hh = torch.empty(4 * hidden, hidden, device=device, dtype=dtype)
-    weight_ih = weight_hh[:, :1]
-    shape = functional._lstm_class(probe, weight_hh)
-    reason = functional._cuda_reason(probe, weight_ih, weight_hh)
+    probe = _lstm_probe(device, dtype, hidden, batch)
+    shape = dispatch._input_class("lstm", probe)
+    reason = dispatch._reason("lstm", "cuda", probe, auto=False)
     if reason is not None:
-        return Verdict("lstm", "cuda", _device_check._dtype_name(dtype), str(shape), False,
-                       worst="skipped", error=reason)  # fmt: skip
-    verdict = functional._first_use_lstm(device, dtype, shape, batch, weight_ih, weight_hh)
-    assert verdict is not None, "prepare_lstm cannot run while a CUDA graph is being captured"
-    return verdict
+        return Verdict("lstm", "cuda", dtype_name(dtype), str(shape), False, worst="skipped",
+                       error=reason)  # fmt: skip
+    if not _device_check.checks_enabled():
+        return Verdict("lstm", "cuda", dtype_name(dtype), str(shape), True,
+                       worst=f"not checked ({_device_check.CHECK_ENV}=0)")  # fmt: skip
+    return _contained.first_use_verdict("lstm", "cuda", device, dtype, shape)
+
+
+def _row(device, op: str, backend: str, dtype: torch.dtype, shape: tuple) -> tuple:
+    """A check of ``plan``: contained, and stored where ``auto`` looks for it."""
+
+    def run() -> Verdict:
+        job = _contained.spec(op, backend, device, dtype, shape)
+        verdict = _contained.run_check(job)
+        store = _device_check.FIRST_USE
+        store.store(store.key(op, backend, device, dtype, shape), verdict)
+        return verdict
+
+    return (op, backend, dtype, run)
 
 
 def plan(device: torch.device, dtypes: Sequence[torch.dtype], hidden: int, batch: int,
          tiny: bool) -> List[tuple]:  # fmt: skip
-    """The checks to run: ``(op, backend, dtype, description, callable -> Verdict)``."""
-    if tiny:  # the Triton interpreter on CPU: seconds, not hours
-        boom_shape, attn_shape, lstm_shape = (7, 16, 40), (3, 7, 2, 16), (24, 3, 4)
-    else:
-        boom_shape, attn_shape = (512, 1024, 4096), (128, 640, 2, 1024)
-        lstm_shape = (hidden, batch, 64)
+    """The checks to run: ``(op, backend, dtype, callable -> Verdict)``."""
+    width, features = (16, 40) if tiny else (1024, 4096)
+    if tiny:
+        hidden = 24
+    lstm_class = (("H", hidden), ("B", _device_check.batch_bucket(batch)))
     rows = []
     for dtype in dtypes:
-        rows.append(("boom", "triton", dtype, lambda d=dtype: _device_check.check_boom(
-            device, d, *boom_shape)))  # fmt: skip
-        rows.append(("attention", "triton", dtype, lambda d=dtype: _device_check.check_attention(
-            device, d, *attn_shape)))  # fmt: skip
-        rows.append(("lstm", "triton", dtype, lambda d=dtype: _device_check.check_lstm(
-            _triton_lstm, device, d, lstm_shape[0], lstm_shape[1], steps=lstm_shape[2],
-            backend="triton")))  # fmt: skip
-        if device.type == "cuda":
-            rows.append(("lstm", "cuda", dtype, lambda d=dtype: _lstm_cuda_check(
-                device, d, *lstm_shape)))  # fmt: skip
+        rows.append(_row(device, "boom", "triton", dtype, (("E", width), ("F", features))))
+        rows.append(_row(device, "attention", "triton", dtype, (("E", width),)))
+        rows.append(_row(device, "decode", "triton", dtype, (("E", width),)))
+        rows.append(_row(device, "lstm", "triton", dtype, lstm_class))
+        if device.type != "cuda":
+            continue
+        reason = dispatch._reason("lstm", "cuda", _lstm_probe(device, dtype, hidden, batch), False)
+        if reason is not None:
+            note = f"H={hidden} B={batch}"
+            rows.append(("lstm", "cuda", dtype,
+                         lambda d=dtype, r=reason, n=note: _skipped("lstm", "cuda", d, n, r)))
+        else:
+            rows.append(_row(device, "lstm", "cuda", dtype, lstm_class))
     return rows
-
-
-def _triton_lstm(*args):
-    from .ops import lstm as lstm_ops
-
-    return lstm_ops.lstm(*args)
 
 
 def _format_row(cells: Sequence[str], widths: Sequence[int]) -> str:
@@ -162,11 +157,11 @@ def run_checks(
     verdicts = []
     for op, backend, dtype, run in rows:
         if echo is not None:
-            echo(f"checking {op} on {backend} in {_device_check._dtype_name(dtype)} ...")
+            echo(f"checking {op} on {backend} in {dtype_name(dtype)} ...")
         try:
             verdict = run()
         except Exception as exc:  # noqa: BLE001 - a broken check is a failed check
-            verdict = Verdict(op, backend, _device_check._dtype_name(dtype), "", False,
+            verdict = Verdict(op, backend, dtype_name(dtype), "", False,
                               error=f"{type(exc).__name__}: {exc}")  # fmt: skip
         verdicts.append(verdict)
     return verdicts
@@ -175,27 +170,82 @@ def run_checks(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sha_rnn_kernels.check",
-        description="Check every sha_rnn_kernels kernel against PyTorch on this machine's GPU.",
+        description="Check every sha_rnn_kernels kernel against PyTorch on this machine's GPU "
+                    "(each check in a child process with a timeout, "
+                    f"${_contained.TIMEOUT_ENV} seconds, default {_contained.DEFAULT_TIMEOUT:g}); "
+                    "or, with --explain OP, say which backend runs OP's inputs and why.",
+        epilog="Exit status: 0 every check passed (or --explain), 1 a check failed, 2 bad "
+               "arguments. Verdicts are cached in $SHA_RNN_KERNELS_CACHE_DIR (else "
+               "$XDG_CACHE_HOME/sha_rnn_kernels, else ~/.cache/sha_rnn_kernels).",
     )
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                    help="dtypes to check (default: bf16 fp16 fp32; fp32 only on the interpreter)")
     p.add_argument("--hidden", type=int, default=1024, help="the LSTM's hidden size H")
-    p.add_argument("--batch", type=int, default=16, help="the LSTM's batch B")
-    p.add_argument("--device", default="cuda", help="CUDA device (default: the current one)")
+    p.add_argument("--batch", type=int, default=16, help="the batch B (LSTM and --explain)")
+    p.add_argument("--device", default=None,
+                   help="device (default: the current CUDA device; --explain: cpu without one)")
     p.add_argument("--quiet", action="store_true", help="print the table only")
+    p.add_argument("--explain", choices=OPS + ("all",), nargs="?", const="all", default=None,
+                   metavar="OP", help=f"check nothing; explain the backend choice for OP (one "
+                                      f"of {', '.join(OPS)}; every op when left out)")
+    p.add_argument("--width", type=int, default=1024, help="--explain: the model width E")
+    p.add_argument("--features", type=int, default=4096, help="--explain: the Boom width F")
+    p.add_argument("--steps", type=int, default=64,
+                   help="--explain: the sequence length T (K = 2T keys for attention)")
+    p.add_argument("--backend", default=None,
+                   help="--explain: the backend argument (a name or op=name,...; default: "
+                        "$SHA_RNN_KERNELS_BACKEND, else auto)")
     return p  # fmt: skip
+
+
+def explain_inputs(op: str, device: torch.device, dtype: torch.dtype, args) -> tuple:
+    """Empty tensors of the shapes ``--explain`` describes (what the constraints look at)."""
+    batch, width, steps = args.batch, args.width, args.steps
+
+    def empty(*shape):
+        return torch.empty(*shape, device=device, dtype=dtype)
+
+    if op == "lstm":
+        return empty(steps, batch, width), empty(4 * args.hidden, width), empty(
+            4 * args.hidden, args.hidden)  # fmt: skip
+    if op == "boom":
+        return empty(steps, batch, width), empty(args.features, width), empty(args.features)
+    if op == "attention":
+        kv = empty(2 * steps, batch, width)
+        return empty(steps, batch, width), kv, kv
+    return empty(batch, width), empty(batch, 2 * steps, width)
+
+
+def _explain(args) -> int:
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device or default)
+        backend = _backend.parse_backend(args.backend, "--backend")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available")
+    except (RuntimeError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for op in OPS if args.explain == "all" else (args.explain,):
+        for name in args.dtypes or ["bf16", "fp16", "fp32"]:
+            inputs = explain_inputs(op, device, DTYPES[name], args)
+            print(dispatch.explain(op, *inputs, backend=backend))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.hidden < 1 or args.batch < 1:
-        print(f"--hidden and --batch must be >= 1; got {args.hidden}, {args.batch}",
-              file=sys.stderr)  # fmt: skip
+    sizes = (args.hidden, args.batch, args.width, args.features, args.steps)
+    if min(sizes) < 1:
+        print(f"--hidden, --batch, --width, --features and --steps must be >= 1; got "
+              f"{', '.join(map(str, sizes))}", file=sys.stderr)  # fmt: skip
         return 2
+    if args.explain:
+        return _explain(args)
     echo = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     tiny = False
     if torch.cuda.is_available():
-        device = torch.device(args.device)
+        device = torch.device(args.device or "cuda")
         if device.type != "cuda":
             print(f"--device must be a CUDA device; got {args.device}", file=sys.stderr)
             return 2
@@ -219,8 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         verdicts = run_checks(rows, echo)
     print(table(verdicts))
     if failed(verdicts):
-        print("FAILED: a kernel disagrees with PyTorch on this device (see above). "
-              "backend='auto' will not use a CUDA LSTM that failed here.")  # fmt: skip
+        print("FAILED: a kernel disagrees with PyTorch on this device, crashed or hung (see "
+              "above). backend='auto' will not use it for that dtype and input class.")
         return 1
     print("All checks passed.")
     return 0

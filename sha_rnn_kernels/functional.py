@@ -1,25 +1,23 @@
-"""The SHA-RNN ops as functions: validate, pick a backend, call it.
+"""The SHA-RNN ops as functions: validate, then hand over to the dispatcher.
 
 Each function checks every argument (the message names the argument, what was expected and what
-was received), casts to the autocast dtype when autocast is on, resolves the backend (see
-:mod:`sha_rnn_kernels._backend`) and runs it. ``backend=None`` means the environment variable
-``SHA_RNN_KERNELS_BACKEND``, or ``"auto"`` when it is unset. ``backend`` may also be a per-op
-mapping (``{"lstm": "cuda", "attention": "triton"}`` or ``"lstm=cuda,attention=triton"``): each
-function takes its own entry (``"lstm"``, ``"attention"``, ``"boom"``) and ``"auto"`` when its op
-is left out. ``"cuda"`` for Boom and attention, which have no CUDA C++ kernel, runs their Triton
-kernels.
+was received), casts to the autocast dtype when autocast is on, and calls
+:mod:`sha_rnn_kernels.dispatch`, which picks the backend and runs it. ``backend=None`` means the
+environment variable ``SHA_RNN_KERNELS_BACKEND``, or ``"auto"`` when it is unset. ``backend``
+may also be a per-op mapping (``{"lstm": "cuda", "attention": "triton"}`` or
+``"lstm=cuda,attention=triton"``): each function takes its own entry (``"lstm"``,
+``"attention"``, ``"boom"``) and ``"auto"`` when its op is left out. ``"cuda"`` for Boom and
+attention, which have no CUDA C++ kernel, runs their Triton kernels.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _backend, _device_check, reference
+from . import _backend, dispatch
 
 __all__ = ["boom", "single_head_attention", "lstm"]
 
@@ -91,24 +89,6 @@ def _autocast(tensors: Sequence[Optional[Tensor]]) -> tuple[list, bool]:
     return [None if t is None else t.to(dtype) for t in tensors], True
 
 
-def _no_autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _triton_module(name: str):
-    """Import ``sha_rnn_kernels.ops.<name>`` lazily (triton.jit fixes the interpreter mode when
-    a kernel is defined). Returns (module, None) or (None, reason)."""
-    full_name = f"sha_rnn_kernels.ops.{name}"
-    # A plain dict look-up first: torch.compile traces it, while it refuses importlib.
-    module = sys.modules.get(full_name)
-    if module is not None:
-        return module, None
-    try:
-        return importlib.import_module(full_name), None
-    except ImportError as exc:
-        return None, f"the Triton {name} kernels cannot be imported ({exc})"
-
-
 def preload(*names: str) -> None:
     """Import the Triton op files ``names`` (``"boom"``, ``"attention"``, ``"lstm"``) now.
 
@@ -117,18 +97,7 @@ def preload(*names: str) -> None:
     that uses :mod:`sha_rnn_kernels.functional` directly. A missing Triton is not an error here
     (the backend then reports why it cannot run).
     """
-    for name in names:
-        _triton_module(name)
-
-
-def _triton_reason(name: str, device: torch.device, *args) -> Optional[str]:
-    reason = _backend.triton_reason(device)
-    if reason is not None:
-        return reason
-    module, reason = _triton_module(name)
-    if module is None:
-        return reason
-    return module.unsupported_reason(*args)
+    dispatch.preload(*names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,20 +162,7 @@ def boom(
     _check_same(op, [("x", x), ("weight", weight), ("bias", bias)], check_dtype=not autocast_on)
     p = p if training else 0.0
 
-    name = _backend.resolve(
-        op,
-        backend,
-        x.device,
-        {"triton": lambda: _triton_reason("boom", x.device, x, weight, bias)},
-        auto_order=("triton",),
-    )
-    with _no_autocast(x.device):
-        if name == "reference":
-            return reference.boom(x, weight, bias, p, training=p > 0)
-        module, _ = _triton_module("boom")
-        if p > 0 and seed is None:
-            seed = _backend.draw_seed()
-        return module.boom(x, weight, bias, dropout_p=p, seed=0 if seed is None else seed)
+    return dispatch.boom(backend, x, weight, bias, p, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +175,15 @@ def _gate(op: str, name: str, gate: Optional[Tensor], width: int) -> Optional[Te
     if gate.numel() != width or (gate.dim() > 0 and gate.shape[-1] != width):
         raise ValueError(f"{op}: {name} must have E = {width} elements; got shape {_shape(gate)}")
     return gate.reshape(width)
+
+
+def _gates_like(op: str, q: Tensor, key_gate, value_gate) -> tuple:
+    """The gates on q's device (else an error) in q's dtype."""
+    for name, gate in (("key_gate", key_gate), ("value_gate", value_gate)):
+        if gate is not None and gate.device != q.device:
+            raise ValueError(f"{op}: {name} is on {gate.device} but q is on {q.device}")
+    # The gates are parameters kept in float32; the kernels take them in q's dtype.
+    return tuple(None if g is None else g.to(q.dtype) for g in (key_gate, value_gate))
 
 
 def single_head_attention(
@@ -334,192 +299,20 @@ def single_head_attention(
     _check_same(
         op, [("q", q), ("k", k), ("v", v), ("segment", segment)], check_dtype=not autocast_on
     )
-    for name, gate in (("key_gate", key_gate), ("value_gate", value_gate)):
-        if gate is not None and gate.device != q.device:
-            raise ValueError(f"{op}: {name} is on {gate.device} but q is on {q.device}")
-    # The gates are parameters kept in float32; the kernels take them in q's dtype.
-    key_gate = None if key_gate is None else key_gate.to(q.dtype)
-    value_gate = None if value_gate is None else value_gate.to(q.dtype)
+    key_gate, value_gate = _gates_like(op, q, key_gate, value_gate)
     if not training:
         p = pv = 0.0
 
-    name = _backend.resolve(
-        op,
-        backend,
-        q.device,
-        {"triton": lambda: _triton_reason("attention", q.device, q, k, v)},
-        auto_order=("triton",),
-        key="attention",
-    )
-    with _no_autocast(q.device):
-        if name == "reference":
-            out = reference.single_head_attention(
-                q, k, v, dropout_p=p, training=training, key_gate=key_gate,
-                value_gate=value_gate, value_dropout_p=pv, detached_keys=detached_keys,
-                segment=segment,
-            )  # fmt: skip
-        else:
-            module, _ = _triton_module("attention")
-            if (p > 0 or pv > 0) and seed is None:
-                seed = _backend.draw_seed()
-            out = module.attention(
-                q, k, v, key_gate=key_gate, value_gate=value_gate, dropout_p=p,
-                value_dropout_p=pv, seed=0 if seed is None else seed, detached_keys=detached_keys,
-                segment=segment,
-            )  # fmt: skip
+    out = dispatch.attention(
+        backend, q, k, v, dropout_p=p, value_dropout_p=pv, key_gate=key_gate,
+        value_gate=value_gate, seed=seed, detached_keys=detached_keys, segment=segment,
+    )  # fmt: skip
     return out.transpose(0, 1) if batch_first else out
 
 
 # --------------------------------------------------------------------------------------------
 # LSTM
 # --------------------------------------------------------------------------------------------
-def _cuda_reason(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> Optional[str]:
-    if x.device.type != "cuda":
-        return f"the CUDA kernels need CUDA tensors; got tensors on {x.device}"
-    try:
-        from . import _cuda
-    except ImportError as exc:
-        return f"the CUDA extension loader cannot be imported ({exc})"
-    return _cuda.lstm_unsupported_reason(x, weight_ih, weight_hh)
-
-
-def _cuda_lstm_kernel(*args):
-    from . import _cuda
-
-    return _cuda.lstm(*args)
-
-
-# cuDNN runs LSTMs with hidden sizes up to 128 on its persistent "small H" algorithm in every
-# dtype but float64, forward and backward (cuDNN >= 8.2.1; PyTorch's cuDNN RNN algorithm choice).
-_CUDNN_SMALL_H = 128
-
-
-def _lstm_class(x: Tensor, weight_hh: Tensor) -> tuple:
-    """The input class a first-use verdict covers: hidden size and batch bucket."""
-    return (("H", int(weight_hh.shape[1])), ("B", _device_check.batch_bucket(int(x.shape[1]))))
-
-
-def _known_lstm_verdict(device_type: str, index: int, dtype_name: str, shape: tuple) -> bool:
-    """True when a passing verdict for the CUDA LSTM on this input class is known (this process
-    or the disk cache). Runs no check: this is what ``auto`` uses under torch.compile."""
-    device = torch.device(device_type, index) if index >= 0 else torch.device(device_type)
-    key = _device_check.FIRST_USE.key("lstm", "cuda", device, getattr(torch, dtype_name), shape)
-    verdict = _device_check.FIRST_USE.lookup(key)
-    return verdict is not None and verdict.passed
-
-
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
-    # Traced as a constant: Dynamo runs it once while tracing (it reads a file) and guards on it.
-    _known_lstm_verdict = torch.compiler.assume_constant_result(_known_lstm_verdict)
-
-
-def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
-    """What ``backend="auto"`` runs an LSTM on, for CUDA tensors: ``"cuda"`` or ``"torch"``.
-
-    - bfloat16: the persistent CUDA kernel when it can take the inputs (sm_80+, a batch and
-      hidden size that fit, see ``sha_rnn_kernels._cuda.lstm_unsupported_reason``) and has
-      passed its first-use check for this device, dtype, hidden size and batch bucket (see
-      :mod:`sha_rnn_kernels._device_check`); otherwise cuDNN, with a one-time warning saying why.
-      PyTorch runs bf16 LSTMs on cuDNN's standard (step-by-step) algorithm: cited at ~19 ms
-      forward + backward per layer at T=1024, B=16, I=H=1024 on an H100, consistent with ~6 us
-      per forward step (a separate [16, 1024] x [1024, 4096] GEMM launch that streams W_hh's
-      8 MiB from L2, plus the pointwise kernel) and twice that backward. Hidden sizes up to 128
-      stay on cuDNN, which runs them on its persistent "small H" algorithm.
-    - float16: cuDNN. PyTorch picks cuDNN's persistent algorithm for fp16 LSTMs on sm_80+ GPUs
-      with >= 98 SMs (not sm_86) when H <= 1024, H and I are multiples of 128 and the batch is
-      a multiple of 8 up to 128, which covers the paper's shape (cited: ~6.2 ms per layer).
-      Our kernel, estimated before its latency work: 2.4 us per forward and 4.1 us per
-      backward step = 6.7 ms over 1024 steps, plus ~0.7 ms for the four T*B x 1024 x 4096
-      GEMMs around the recurrence (4 x 137 GFLOP at ~800 TFLOP/s) = ~7.4 ms, slower than
-      cuDNN. After it (prefetch before the step wait, all L2 loads of a warp before its MMA
-      chain, per-block step flags instead of a grid barrier; budget in csrc/lstm_persistent.cu)
-      the estimate is ~1.3 + ~1.5 us per step, ~3.5 ms per layer, ahead of cuDNN's 6.2 ms.
-      fp16 still stays on cuDNN: that estimate rests on latencies nobody has measured (an L2
-      round trip ~0.4 us, a flag hand-off ~0.6 us), cuDNN's persistent algorithm is a known
-      good path in fp16, and bf16, which has ~19 ms to gain, is where the kernel proves itself
-      first. fp16 moves to the kernel when a measurement shows it ahead (``backend="cuda"``
-      or ``SHA_RNN_KERNELS_BACKEND=lstm=cuda`` selects it explicitly meanwhile). Outside the
-      shapes above, cuDNN's fp16 LSTM is step by step too.
-    - float32: cuDNN (the CUDA kernel takes fp16 and bf16 only).
-
-    Under torch.compile tracing and CUDA-graph capture no check runs: a passing verdict already
-    known (from this process or the disk cache) is used, otherwise cuDNN. All figures are
-    estimates (no GPU measurement yet).
-    """
-    if x.dtype != torch.bfloat16 or weight_hh.shape[1] <= _CUDNN_SMALL_H:
-        return "torch"
-    shape = _lstm_class(x, weight_hh)
-    if _device_check.is_compiling():
-        index = x.device.index if x.device.index is not None else -1
-        known = _known_lstm_verdict(x.device.type, index, "bfloat16", shape)
-        return "cuda" if known else "torch"
-    # The choice for an input class is fixed once made (the reason function and the check
-    # are not repeated on every call).
-    choices = _device_check.FIRST_USE.choices
-    choice_key = (str(x.device), tuple(x.shape[1:]), tuple(weight_hh.shape))
-    choice = choices.get(choice_key)
-    if choice is None:
-        choice = _lstm_auto_choice(x, weight_ih, weight_hh, shape)
-        if choice is not None:
-            choices[choice_key] = choice
-    return choice or "torch"
-
-
-def _lstm_auto_choice(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, shape: tuple):
-    """``_lstm_auto_pick``'s eager decision: "cuda", "torch", or None when no verdict can be had
-    now (capturing a CUDA graph: cuDNN this time, decided again at the next call)."""
-    reason = _cuda_reason(x, weight_ih, weight_hh)
-    if reason is not None:
-        _backend.warn_once(
-            f"lstm:auto:{reason}",
-            f"sha_rnn_kernels.lstm: the persistent CUDA LSTM cannot take these bf16 inputs "
-            f"({reason}); using cuDNN, whose bf16 LSTM runs step by step (several times slower)",
-        )
-        return "torch"
-    verdict = _first_use_lstm(x.device, x.dtype, shape, int(x.shape[1]), weight_ih, weight_hh)
-    if verdict is None:
-        return None
-    if not verdict.passed:
-        _backend.warn_once(
-            f"lstm:first-use:{x.device}:{x.dtype}:{shape}",
-            f"sha_rnn_kernels.lstm: the persistent CUDA LSTM failed its first-use check on "
-            f"{x.device} ({verdict.dtype}, {verdict.shape}: {verdict.describe()}); using cuDNN "
-            f"for these inputs. `python -m sha_rnn_kernels.check` prints every op's check.",
-        )
-        return "torch"
-    return "cuda"
-
-
-def _first_use_lstm(device, dtype, shape, batch, weight_ih, weight_hh):
-    """The first-use verdict of the CUDA LSTM for this input class (running the check if it is
-    unknown), or a process-only "trusted" verdict when checks are turned off."""
-    first_use = _device_check.FIRST_USE
-    if not _device_check.checks_enabled():
-        # Trusted, for this process only (so that torch.compile, which runs no check, sees it).
-        note = f"not checked ({_device_check.CHECK_ENV}=0)"
-        verdict = _device_check.Verdict("lstm", "cuda", str(dtype), str(shape), True, worst=note)
-        first_use.remember(first_use.key("lstm", "cuda", device, dtype, shape), verdict)
-        return verdict
-    hidden = int(weight_hh.shape[1])
-    batches = []
-    for check_batch in _device_check.check_batches(batch):
-        probe = torch.empty(1, check_batch, 1, device=device, dtype=dtype)
-        ok = _cuda_reason(probe, weight_ih[:, :1], weight_hh) is None
-        batches.append(check_batch if ok else batch)
-
-    def run() -> _device_check.Verdict:
-        verdict = None
-        for check_batch in dict.fromkeys(batches):
-            verdict = _device_check.check_lstm(
-                _cuda_lstm_kernel, device, dtype, hidden, check_batch, backend="cuda"
-            )
-            if not verdict.passed:
-                break
-        return verdict
-
-    return first_use.verdict("lstm", "cuda", device, dtype, shape, run)
-
-
 def _check_state(op: str, name: str, t, batch: int, hidden_size: int) -> Tensor:
     _check_tensor(op, name, t)
     if t.dim() == 3 and t.shape[0] == 1:
@@ -555,8 +348,8 @@ def lstm(
             mapping (its ``"lstm"`` entry); None reads the environment. On CUDA tensors
             ``"auto"`` runs bfloat16 on the persistent CUDA kernel where it fits and has passed
             its first-use check on the device, everything else on cuDNN (the reasons are in
-            ``_lstm_auto_pick``); elsewhere it runs ``torch.lstm``. An explicit ``"cuda"`` runs
-            no first-use check.
+            :mod:`sha_rnn_kernels.dispatch`); elsewhere it runs ``torch.lstm``. An explicit
+            ``"cuda"`` runs no first-use check.
 
     Returns:
         ``(out, (h_n, c_n))``: ``out [T, B, H]`` (``[B, T, H]`` with ``batch_first``),
@@ -605,32 +398,7 @@ def lstm(
         check_dtype=not autocast_on,
     )  # fmt: skip
 
-    name = _backend.resolve(
-        op,
-        backend,
-        x.device,
-        {
-            "torch": lambda: None,
-            "triton": lambda: _triton_reason("lstm", x.device, x, weight_ih, weight_hh),
-            "cuda": lambda: _cuda_reason(x, weight_ih, weight_hh),
-        },
-        auto_order=("torch",),
-        cpu_default="torch",
-        auto_pick=lambda: _lstm_auto_pick(x, weight_ih, weight_hh),
-    )
-    args = (x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
-    with _no_autocast(x.device):
-        if name == "reference":
-            out, h_n, c_n = reference.lstm(*args)
-        elif name == "torch":
-            out, h_n, c_n = reference.lstm_torch(*args, training=torch.is_grad_enabled())
-        elif name == "triton":
-            module, _ = _triton_module("lstm")
-            out, h_n, c_n = module.lstm(*args)
-        else:
-            from . import _cuda
-
-            out, h_n, c_n = _cuda.lstm(*args)
+    out, h_n, c_n = dispatch.lstm(backend, x, weight_ih, weight_hh, bias_ih, bias_hh, h0, c0)
     if batch_first:
         out = out.transpose(0, 1)
     return out, (h_n.unsqueeze(0), c_n.unsqueeze(0))

@@ -33,23 +33,14 @@ import sys
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, reference
-from ._backend import BackendUnavailableError, triton_reason, warn_once
+from . import dispatch, reference
 from .evaluate import DEFAULT_CHECKPOINT, DTYPES, _Parser, load_model, pick_device
-from .ops._common import dtype_reason
 
 __all__ = ["Decoder", "generate", "next_token_probs", "main"]
 
 PromptIds = Union[Sequence[int], bytes, Tensor]
-
-
-def _attention_backend(attn) -> str:
-    """The backend name the attention block asked for (a per-op mapping's ``attention``
-    entry)."""
-    return _backend.backend_for("attention", attn.backend)
 
 
 def _attend(attn, q: Tensor, keys: Tensor, key_gate: Tensor, value_gate: Tensor) -> Tensor:
@@ -57,29 +48,11 @@ def _attend(attn, q: Tensor, keys: Tensor, key_gate: Tensor, value_gate: Tensor)
 
     ``q [B, 1, E]``, ``keys [B, K, E]`` (a view of the ring buffer; order does not matter) to
     ``[B, 1, E]``. One fused pass reads the memory: the split-key Triton kernel of
-    :mod:`sha_rnn_kernels.ops.decode` where the block's backend picks Triton (``"auto"`` on
-    CUDA, or ``"triton"``), else PyTorch's fused scaled-dot-product attention.
+    :mod:`sha_rnn_kernels.ops.decode` where the block's attention backend picks Triton
+    (``"auto"`` on CUDA once its check passed, or ``"triton"``), else PyTorch's fused
+    scaled-dot-product attention (:func:`sha_rnn_kernels.dispatch.decode` decides).
     """
-    backend = _attention_backend(attn)
-    if backend in ("triton", "cuda") or (backend == "auto" and q.device.type == "cuda"):
-        reason = dtype_reason(q, keys) or triton_reason(q.device)
-        if reason is None:
-            from .ops import decode
-
-            return decode.decode_attention(q[:, 0], keys, key_gate, value_gate).unsqueeze(1)
-        if backend != "auto":
-            raise BackendUnavailableError(
-                f"decode attention: backend='triton' cannot run: {reason}"
-            )
-        warn_once(
-            f"decode:{reason}",
-            f"sha_rnn_kernels.generate: the Triton decode kernel cannot run ({reason}); using "
-            f"PyTorch's scaled-dot-product attention",
-        )
-    out = F.scaled_dot_product_attention(
-        (q * key_gate).unsqueeze(1), keys.unsqueeze(1), keys.unsqueeze(1)
-    )
-    return out.squeeze(1) * value_gate
+    return dispatch.decode(attn.backend, q[:, 0], keys, key_gate, value_gate).unsqueeze(1)
 
 
 def _lstm_step(rnn, x: Tensor, state: tuple) -> tuple[Tensor, tuple]:

@@ -7,7 +7,7 @@ Parameter names follow the original code (Merity 2019), so its state dicts load 
 ``"lstm=cuda,attention=triton"``; an op left out uses ``"auto"``); None reads
 ``SHA_RNN_KERNELS_BACKEND`` at each call. ``"cuda"`` runs the CUDA C++ LSTM, and the Triton
 kernels of Boom and attention, which have no CUDA C++ kernel. The modules pass it to
-:mod:`sha_rnn_kernels.functional`; see :mod:`sha_rnn_kernels._backend`.
+:mod:`sha_rnn_kernels.functional`; :mod:`sha_rnn_kernels.dispatch` decides which backend runs.
 """
 
 from __future__ import annotations

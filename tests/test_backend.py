@@ -1,5 +1,5 @@
 """Backend arguments: one name or a per-op mapping, "cuda" everywhere, the environment variable,
-the modules and the trainer's --backend (sha_rnn_kernels/_backend.py)."""
+the modules and the trainer's --backend (sha_rnn_kernels/_backend.py, dispatch.py)."""
 
 import pytest
 import torch
@@ -139,24 +139,17 @@ def test_cuda_routes_boom_and_attention_to_triton(device, monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_resolve_cuda_means_triton_only_without_a_cuda_kernel():
-    cpu = torch.device("cpu")
-    triton_only = {"triton": lambda: None}
-    assert _backend.resolve("boom", "cuda", cpu, triton_only, ("triton",)) == "triton"
-    both = {"triton": lambda: None, "cuda": lambda: None}
-    assert _backend.resolve("lstm", "cuda", cpu, both, ("cuda",)) == "cuda"
-    # auto_pick runs first on CUDA tensors, and only there
-    cuda = torch.device("cuda")
-    pick = {"calls": 0}
+def test_select_cuda_means_triton_only_without_a_cuda_kernel(monkeypatch):
+    from sha_rnn_kernels import dispatch
 
-    def auto_pick():
-        pick["calls"] += 1
-        return "cuda"
-
-    assert _backend.resolve("lstm", "auto", cuda, both, ("triton",), auto_pick=auto_pick) == "cuda"
-    assert _backend.resolve("lstm", "auto", cpu, both, ("triton",), cpu_default="torch",
-                            auto_pick=auto_pick) == "torch"  # fmt: skip
-    assert pick["calls"] == 1
+    x, w = torch.randn(3, 8), torch.randn(16, 8)
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("boom", "triton"), ())
+    assert dispatch.select("boom", "cuda", x, w, None) == "triton"
+    assert dispatch.select("boom", "torch", x, w, None) == "reference"
+    lstm_in = (torch.randn(3, 2, 4), torch.randn(20, 4), torch.randn(20, 5))
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("lstm", "cuda"), ())
+    assert dispatch.select("lstm", "cuda", *lstm_in) == "cuda"
+    assert dispatch.select("lstm", "auto", *lstm_in) == "torch"  # CPU tensors: torch.lstm
 
 
 def test_trainer_backend_flag():

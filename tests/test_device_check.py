@@ -1,17 +1,19 @@
-"""First-use device checks and ``python -m sha_rnn_kernels.check`` (sha_rnn_kernels/
-_device_check.py, sha_rnn_kernels/check.py), on the CPU with fake kernels and fake devices."""
+"""Device checks, the verdict store, ``auto``'s use of verdicts and ``python -m
+sha_rnn_kernels.check`` (sha_rnn_kernels/_checks.py, _device_check.py, dispatch.py, check.py), on
+the CPU with fake kernels and fake devices. The contained runner: tests/test_contained.py."""
 
 import json
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import sha_rnn_kernels.functional as SF
-from sha_rnn_kernels import _backend, _device_check, check, reference
+from sha_rnn_kernels import _backend, _checks, _contained, _device_check, check, dispatch, reference
 from sha_rnn_kernels._device_check import FirstUse, Verdict
 
 CPU = torch.device("cpu")
@@ -55,14 +57,14 @@ def first_use(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lstm_check_passes_a_correct_kernel(dtype):
-    verdict = _device_check.check_lstm(torch_lstm, CPU, dtype, hidden=12, batch=3, steps=4,
+    verdict = _checks.check_lstm(torch_lstm, CPU, dtype, hidden=12, batch=3, steps=4,
                                        input_size=8)  # fmt: skip
     assert verdict.passed, verdict.describe()
     assert verdict.max_error <= verdict.tolerance and not verdict.error
 
 
 def test_lstm_check_fails_a_wrong_kernel_and_names_the_quantity():
-    verdict = _device_check.check_lstm(wrong_lstm, CPU, torch.float32, hidden=12, batch=3,
+    verdict = _checks.check_lstm(wrong_lstm, CPU, torch.float32, hidden=12, batch=3,
                                        steps=4, input_size=8)  # fmt: skip
     assert not verdict.passed
     assert verdict.max_error > verdict.tolerance
@@ -70,7 +72,7 @@ def test_lstm_check_fails_a_wrong_kernel_and_names_the_quantity():
 
 
 def test_lstm_check_turns_an_exception_into_a_failure():
-    verdict = _device_check.check_lstm(raising_lstm, CPU, torch.float32, hidden=12, batch=3,
+    verdict = _checks.check_lstm(raising_lstm, CPU, torch.float32, hidden=12, batch=3,
                                        steps=2, input_size=8)  # fmt: skip
     assert not verdict.passed and "illegal memory access" in verdict.error
 
@@ -80,7 +82,7 @@ def test_lstm_check_leaves_the_global_rng_and_grad_mode_alone():
     expected = torch.rand(3)
     torch.manual_seed(5)
     with torch.no_grad():
-        verdict = _device_check.check_lstm(torch_lstm, CPU, torch.float32, hidden=8, batch=2,
+        verdict = _checks.check_lstm(torch_lstm, CPU, torch.float32, hidden=8, batch=2,
                                            steps=2, input_size=8)  # fmt: skip
         assert not torch.is_grad_enabled()
     assert verdict.passed
@@ -94,7 +96,7 @@ def test_lstm_check_catches_an_unwritten_output():
         out[-1, -1, -1] = float("nan")  # one element never written
         return out, h_n, c_n
 
-    verdict = _device_check.check_lstm(lazy, CPU, torch.float32, hidden=8, batch=2, steps=2,
+    verdict = _checks.check_lstm(lazy, CPU, torch.float32, hidden=8, batch=2, steps=2,
                                        input_size=8)  # fmt: skip
     assert not verdict.passed and verdict.worst == "out"
 
@@ -238,7 +240,7 @@ def test_a_cached_verdict_is_reused_by_a_fresh_process(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# "auto" for the LSTM
+# "auto" for the LSTM (dispatch.py), with the contained runner replaced by a fake
 # ----------------------------------------------------------------------------------------------
 
 
@@ -247,88 +249,97 @@ def _lstm_inputs(dtype=torch.bfloat16, batch=3, hidden=136):
     return x, torch.randn(4 * hidden, 8, dtype=dtype), torch.randn(4 * hidden, hidden, dtype=dtype)
 
 
-def test_auto_uses_the_kernel_once_it_passed(first_use, monkeypatch):
-    reasons = []
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: reasons.append(1))
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", torch_lstm)
-    monkeypatch.setattr(_device_check, "check_lstm", _small_check(_device_check.check_lstm))
+@pytest.fixture
+def cpu_as_gpu(first_use, monkeypatch):
+    """``auto`` treats CPU tensors as it treats CUDA ones, and the CUDA LSTM takes any input;
+    checks run in-process through ``runner`` (set ``runner.kernel``), counted in ``runs``."""
+    monkeypatch.setattr(dispatch, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("lstm", "cuda"), ())
+
+    class Runner:
+        kernel = staticmethod(torch_lstm)
+        specs = []
+
+        def __call__(self, job):
+            self.specs.append(job)
+            assert job["op"] == "lstm" and job["backend"] == "cuda" and job["tiny"]
+            return _checks.check_lstm(self.kernel, CPU, getattr(torch, job["dtype"]), 12, 3,
+                                      steps=3, input_size=8)  # fmt: skip
+
+    runner = Runner()
+    monkeypatch.setattr(_contained, "run_check", runner)
+    return runner
+
+
+def test_auto_uses_the_kernel_once_it_passed(cpu_as_gpu, first_use):
     x, w_ih, w_hh = _lstm_inputs()
-    assert SF._lstm_auto_pick(x, w_ih, w_hh) == "cuda"
+    assert dispatch.select("lstm", "auto", x, w_ih, w_hh) == "cuda"
     assert first_use.runs == 1
-    assert SF._lstm_auto_pick(x, w_ih, w_hh) == "cuda" and first_use.runs == 1
-    assert len(reasons) == 3  # the inputs and both check batches, once: the choice is kept
+    assert dispatch.select("lstm", "auto", x, w_ih, w_hh) == "cuda" and first_use.runs == 1
     x2, w_ih2, w_hh2 = _lstm_inputs(batch=9)  # same bucket (16): the verdict is reused
-    assert SF._lstm_auto_pick(x2, w_ih2, w_hh2) == "cuda" and first_use.runs == 1
+    assert dispatch.select("lstm", None, x2, w_ih2, w_hh2) == "cuda" and first_use.runs == 1
+    assert cpu_as_gpu.specs[0]["shape"] == {"H": 136, "B": 16}
 
 
-def _small_check(check_lstm):
-    # The real check at a small hidden size and sequence (the kernel is a CPU stand-in).
-    def run(kernel, device, dtype, hidden, batch, **kwargs):
-        return check_lstm(kernel, device, dtype, 12, min(batch, 4), steps=3, input_size=8,
-                          backend="cuda")  # fmt: skip
-
-    return run
-
-
-def test_auto_warns_once_and_uses_cudnn_after_a_failed_check(first_use, monkeypatch):
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", wrong_lstm)
-    monkeypatch.setattr(_device_check, "check_lstm", _small_check(_device_check.check_lstm))
+def test_auto_warns_once_and_uses_cudnn_after_a_failed_check(cpu_as_gpu, first_use):
+    cpu_as_gpu.kernel = staticmethod(wrong_lstm)
     x, w_ih, w_hh = _lstm_inputs()
-    with pytest.warns(RuntimeWarning, match="failed its first-use check .*using cuDNN"):
-        assert SF._lstm_auto_pick(x, w_ih, w_hh) == "torch"
+    with pytest.warns(RuntimeWarning, match="uses torch.lstm .*failed its first-use check"):
+        assert dispatch.select("lstm", "auto", x, w_ih, w_hh) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert SF._lstm_auto_pick(x, w_ih, w_hh) == "torch"
-    assert first_use.runs == 1
+        assert dispatch.select("lstm", "auto", x, w_ih, w_hh) == "torch"
+        out, _ = SF.lstm(x, w_ih, w_hh)  # the op goes on, on the fallback
+    assert first_use.runs == 1 and out.shape == (4, 3, 136)
 
 
-def test_auto_keeps_fp16_fp32_and_small_hidden_sizes_on_cudnn(first_use, monkeypatch):
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", raising_lstm)
-    for dtype in (torch.float16, torch.float32):
-        assert SF._lstm_auto_pick(*_lstm_inputs(dtype)) == "torch"
-    assert SF._lstm_auto_pick(*_lstm_inputs(hidden=128)) == "torch"
+def test_auto_keeps_fp16_fp32_and_small_hidden_sizes_on_cudnn(cpu_as_gpu, first_use):
+    cpu_as_gpu.kernel = staticmethod(raising_lstm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deliberate choice: no warning
+        for dtype in (torch.float16, torch.float32):
+            assert dispatch.select("lstm", "auto", *_lstm_inputs(dtype)) == "torch"
+        assert dispatch.select("lstm", "auto", *_lstm_inputs(hidden=128)) == "torch"
     assert first_use.runs == 0
 
 
-def test_auto_warns_once_when_the_kernel_cannot_take_the_inputs(first_use, monkeypatch):
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: "batch 80 is larger than 64 rows")
-    with pytest.warns(RuntimeWarning, match="cannot take these bf16 inputs \\(batch 80"):
-        assert SF._lstm_auto_pick(*_lstm_inputs()) == "torch"
+def test_auto_warns_once_when_the_kernel_cannot_take_the_inputs(cpu_as_gpu, first_use,
+                                                                 monkeypatch):  # fmt: skip
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("lstm", "cuda"),
+                        (lambda *t: "batch 80 is larger than 64 rows",))  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="cuda: batch 80 is larger than 64 rows"):
+        assert dispatch.select("lstm", "auto", *_lstm_inputs()) == "torch"
     assert first_use.runs == 0
 
 
-def test_auto_under_compile_uses_only_a_known_verdict(first_use, monkeypatch):
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", raising_lstm)
+def test_auto_under_compile_uses_only_a_known_verdict(cpu_as_gpu, first_use, monkeypatch):
+    cpu_as_gpu.kernel = staticmethod(raising_lstm)
     monkeypatch.setattr(_device_check, "is_compiling", lambda: True)
     x, w_ih, w_hh = _lstm_inputs()
-    assert SF._lstm_auto_pick(x, w_ih, w_hh) == "torch"  # unknown: cuDNN, nothing run
+    assert dispatch.select("lstm", "auto", x, w_ih, w_hh) == "torch"  # unknown: nothing run
     assert first_use.runs == 0
-    key = first_use.key("lstm", "cuda", CPU, torch.bfloat16, SF._lstm_class(x, w_hh))
+    key = first_use.key("lstm", "cuda", CPU, torch.bfloat16, _checks.input_class("lstm", x, w_ih,
+                                                                                  w_hh))
     first_use.store(key, _verdict(True))
-    assert SF._lstm_auto_pick(x, w_ih, w_hh) == "cuda"
+    assert dispatch.select("lstm", "auto", x, w_ih, w_hh) == "cuda"
 
 
-def test_the_check_can_be_turned_off(first_use, monkeypatch):
+def test_the_check_can_be_turned_off(cpu_as_gpu, first_use, monkeypatch):
     monkeypatch.setenv("SHA_RNN_KERNELS_FIRST_USE_CHECK", "0")
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", raising_lstm)
-    assert SF._lstm_auto_pick(*_lstm_inputs()) == "cuda"
+    cpu_as_gpu.kernel = staticmethod(raising_lstm)
+    assert dispatch.select("lstm", "auto", *_lstm_inputs()) == "cuda"
     assert first_use.runs == 0
 
 
-def test_prepare_lstm_fills_the_cache_that_compile_reads(first_use, monkeypatch):
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: None)
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", torch_lstm)
-    monkeypatch.setattr(_device_check, "check_lstm", _small_check(_device_check.check_lstm))
+def test_prepare_lstm_fills_the_cache_that_compile_reads(cpu_as_gpu, first_use, monkeypatch):
     assert check.prepare_lstm("cpu", torch.bfloat16, hidden=136, batch=3).passed
     assert first_use.runs == 1
     monkeypatch.setattr(_device_check, "is_compiling", lambda: True)
-    monkeypatch.setattr(SF, "_cuda_lstm_kernel", raising_lstm)
-    assert SF._lstm_auto_pick(*_lstm_inputs(batch=3)) == "cuda" and first_use.runs == 1
-    monkeypatch.setattr(SF, "_cuda_reason", lambda *args: "hidden size does not fit")
+    cpu_as_gpu.kernel = staticmethod(raising_lstm)
+    assert dispatch.select("lstm", "auto", *_lstm_inputs(batch=3)) == "cuda"
+    assert first_use.runs == 1
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("lstm", "cuda"),
+                        (lambda *t: "hidden size does not fit",))  # fmt: skip
     verdict = check.prepare_lstm("cpu", torch.bfloat16, hidden=4096, batch=3)
     assert verdict.worst == "skipped" and "does not fit" in verdict.error
 
@@ -344,20 +355,36 @@ def test_check_command_without_a_gpu_says_so(monkeypatch, capsys):
     assert "No CUDA device is available" in capsys.readouterr().out
 
 
-def test_check_command_runs_the_triton_checks_on_the_interpreter(monkeypatch, capsys):
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHA_RNN_KERNELS_CACHE_DIR", str(tmp_path))
+    store = FirstUse()
+    monkeypatch.setattr(_device_check, "FIRST_USE", store)
+    return store
+
+
+HOOK = str(Path(__file__).with_name("fake_kernels.py"))
+
+
+def test_check_command_runs_the_triton_checks_on_the_interpreter(fresh_cache, capsys):
+    """The real check of every Triton kernel, each in a child process, through the interpreter;
+    the verdicts land where auto looks for them."""
     if not _backend.interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1")
     assert check.main(["--quiet"]) == 0
     out = capsys.readouterr().out
-    for op in ("boom", "attention", "lstm"):
+    for op in ("boom", "attention", "decode", "lstm"):
         assert f"\n{op} " in out
     assert "All checks passed" in out and "FAIL" not in out
+    key = fresh_cache.key("attention", "triton", CPU, torch.float32, (("E", 16),))
+    assert FirstUse().lookup(key).passed  # on disk
 
 
-def test_check_command_fails_on_a_wrong_kernel(monkeypatch, capsys):
+def test_check_command_fails_on_a_wrong_kernel(fresh_cache, monkeypatch, capsys):
     if not _backend.interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(check, "_triton_lstm", wrong_lstm)
+    monkeypatch.setenv("SHA_RNN_KERNELS_CHECK_HOOK", HOOK)
+    monkeypatch.setenv("FAKE_KERNEL", "wrong")
     monkeypatch.setattr(check, "plan", _only_lstm(check.plan))
     assert check.main(["--quiet"]) == 1
     out = capsys.readouterr().out
@@ -366,6 +393,20 @@ def test_check_command_fails_on_a_wrong_kernel(monkeypatch, capsys):
 
 def _only_lstm(plan):
     return lambda *args: [row for row in plan(*args) if row[0] == "lstm"]
+
+
+def test_explain_command(capsys):
+    assert check.main(["--explain", "lstm", "--device", "cpu", "--dtypes", "bf16", "--hidden",
+                       "32", "--width", "16", "--batch", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "lstm on cpu, bfloat16, [64, 2, 16] [128, 16] [128, 32], backend='auto':" in out
+    assert "torch      CHOSEN" in out and "cuda" in out and "triton" in out
+    assert check.main(["--explain", "boom", "--device", "cpu", "--backend", "boom=fast"]) == 2
+    capsys.readouterr()
+    assert check.main(["--explain", "--device", "cpu", "--dtypes", "fp32", "--width", "16"]) == 0
+    out = capsys.readouterr().out
+    for label in ("lstm", "single_head_attention", "boom", "decode attention"):
+        assert f"{label} on cpu, float32" in out
 
 
 def test_check_table_lists_every_column():

@@ -81,20 +81,25 @@ def test_explicit_backend_that_cannot_run_raises(device):
         SF.boom(x64.to(device), w64.to(device), backend="triton")
 
 
-def test_auto_falls_back_to_the_reference_and_warns_once():
+def test_auto_falls_back_to_the_reference_and_warns_once(monkeypatch):
+    from sha_rnn_kernels import dispatch
+
     _backend._warned.clear()
-    cuda = torch.device("cuda")  # a device object only: nothing runs on it
-    reasons = {"triton": lambda: "E=13 is not a multiple of 8"}
-    with pytest.warns(RuntimeWarning, match="E=13 is not a multiple of 8"):
-        assert _backend.resolve("boom", "auto", cuda, reasons, ("triton",)) == "reference"
+    monkeypatch.setattr(dispatch, "AUTO_DEVICES", ("cuda", "cpu"))  # CPU tensors as CUDA ones
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("boom", "triton"),
+                        (lambda *t: "E=13 is not a multiple of 8",))  # fmt: skip
+    x, w = torch.randn(3, 13), torch.randn(26, 13)
+    with pytest.warns(RuntimeWarning, match="uses the PyTorch reference .*E=13 is not a multiple"):
+        assert dispatch.select("boom", "auto", x, w, None) == "reference"
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend.resolve("boom", "auto", cuda, reasons, ("triton",)) == "reference"
-    ok = {"triton": lambda: None}
-    assert _backend.resolve("boom", "auto", cuda, ok, ("triton",)) == "triton"
-    assert _backend.resolve("boom", "auto", torch.device("cpu"), ok, ("triton",)) == "reference"
+        assert dispatch.select("boom", "auto", x, w, None) == "reference"
+        SF.boom(x, w)
+    monkeypatch.setattr(dispatch, "AUTO_DEVICES", ("cuda",))
+    monkeypatch.setitem(dispatch.CONSTRAINTS, ("boom", "triton"), ())
+    assert dispatch.select("boom", "auto", x, w, None) == "reference"  # CPU: the reference
 
 
 def test_environment_variable_sets_the_default(monkeypatch):
