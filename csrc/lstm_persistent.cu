@@ -137,18 +137,31 @@ __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-
 #ifndef SHA_RNN_EXTERN_SMEM
 #define SHA_RNN_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
-// The per-step flags: a release store and an acquire load at GPU scope (PTX ISA memory
-// consistency model), and a short back-off while polling.
+// The per-step flags: a release store at GPU scope (PTX ISA memory consistency model), and a
+// short back-off while polling.
 #ifndef SHA_RNN_STORE_RELEASE_GPU
 #define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory")
 #endif
-#ifndef SHA_RNN_LOAD_ACQUIRE_GPU
-#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out) \
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
-#endif
 #ifndef SHA_RNN_SPIN_PAUSE
 #define SHA_RNN_SPIN_PAUSE() __nanosleep(20)
+#endif
+// The waits poll every flag with relaxed loads (all of a lane's loads in flight at once) and
+// acquire what they saw with one fence: PTX's acquire pattern (ld.relaxed; fence.acq_rel).
+#ifndef SHA_RNN_LOAD_RELAXED_GPU
+#define SHA_RNN_LOAD_RELAXED_GPU(ptr, out) \
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
+#endif
+#ifndef SHA_RNN_FENCE_ACQUIRE_GPU
+#define SHA_RNN_FENCE_ACQUIRE_GPU() asm volatile("fence.acq_rel.gpu;" ::: "memory")
+#endif
+// The error word: read relaxed, recorded with atomicMin (the earliest step wins).
+#ifndef SHA_RNN_LOAD_RELAXED_GPU_U64
+#define SHA_RNN_LOAD_RELAXED_GPU_U64(ptr, out) \
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(out) : "l"(ptr) : "memory")
+#endif
+#ifndef SHA_RNN_CLOCK64
+#define SHA_RNN_CLOCK64() clock64()
 #endif
 
 template <typename T>
@@ -279,28 +292,60 @@ __device__ __forceinline__ float partial_sum(const float* part_s, int cols, int 
 // Per-step flags instead of a grid-wide barrier. flags[g] counts the steps block g has
 // published. grid_signal: every thread of the block has stored its part of the step (block
 // barrier), then one thread publishes `epoch` with a release store (cumulative over the
-// block's stores, which the barrier ordered before it). grid_wait: warp 0 polls every block's
-// flag with acquire loads until it reaches `epoch`, then a block barrier hands the guarantee
-// to the whole block. Unlike cooperative_groups' grid.sync there is no atomic on one shared
-// counter (128 serialised read-modify-writes and a round trip for each block's arrival) and
-// no second fence. The data a step publishes (out[t], dgates_t) is written once and never
-// overwritten, and a block cannot run ahead of a step whose inputs are missing, so read
-// after write is the only hazard the flags must order.
-__device__ __forceinline__ void grid_signal(unsigned* flags, unsigned epoch) {
+// block's stores, which the barrier ordered before it). grid_wait: lane l of warp 0 watches
+// blocks l, l + 32, ... (at most kLstmMaxFlagsPerLane): it issues the loads of all its
+// unpublished flags at once (one L2 round trip per poll, not one per block), repeats until
+// each reached `epoch`, then a fence turns the relaxed loads into acquires and a block barrier
+// hands the guarantee to the whole block. Unlike cooperative_groups' grid.sync there is no
+// atomic on one shared counter (128 serialised read-modify-writes) and no second fence. The
+// data a step publishes (out[t], dgates_t) is written once and never overwritten, and a block
+// cannot run ahead of a step whose inputs are missing, so read after write is the only hazard
+// the flags must order.
+//
+// Bounded: a lane that has polled for more than `limit` cycles records the error word
+// (atomicMin of (epoch << 32) | (late block << 16) | this block) and stops waiting; a lane
+// that finds the error word set stops too. From then on no wait of any block waits, so every
+// block runs its remaining steps on stale data and the launch ends; the host reads the error
+// word and raises (the outputs are garbage, never returned). Nothing else in the kernels waits
+// on another block.
+__device__ __forceinline__ void grid_signal(unsigned* step_buffer, unsigned epoch) {
   __syncthreads();
-  if (threadIdx.x == 0) SHA_RNN_STORE_RELEASE_GPU(flags + blockIdx.x, epoch);
+  if (threadIdx.x == 0)
+    SHA_RNN_STORE_RELEASE_GPU(step_buffer + kLstmStatusWords + blockIdx.x, epoch);
 }
 
-__device__ __forceinline__ void grid_wait(const unsigned* flags, unsigned epoch) {
+__device__ __forceinline__ void grid_wait(unsigned* step_buffer, unsigned epoch,
+                                          long long limit) {
   if (threadIdx.x < 32) {
-    for (unsigned b = threadIdx.x; b < gridDim.x; b += 32) {
-      unsigned seen = 0;
-      SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
-      while (seen < epoch) {
-        SHA_RNN_SPIN_PAUSE();
-        SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
+    unsigned long long* error = reinterpret_cast<unsigned long long*>(step_buffer);
+    const unsigned* flags = step_buffer + kLstmStatusWords;
+    const int lane = threadIdx.x;
+    unsigned pending = 0;  // bit i: block lane + 32 i has not published `epoch` yet
+#pragma unroll
+    for (int i = 0; i < kLstmMaxFlagsPerLane; ++i)
+      if (lane + 32 * i < int(gridDim.x)) pending |= 1u << i;
+    const long long start = SHA_RNN_CLOCK64();
+    while (true) {
+      unsigned seen[kLstmMaxFlagsPerLane];
+#pragma unroll
+      for (int i = 0; i < kLstmMaxFlagsPerLane; ++i)
+        if (pending & (1u << i)) SHA_RNN_LOAD_RELAXED_GPU(flags + lane + 32 * i, seen[i]);
+#pragma unroll
+      for (int i = 0; i < kLstmMaxFlagsPerLane; ++i)
+        if ((pending & (1u << i)) && seen[i] >= epoch) pending &= ~(1u << i);
+      if (pending == 0) break;
+      unsigned long long recorded = 0;
+      SHA_RNN_LOAD_RELAXED_GPU_U64(error, recorded);
+      if (recorded != kLstmNoError) break;  // another wait gave up: the launch is void
+      if (SHA_RNN_CLOCK64() - start > limit) {
+        const unsigned late = lane + 32 * (__ffs(pending) - 1);
+        atomicMin(error, (static_cast<unsigned long long>(epoch) << 32) |
+                             (static_cast<unsigned long long>(late) << 16) | blockIdx.x);
+        break;
       }
+      SHA_RNN_SPIN_PAUSE();
     }
+    SHA_RNN_FENCE_ACQUIRE_GPU();
   }
   __syncthreads();
 }
@@ -343,6 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
   SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const long long limit = p.wait_limit > 0 ? p.wait_limit : kLstmWaitLimitCycles;
   const int ldw = lstm_smem_row_stride(H);
   T* w_s = reinterpret_cast<T*>(smem_raw);
   float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kRows) * ldw * sizeof(T));
@@ -417,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
       // xproj[t + 1] does not depend on the recurrence: its loads fly during the wait (issued
       // after the signal, so that the publishing thread's release never waits for them).
       load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
-      grid_wait(p.flags, t + 1);  // out[t] of every block visible before step t + 1 reads it
+      grid_wait(p.flags, t + 1, limit);  // out[t] of every block visible before step t + 1
     }
   }
 }
@@ -460,6 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
   SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const long long limit = p.wait_limit > 0 ? p.wait_limit : kLstmWaitLimitCycles;
   const int G4 = 4 * H;
   const int ldw = lstm_smem_row_stride(G4);
   T* w_s = reinterpret_cast<T*>(smem_raw);
@@ -516,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
     // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
     // fly during the wait and the MMA.
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
-    grid_wait(p.flags, epoch);  // dgates_t of every unit visible
+    grid_wait(p.flags, epoch, limit);  // dgates_t of every unit visible
 
     for (int row0 = 0; row0 < B; row0 += 16) {
       const int rows = min(16, B - row0);
@@ -589,8 +636,16 @@ void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Par
   SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   TORCH_CHECK(grid <= per_sm * sm_count, "sha_rnn_kernels LSTM ", what, ": ", grid,
               " blocks cannot be co-resident (", per_sm, " per SM x ", sm_count, " SMs)");
-  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no flags buffer");
-  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags, 0, sizeof(unsigned) * grid, stream));
+  TORCH_CHECK(grid <= kLstmMaxBlocks, "sha_rnn_kernels LSTM ", what, ": ", grid,
+              " blocks, the step waits watch at most ", kLstmMaxBlocks);
+  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no step buffer");
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(params.flags) % 8 == 0, "sha_rnn_kernels LSTM ",
+              what, ": the step buffer must be 8-byte aligned (its error word is a uint64)");
+  // Error word: all ones (no error); step flags: 0 (no step published).
+  SHA_RNN_CUDA_CHECK(
+      cudaMemsetAsync(params.flags, 0xff, sizeof(unsigned) * kLstmStatusWords, stream));
+  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags + kLstmStatusWords, 0,
+                                     sizeof(unsigned) * grid, stream));
   void* args[] = {const_cast<Params*>(&params)};
   SHA_RNN_CUDA_CHECK(
       cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem, stream));

@@ -77,8 +77,10 @@ struct LstmFwdParams {
   void* c_n;          // [B, H]     model dtype
   float* gates;       // [T, B, 4H] fp32 activated gates i, f, g, o; nullptr: not saved
   float* cells;       // [T, B, H]  fp32 cell states c_t;            nullptr: not saved
-  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
+  unsigned* flags;    // [kLstmStatusWords + ceil(H / units)] error word, then per-block step
+                      // counters (the launcher initialises both; see kLstmWaitLimitCycles)
   int seq_len, batch, hidden, units;
+  long long wait_limit;  // cycles; 0: kLstmWaitLimitCycles
 };
 
 struct LstmBwdParams {
@@ -92,12 +94,31 @@ struct LstmBwdParams {
   void* d_gates;      // [T, B, 4H] model dtype: gradient of the gate pre-activations
   void* d_h0;         // [B, H]     model dtype
   void* d_c0;         // [B, H]     model dtype
-  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
+  unsigned* flags;    // as LstmFwdParams::flags
   int seq_len, batch, hidden, units;
+  long long wait_limit;  // cycles; 0: kLstmWaitLimitCycles
 };
 
 // Number of blocks (and of flags) of a launch.
 constexpr int lstm_grid_blocks(int hidden, int units) { return (hidden + units - 1) / units; }
+
+// Bounded step waits. A block that waits longer than kLstmWaitLimitCycles (clock64 cycles of
+// its SM: ~4.9 s at an H100's 1.755 GHz, ~6.1 s at an A100's 1.41 GHz; a legal wait is a few
+// microseconds) for another block's step flag gives up: it records the error word and every
+// later wait of every block returns at once, so the launch ends instead of hanging. The step
+// buffer the launcher passes the kernels is kLstmStatusWords 32-bit words of error word
+// (uint64, all ones = no error, else (step << 32) | (late block << 16) | waiting block, the
+// smallest step winning) followed by one flag per block. The host decodes the word
+// (sha_rnn_kernels/_cuda.py: status_error) and raises naming the pass, step and blocks.
+constexpr long long kLstmWaitLimitCycles = 1LL << 33;
+constexpr int kLstmStatusWords = 2;
+constexpr unsigned long long kLstmNoError = ~0ULL;
+// Blocks a grid may have: warp 0's 32 lanes watch kLstmMaxFlagsPerLane flags each.
+constexpr int kLstmMaxFlagsPerLane = 8;
+constexpr int kLstmMaxBlocks = 32 * kLstmMaxFlagsPerLane;
+constexpr int lstm_step_buffer_words(int hidden, int units) {
+  return kLstmStatusWords + lstm_grid_blocks(hidden, units);
+}
 
 // Launch the cooperative kernels on `stream`. Both check the launch against the device
 // (shared memory, co-resident blocks) and throw c10::Error with the reason when it cannot run.

@@ -67,6 +67,12 @@ MAX_BATCH = 64
 UNIT_CHOICES = (8, 16, 24, 32)
 DTYPES = (torch.float16, torch.bfloat16)
 
+# Bounded step waits (csrc/lstm_persistent.h: kLstmWaitLimitCycles, kLstmStatusWords): the
+# kernels' step buffer starts with a uint64 error word, all ones when no wait gave up.
+WAIT_LIMIT_CYCLES = 1 << 33
+STATUS_WORDS = 2
+NO_ERROR = (1 << 64) - 1
+
 # Opt-in shared memory per block by compute capability, for torch builds whose device
 # properties lack ``shared_memory_per_block_optin``.
 _SMEM_OPTIN_BY_CAPABILITY = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
@@ -369,6 +375,46 @@ def _plan(device: torch.device, hidden: int, batch: int) -> LaunchPlan:
     return plan
 
 
+def status_error(pass_name: str, word: int, seq_len: int) -> Optional[str]:
+    """The error a kernel's error word reports, or None for ``NO_ERROR``.
+
+    ``word`` is ``(epoch << 32) | (late block << 16) | waiting block``: a block of the launch
+    waited more than ``WAIT_LIMIT_CYCLES`` for the late block to publish step ``epoch`` (the
+    forward's epoch e publishes h_{e-1}; the backward's publishes dgates of step T - e).
+
+    >>> status_error("forward", (3 << 32) | (4 << 16) | 1, seq_len=8)[:60]
+    'sha_rnn_kernels CUDA LSTM forward: block 1 gave up waiting f'
+    """
+    if word == NO_ERROR:
+        return None
+    epoch, late, waiting = word >> 32, (word >> 16) & 0xFFFF, word & 0xFFFF
+    if pass_name == "forward":
+        step, what = epoch - 1, f"h_{epoch - 1}"
+    else:
+        step, what = seq_len - epoch, f"the gate gradient of step {seq_len - epoch}"
+    return (
+        f"sha_rnn_kernels CUDA LSTM {pass_name}: block {waiting} gave up waiting for block "
+        f"{late} to publish step {step} of {seq_len} ({what}) after {WAIT_LIMIT_CYCLES} cycles; "
+        f"the kernel stopped instead of hanging and its outputs are invalid. A lost step flag "
+        f"is a kernel bug or a GPU fault (or another process preempted the GPU for seconds); "
+        f"backend='torch' runs the LSTM on cuDNN meanwhile"
+    )
+
+
+def check_status(step_buffer: Tensor, pass_name: str, seq_len: int) -> None:
+    """Raise RuntimeError when a step wait of the launch gave up (see :func:`status_error`).
+
+    Reads the error word back (a stream synchronisation); skipped while a CUDA graph is
+    being captured, where no synchronisation is allowed (the graph's replays are unchecked).
+    """
+    if step_buffer.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = (int(v) & 0xFFFFFFFF for v in step_buffer[:STATUS_WORDS].tolist())
+    message = status_error(pass_name, (high << 32) | low, seq_len)
+    if message is not None:
+        raise RuntimeError(message)
+
+
 def _aligned(t: Tensor) -> Tensor:
     """Contiguous and 16-byte aligned (the kernels read these with 16-byte vectors)."""
     t = t.contiguous()
@@ -438,10 +484,11 @@ def _lstm_fwd(
     act_shape = ((steps, batch, 4 * hidden), (steps, batch, hidden)) if save else ((0,), (0,))
     gates = empty(*act_shape[0], dtype=torch.float32, device=x.device)
     cells = empty(*act_shape[1], dtype=torch.float32, device=x.device)
-    ext.forward(
+    step_buffer = ext.forward(
         xproj, _aligned(weight_hh), _aligned(h0), c0.contiguous(), out, c_n,
         gates if save else None, cells if save else None, plan.units,
     )  # fmt: skip
+    check_status(step_buffer, "forward", steps)
     return out, out[steps - 1].clone(), c_n, gates, cells
 
 
@@ -486,10 +533,11 @@ def _lstm_bwd(
     d_gates = empty(steps, batch, 4 * hidden, dtype=x.dtype, device=x.device)
     d_h0 = empty(batch, hidden, dtype=x.dtype, device=x.device)
     d_c0 = empty(batch, hidden, dtype=x.dtype, device=x.device)
-    ext.backward(
+    step_buffer = ext.backward(
         weight_hh.contiguous(), gates, cells, c0.contiguous(), d_out.contiguous(),
         d_hn.contiguous(), d_cn.contiguous(), d_gates, d_h0, d_c0, plan.units,
     )  # fmt: skip
+    check_status(step_buffer, "backward", steps)
     dx, dw_ih, dw_hh, db = gemm_gradients(x, weight_ih, h0, out, d_gates)
     return dx, dw_ih, dw_hh, db, d_h0, d_c0
 

@@ -306,3 +306,41 @@ def test_thread_sanitizer_sees_a_removed_barrier(tsan_driver, tmp_path, plant):
     env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant)
     _, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
     assert proc.returncode == 66 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr
+
+
+# ---- bounded step waits: a lost flag is an error naming the step and the blocks, not a hang ---
+WAIT_LIMIT_ENV = {"CUDA_EMU_WAIT_LIMIT_CYCLES": str(10**9)}  # ~0.6 s at the emulated 1.755 GHz
+
+
+@pytest.mark.parametrize(
+    "lost_epoch, pass_name, step",
+    [
+        (2, "forward", 1),  # the forward's epoch 2 publishes h_1
+        (3, "backward", 0),  # T = 3: the forward publishes epochs 1-2, the backward's 3 is t = 0
+    ],
+)
+def test_lost_step_flag_is_an_error_naming_step_and_block(
+    driver, tmp_path, lost_epoch, pass_name, step
+):
+    """CUDA_EMU_PLANT=lose_flag:N: the grid's last block (4 of 5) publishes no epoch >= N.
+    The other blocks' waits give up after the limit and record the error word; the driver
+    exits 4 with it and _cuda.status_error turns it into the message the host raises."""
+    master = _inputs(3, 2, 8, 40)
+    env = dict(WAIT_LIMIT_ENV, CUDA_EMU_PLANT=f"lose_flag:{lost_epoch}")
+    _, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=env)
+    assert proc.returncode == 4, f"expected a step error, got {proc.returncode}:\n{proc.stderr}"
+    words = proc.stderr.split("lstm step error:")[1].split()
+    assert words[0] == pass_name, proc.stderr
+    message = _cuda.status_error(words[0], int(words[1]), seq_len=3)
+    assert message is not None
+    assert f"LSTM {pass_name}: block " in message, message
+    assert f"waiting for block 4 to publish step {step} of 3" in message, message
+    waiting = int(message.split(": block ")[1].split()[0])
+    assert 0 <= waiting < 5, message  # any block, the late one too (it waits on its own flag)
+
+
+def test_wait_limit_does_not_fire_on_a_correct_run(driver, tmp_path):
+    """The same short limit on an unplanted run: every wait is legal, no error word."""
+    master = _inputs(3, 2, 8, 40)
+    actual, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=WAIT_LIMIT_ENV)
+    assert actual is not None, f"({proc.returncode}) {proc.stderr[-3000:]}"

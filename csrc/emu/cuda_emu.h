@@ -11,9 +11,10 @@
 //   * __syncthreads(): a std::barrier per block. cooperative_groups grid.sync(): one
 //     std::barrier over every thread of the grid (what the hardware barrier guarantees: every
 //     thread's earlier writes happen before every thread's later reads).
-//   * The kernel's per-step flags (st.release.gpu / ld.acquire.gpu behind the hooks at the
-//     end of this file): std::atomic_ref release stores and acquire loads, the same ordering
-//     in the C++ memory model; a spinning thread yields its core.
+//   * The kernel's per-step flags (st.release.gpu / ld.relaxed.gpu + fence.acq_rel.gpu behind
+//     the hooks at the end of this file): std::atomic_ref release stores and acquire loads,
+//     the same ordering in the C++ memory model; a spinning thread yields its core. clock64()
+//     is the steady clock scaled to CUDA_EMU_CLOCK_GHZ, so the bounded waits time out.
 //   * Warp-collective mma.sync: a std::barrier per warp and per-warp scratch (below).
 //   * Watchdog: a launch that does not finish within CUDA_EMU_WATCHDOG_S seconds (default 120)
 //     prints where it hung and ends the process with status 124, so a missing barrier arrival
@@ -41,7 +42,9 @@
 //   skip_grid_sync:N    every thread skips its N-th grid.sync()
 //   swap_mma_a:         mma.sync gets A registers a1 and a2 swapped
 //   no_smem_optin:      cudaFuncSetAttribute is accepted but has no effect
-//   skip_flag_wait:     every acquire load of a per-step flag reads "already published"
+//   skip_flag_wait:     every load of a per-step flag reads "already published"
+//   lose_flag:N         the grid's last block publishes no step >= N (its flag is lost): the
+//                       other blocks' bounded waits must give up and set the error word
 //
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 fragment table (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2,
@@ -400,6 +403,30 @@ void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
 
 }  // namespace cuda_emu
 
+// ---- device intrinsics of the bounded waits -------------------------------------------------
+namespace cuda_emu {
+// The SM's cycle counter: nanoseconds since the process started times CUDA_EMU_CLOCK_GHZ
+// (default 1.755, an H100's boost clock).
+inline long long clock64() {
+  static const auto origin = std::chrono::steady_clock::now();
+  static const double ghz = [] {
+    const char* v = std::getenv("CUDA_EMU_CLOCK_GHZ");
+    return v != nullptr && *v != '\0' ? std::atof(v) : 1.755;
+  }();
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now() - origin).count();
+  return static_cast<long long>(double(ns) * ghz);
+}
+}  // namespace cuda_emu
+inline unsigned long long atomicMin(unsigned long long* address, unsigned long long value) {
+  std::atomic_ref<unsigned long long> ref(*address);
+  unsigned long long old = ref.load(std::memory_order_relaxed);
+  while (value < old && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {
+  }
+  return old;
+}
+inline int __ffs(unsigned x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
+
 // ---- runtime API ------------------------------------------------------------------------------
 inline const char* cudaGetErrorString(cudaError_t err) {
   if (err == cudaSuccess) return "no error";
@@ -500,13 +527,24 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
 // ---- the PTX hooks of lstm_persistent.cu ------------------------------------------------------
 #define SHA_RNN_MMA_M16N8K16(type, d, a0, a1, a2, a3, b0, b1) \
   ::cuda_emu::mma_m16n8k16(type, d, a0, a1, a2, a3, b0, b1)
-// st.release.gpu / ld.acquire.gpu: the C++ release/acquire pair orders the same accesses.
-#define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
-  std::atomic_ref<unsigned>(*(ptr)).store(value, std::memory_order_release)
-#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out)                                                     \
+// st.release.gpu: a C++ release store. The waits' ld.relaxed.gpu + fence.acq_rel.gpu (PTX's
+// acquire pattern) become acquire loads and no fence: the same ordering, in a form that
+// ThreadSanitizer models (it ignores standalone fences). lose_flag:N drops every release of
+// an epoch >= N by the grid's last block (a block that stops publishing: the waits must give up).
+#define SHA_RNN_STORE_RELEASE_GPU(ptr, value)                                                  \
+  do {                                                                                         \
+    if (::cuda_emu::plant().what != "lose_flag" || (value) < unsigned(::cuda_emu::plant().n) || \
+        blockIdx.x + 1 != gridDim.x)                                                           \
+      std::atomic_ref<unsigned>(*(ptr)).store(value, std::memory_order_release);               \
+  } while (0)
+#define SHA_RNN_LOAD_RELAXED_GPU(ptr, out)                                                     \
   ((out) = ::cuda_emu::plant().what == "skip_flag_wait"                                      \
                ? 0xffffffffu                                                                \
                : std::atomic_ref<unsigned>(*const_cast<unsigned*>(ptr)).load(std::memory_order_acquire))
+#define SHA_RNN_FENCE_ACQUIRE_GPU() ((void)0)
+#define SHA_RNN_LOAD_RELAXED_GPU_U64(ptr, out) \
+  ((out) = std::atomic_ref<unsigned long long>(*(ptr)).load(std::memory_order_relaxed))
+#define SHA_RNN_CLOCK64() ::cuda_emu::clock64()
 #define SHA_RNN_SPIN_PAUSE() std::this_thread::yield()
 
 // ---- c10 TORCH_CHECK subset -------------------------------------------------------------------
