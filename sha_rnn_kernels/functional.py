@@ -432,10 +432,11 @@ def _lstm_auto_pick(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> str:
       backward step = 6.7 ms over 1024 steps, plus ~0.7 ms for the four T*B x 1024 x 4096
       GEMMs around the recurrence (4 x 137 GFLOP at ~800 TFLOP/s) = ~7.4 ms, slower than
       cuDNN. After it (prefetch before the step wait, all L2 loads of a warp before its MMA
-      chain, per-block step flags instead of a grid barrier; budget in csrc/lstm_persistent.cu)
-      the estimate is ~1.3 + ~1.5 us per step, ~3.5 ms per layer, ahead of cuDNN's 6.2 ms.
-      fp16 still stays on cuDNN: that estimate rests on latencies nobody has measured (an L2
-      round trip ~0.4 us, a flag hand-off ~0.6 us), cuDNN's persistent algorithm is a known
+      chain, per-block step flags instead of a grid barrier, the sm_90 backward in clusters;
+      budget in docs/design/lstm.md) the estimate is ``sha_rnn_kernels._cuda.ESTIMATE``:
+      3.3-5.4 ms per layer, ~4.3 ms at mid rates, ahead of cuDNN's 6.2 ms.
+      fp16 still stays on cuDNN: that estimate rests on rates nobody has measured (an L2
+      round trip 0.15-0.4 us, L2 bandwidth 5.5-7.5 TB/s), cuDNN's persistent algorithm is a known
       good path in fp16, and bf16, which has ~19 ms to gain, is where the kernel proves itself
       first. fp16 moves to the kernel when a measurement shows it ahead (``backend="cuda"``
       or ``SHA_RNN_KERNELS_BACKEND=lstm=cuda`` selects it explicitly meanwhile). Outside the

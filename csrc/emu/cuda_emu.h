@@ -16,6 +16,12 @@
 //     the same ordering in the C++ memory model; a spinning thread yields its core. clock64()
 //     is the steady clock scaled to CUDA_EMU_CLOCK_GHZ, so the bounded waits time out.
 //   * Warp-collective mma.sync: a std::barrier per warp and per-warp scratch (below).
+//   * Thread block clusters (cudaLaunchKernelEx with the cluster dimension): consecutive
+//     blocks form a cluster; barrier.cluster.arrive / wait are a split std::barrier over the
+//     cluster's threads, mapa maps a shared-memory address to the same offset in another
+//     block's shared memory (distributed shared memory reads are plain loads, ordered by the
+//     cluster barrier). Clusters of a cooperative launch must be co-resident: per GPC of
+//     CUDA_EMU_GPC_SMS SMs (default 16), floor(SMs x blocks per SM / cluster) clusters.
 //   * Watchdog: a launch that does not finish within CUDA_EMU_WATCHDOG_S seconds (default 120)
 //     prints where it hung and ends the process with status 124, so a missing barrier arrival
 //     (a hang on a GPU) is a test failure, never a stuck CI job.
@@ -35,7 +41,8 @@
 //     __launch_bounds__(256, 1), which lets the compiler use up to 255 registers a thread:
 //     one block of 256 threads fills the 65,536 registers of an SM).
 //   Device (env, defaults an H100): CUDA_EMU_SM_COUNT=132, CUDA_EMU_SMEM_OPTIN=232448,
-//   CUDA_EMU_SMEM_PER_SM=233472.
+//   CUDA_EMU_SMEM_PER_SM=233472, CUDA_EMU_CC_MAJOR=9 (8: no clusters), CUDA_EMU_GPC_SMS=16,
+//   CUDA_EMU_CLOCK_GHZ=0.01 (clock64; see there).
 //
 // Planted bugs (env CUDA_EMU_PLANT, for the tests that show the emulation catches them):
 //   skip_syncthreads:N  every thread of every block skips its N-th __syncthreads() (N >= 1)
@@ -43,6 +50,7 @@
 //   swap_mma_a:         mma.sync gets A registers a1 and a2 swapped
 //   no_smem_optin:      cudaFuncSetAttribute is accepted but has no effect
 //   skip_flag_wait:     every load of a per-step flag reads "already published"
+//   skip_cluster_sync:N every thread skips its N-th cluster barrier arrive and the wait after it
 //   lose_flag:N         the grid's last block publishes no step >= N (its flag is lost): the
 //                       other blocks' bounded waits must give up and set the error word
 //
@@ -79,6 +87,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -183,10 +192,34 @@ enum cudaDeviceAttr {
   cudaDevAttrCooperativeLaunch = 95,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrComputeCapabilityMajor = 75,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+// cudaLaunchKernelEx's configuration: the two attributes the kernels use.
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeCooperative = 2,
+  cudaLaunchAttributeClusterDimension = 4,
+};
+union cudaLaunchAttributeValue {
+  char pad[64];
+  int cooperative;
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes = 0;
+  cudaStream_t stream = nullptr;
+  cudaLaunchAttribute* attrs = nullptr;
+  unsigned numAttrs = 0;
+};
 
 namespace cuda_emu {
 
@@ -198,6 +231,10 @@ inline int sm_count() { return env_int("CUDA_EMU_SM_COUNT", 132); }
 inline int smem_optin() { return env_int("CUDA_EMU_SMEM_OPTIN", 232448); }
 inline int smem_per_sm() { return env_int("CUDA_EMU_SMEM_PER_SM", 233472); }
 inline int blocks_per_sm_by_regs() { return env_int("CUDA_EMU_BLOCKS_PER_SM_BY_REGS", 1); }
+inline int cc_major() { return env_int("CUDA_EMU_CC_MAJOR", 9); }
+// SMs per GPC: a cluster's blocks share one GPC (H100: 132 SMs in 8 GPCs of 16-18, so 16
+// clusters of 8 at one block per SM).
+inline int gpc_sms() { return std::min(env_int("CUDA_EMU_GPC_SMS", 16), sm_count()); }
 constexpr int kDefaultSmem = 48 * 1024;
 constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kReservedSmemPerBlock = 1024;
@@ -254,8 +291,10 @@ struct Block {
 
 struct Launch {
   dim3 grid, block;
+  unsigned cluster = 1;  // blocks per cluster (consecutive blockIdx.x)
   std::unique_ptr<std::barrier<>> grid_sync;
   std::vector<std::unique_ptr<Block>> blocks;
+  std::vector<std::unique_ptr<std::barrier<>>> cluster_sync;  // one per cluster
 };
 
 struct ThreadState {
@@ -264,6 +303,10 @@ struct ThreadState {
   unsigned linear_thread = 0;
   long syncthreads_calls = 0;
   long grid_sync_calls = 0;
+  unsigned block_index = 0;
+  long cluster_arrive_calls = 0;
+  bool skip_cluster_wait = false;
+  std::optional<std::barrier<>::arrival_token> cluster_token;  // of the last arrive
 };
 inline thread_local ThreadState tls;
 
@@ -271,6 +314,37 @@ inline unsigned char* dynamic_smem() {
   // 16-byte aligned start, as __align__(16) extern __shared__ guarantees.
   auto addr = reinterpret_cast<uintptr_t>(tls.block->smem.data());
   return reinterpret_cast<unsigned char*>((addr + 15) & ~uintptr_t(15));
+}
+
+// barrier.cluster.arrive.release / wait.acquire: std::barrier over every thread of the cluster
+// (arrive and wait split, as in PTX). skip_cluster_sync:N: every thread skips its N-th arrive
+// and the wait that follows it (the barrier's phases stay aligned: a missing barrier, no hang).
+inline void cluster_arrive() {
+  const long call = ++tls.cluster_arrive_calls;
+  if (plant().what == "skip_cluster_sync" && call == plant().n) {
+    tls.skip_cluster_wait = true;
+    return;
+  }
+  tls.cluster_token.emplace(
+      tls.launch->cluster_sync[tls.block_index / tls.launch->cluster]->arrive());
+}
+inline void cluster_wait() {
+  if (tls.skip_cluster_wait) {
+    tls.skip_cluster_wait = false;
+    return;
+  }
+  tls.launch->cluster_sync[tls.block_index / tls.launch->cluster]->wait(
+      std::move(*tls.cluster_token));
+  tls.cluster_token.reset();
+}
+// mapa: the same offset in the dynamic shared memory of block `rank` of this cluster.
+template <typename T>
+inline const T* cluster_map(const T* ptr, unsigned rank) {
+  const auto offset = reinterpret_cast<const unsigned char*>(ptr) - dynamic_smem();
+  const unsigned cluster = tls.launch->cluster;
+  Block* target = tls.launch->blocks[tls.block_index / cluster * cluster + rank].get();
+  auto addr = reinterpret_cast<uintptr_t>(target->smem.data());
+  return reinterpret_cast<const T*>(((addr + 15) & ~uintptr_t(15)) + offset);
 }
 
 }  // namespace cuda_emu
@@ -351,14 +425,18 @@ inline void mma_m16n8k16(const char* type, float (&d)[4], uint32_t a0, uint32_t 
 
 // Run `body` on grid x block emulated threads; a watchdog ends the process on a hang.
 template <typename Body>
-void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
+void run_grid(dim3 grid, dim3 block, size_t smem, Body body, unsigned cluster = 1) {
   const unsigned blocks = grid.x * grid.y * grid.z, threads = block.x * block.y * block.z;
   Launch launch;
   launch.grid = grid;
   launch.block = block;
+  launch.cluster = cluster;
   launch.grid_sync = std::make_unique<std::barrier<>>(std::ptrdiff_t(blocks) * threads);
   for (unsigned b = 0; b < blocks; ++b)
     launch.blocks.push_back(std::make_unique<Block>(smem, int(threads)));
+  for (unsigned c = 0; c < blocks / cluster; ++c)
+    launch.cluster_sync.push_back(
+        std::make_unique<std::barrier<>>(std::ptrdiff_t(cluster) * threads));
 
   std::mutex done_mutex;
   std::condition_variable done_cv;
@@ -384,6 +462,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
         tls.launch = &launch;
         tls.block = launch.blocks[b].get();
         tls.linear_thread = t;
+        tls.block_index = b;
         blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
         threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
         blockDim = block;
@@ -405,13 +484,16 @@ void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
 
 // ---- device intrinsics of the bounded waits -------------------------------------------------
 namespace cuda_emu {
-// The SM's cycle counter: nanoseconds since the process started times CUDA_EMU_CLOCK_GHZ
-// (default 1.755, an H100's boost clock).
+// The SM's cycle counter: nanoseconds since the process started times CUDA_EMU_CLOCK_GHZ.
+// Default 0.01: the kernels' 2^33-cycle wait limit is then ~14 minutes, beyond the watchdog,
+// because an emulated block's legal wait (thousands of threads on a few loaded cores, slower
+// still under ThreadSanitizer) can take seconds; tests of the limit set a short one
+// (CUDA_EMU_WAIT_LIMIT_CYCLES in lstm_emu_driver.cpp).
 inline long long clock64() {
   static const auto origin = std::chrono::steady_clock::now();
   static const double ghz = [] {
     const char* v = std::getenv("CUDA_EMU_CLOCK_GHZ");
-    return v != nullptr && *v != '\0' ? std::atof(v) : 1.755;
+    return v != nullptr && *v != '\0' ? std::atof(v) : 0.01;
   }();
   const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                       std::chrono::steady_clock::now() - origin).count();
@@ -444,6 +526,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = cuda_emu::smem_per_sm(); break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = cuda_emu::kDefaultSmem; break;
     case cudaDevAttrCooperativeLaunch: *value = 1; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = cuda_emu::cc_major(); break;
     default: return cuda_emu::fail(cudaErrorInvalidValue, "cuda_emu: attribute not emulated");
   }
   return cudaSuccess;
@@ -519,6 +602,72 @@ cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(Args...), dim3 grid, dim3
   return cudaSuccess;
 }
 
+// Clusters of a cooperative cluster launch are co-resident within GPCs: per GPC,
+// floor(gpc_sms x blocks per SM / cluster) clusters.
+template <typename... Args>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, void (*kernel)(Args...),
+                                           const cudaLaunchConfig_t* config) {
+  unsigned cluster = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i)
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension)
+      cluster = config->attrs[i].val.clusterDim.x;
+  if (cluster < 1 || cluster > 8)
+    return cuda_emu::fail(cudaErrorInvalidValue, "cuda_emu: cluster size out of range");
+  const dim3 b = config->blockDim;
+  int per_sm = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, int(b.x * b.y * b.z), config->dynamicSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int gpcs = cuda_emu::sm_count() / cuda_emu::gpc_sms();
+  *clusters = gpcs * (cuda_emu::gpc_sms() * per_sm / int(cluster));
+  return cudaSuccess;
+}
+
+// cudaLaunchKernelEx with the cluster and cooperative attributes: checks what a GPU checks
+// (cluster size divides the grid, dynamic shared memory opted in, a cooperative grid's
+// clusters co-resident), then runs the grid with its clusters.
+template <typename... Exp, typename... Act>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Exp...),
+                               Act&&... args) {
+  unsigned cluster = 1;
+  bool cooperative = false;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension)
+      cluster = config->attrs[i].val.clusterDim.x;
+    if (config->attrs[i].id == cudaLaunchAttributeCooperative)
+      cooperative = config->attrs[i].val.cooperative != 0;
+  }
+  const dim3 grid = config->gridDim, block = config->blockDim;
+  const unsigned threads = block.x * block.y * block.z, blocks = grid.x * grid.y * grid.z;
+  if (threads < 1 || threads > 1024 || blocks < 1 || cluster < 1 || grid.x % cluster != 0)
+    return cuda_emu::fail(cudaErrorInvalidConfiguration,
+                          "cuda_emu: invalid configuration: " + std::to_string(blocks) +
+                              " blocks of " + std::to_string(threads) + " threads, clusters of " +
+                              std::to_string(cluster));
+  const int allowed = cuda_emu::allowed_dynamic_smem(kernel);
+  if (config->dynamicSmemBytes > size_t(allowed))
+    return cuda_emu::fail(cudaErrorInvalidValue,
+                          "cuda_emu: " + std::to_string(config->dynamicSmemBytes) +
+                              " bytes of dynamic shared memory, the kernel allows " +
+                              std::to_string(allowed));
+  if (cooperative) {
+    int clusters = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, config);
+    if (err != cudaSuccess) return err;
+    if (int(blocks / cluster) > clusters)
+      return cuda_emu::fail(cudaErrorCooperativeLaunchTooLarge,
+                            "cuda_emu: cooperative launch too large: " +
+                                std::to_string(blocks / cluster) + " clusters of " +
+                                std::to_string(cluster) + ", " + std::to_string(clusters) +
+                                " co-resident");
+  }
+  std::tuple<std::decay_t<Exp>...> values{std::forward<Act>(args)...};
+  cuda_emu::run_grid(
+      grid, block, config->dynamicSmemBytes,
+      [&] { std::apply([&](auto&... v) { kernel(v...); }, values); }, cluster);
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t /*stream*/) {
   std::memset(ptr, value, bytes);  // launches run synchronously here: stream order holds
   return cudaSuccess;
@@ -545,6 +694,9 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
 #define SHA_RNN_LOAD_RELAXED_GPU_U64(ptr, out) \
   ((out) = std::atomic_ref<unsigned long long>(*(ptr)).load(std::memory_order_relaxed))
 #define SHA_RNN_CLOCK64() ::cuda_emu::clock64()
+#define SHA_RNN_CLUSTER_ARRIVE() ::cuda_emu::cluster_arrive()
+#define SHA_RNN_CLUSTER_WAIT() ::cuda_emu::cluster_wait()
+#define SHA_RNN_CLUSTER_MAP(ptr, rank) ::cuda_emu::cluster_map(ptr, rank)
 #define SHA_RNN_SPIN_PAUSE() std::this_thread::yield()
 
 // ---- c10 TORCH_CHECK subset -------------------------------------------------------------------

@@ -10,7 +10,9 @@
 // DIR/{d_gates,d_h0,d_c0}.bin. Every output buffer is NaN before the kernels run.
 // Exit status: 0 ok, 2 the launcher refused (message on stderr), 4 a step wait gave up
 // ("lstm step error: PASS WORD" on stderr, WORD the kernel's error word), 124 watchdog (hang).
-// Env CUDA_EMU_WAIT_LIMIT_CYCLES: the kernels' wait limit (default kLstmWaitLimitCycles).
+// Env CUDA_EMU_WAIT_LIMIT_CYCLES: the kernels' wait limit (default kLstmWaitLimitCycles);
+// SHA_RNN_KERNELS_LSTM_RESERVE_SMS: SMs the launches leave free (default 0). Prints the
+// backward's cluster size ("backward cluster size: C") before launching it.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -81,6 +83,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "lstm step error: %s %llu\n", pass, error);
     std::exit(4);
   };
+  const char* reserve_env = std::getenv("SHA_RNN_KERNELS_LSTM_RESERVE_SMS");
+  const int reserve_sms = reserve_env != nullptr ? std::atoi(reserve_env) : 0;
   auto poison_step_buffer = [&] {
     std::fill(step_buffer.begin(), step_buffer.end(), 0x5a5a5a5a5a5a5a5aULL);
   };
@@ -100,6 +104,7 @@ int main(int argc, char** argv) {
     poison_step_buffer();
     fp.flags = flags;
     fp.wait_limit = wait_limit;
+    fp.reserve_sms = reserve_sms;
     fp.seq_len = T;
     fp.batch = B;
     fp.hidden = H;
@@ -132,10 +137,13 @@ int main(int argc, char** argv) {
     poison_step_buffer();
     bp.flags = flags;
     bp.wait_limit = wait_limit;
+    bp.reserve_sms = reserve_sms;
     bp.seq_len = T;
     bp.batch = B;
     bp.hidden = H;
     bp.units = units;
+    std::printf("backward cluster size: %d\n", sha_rnn::lstm_backward_cluster_size(bp));
+    std::fflush(stdout);  // before a sanitizer or the watchdog ends the process
     sha_rnn::lstm_backward_launch(dtype, bp, nullptr);
     check_status("backward");
     write_file(dir + "/d_gates.bin", d_gates.data(), d_gates.size());
