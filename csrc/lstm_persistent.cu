@@ -873,11 +873,33 @@ cudaLaunchConfig_t cluster_config(int grid, int cluster, size_t smem, cudaStream
   return config;
 }
 
+// Devices on which a cooperative cluster launch was refused: the backward runs without
+// clusters there from then on (same results, the old L2 traffic). Under a lock: launches from
+// several host threads.
+std::mutex& no_cluster_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::set<int>& no_cluster_devices() {
+  static std::set<int> devices;
+  return devices;
+}
+bool clusters_refused(int device) {
+  const std::lock_guard<std::mutex> lock(no_cluster_mutex());
+  return no_cluster_devices().count(device) != 0;
+}
+void refuse_clusters(int device) {
+  cudaGetLastError();  // the refusal is not a sticky error: clear it for the next launch
+  const std::lock_guard<std::mutex> lock(no_cluster_mutex());
+  no_cluster_devices().insert(device);
+}
+
 // The largest cluster size whose grid the device can co-schedule on the usable SMs (sm_90+,
-// 8 units per block, which is the plan whenever the grid fits one block per SM), else 1.
+// 8 units per block, which is the plan whenever the grid fits one block per SM), else 1. A
+// runtime that refuses the occupancy query for a cooperative cluster launch means no clusters.
 template <typename T>
 int pick_cluster(const LstmBwdParams& p, const DeviceInfo& d) {
-  if (d.cc_major < 9 || p.units != 8) return 1;
+  if (d.cc_major < 9 || p.units != 8 || clusters_refused(d.device)) return 1;
   const int sms = usable_sms(d, p, "backward");
   for (int cluster : kLstmClusterChoices) {
     const int grid = cluster_grid(p.hidden, cluster);
@@ -888,7 +910,10 @@ int pick_cluster(const LstmBwdParams& p, const DeviceInfo& d) {
     cudaLaunchAttribute attrs[2];
     const cudaLaunchConfig_t config = cluster_config(grid, cluster, smem, nullptr, attrs);
     int clusters = 0;
-    SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      refuse_clusters(d.device);
+      return 1;
+    }
     if (clusters * cluster >= grid) return cluster;
   }
   return 1;
@@ -909,8 +934,10 @@ void backward_typed(const LstmBwdParams& p, cudaStream_t stream) {
     reset_step_buffer(p, grid, stream, "backward");
     cudaLaunchAttribute attrs[2];
     const cudaLaunchConfig_t config = cluster_config(grid, cluster, smem, stream, attrs);
-    SHA_RNN_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_kernel<T>(cluster), p));
-    return;
+    // A launch error is synchronous (nothing ran): a runtime or driver that does not take the
+    // cooperative and cluster attributes together gets the kernel without clusters.
+    if (cudaLaunchKernelEx(&config, cluster_kernel<T>(cluster), p) == cudaSuccess) return;
+    refuse_clusters(d.device);
   }
   const int grid = (p.hidden + p.units - 1) / p.units;
   const size_t smem = lstm_bwd_smem_bytes(p.hidden, p.units);

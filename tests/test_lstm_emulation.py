@@ -386,6 +386,22 @@ def test_cluster_backward_parity(driver, tmp_path, dtype_name, T, B, I, H, env, 
                       expected[name], lowp=lowp[name], dtype=dtype)  # fmt: skip
 
 
+def test_refused_cluster_launch_falls_back_to_the_plain_backward(driver, tmp_path):
+    """A runtime that refuses a cooperative launch with clusters: the backward runs the kernel
+    without clusters (same results) and stops asking for clusters on that device."""
+    master = _inputs(3, 3, 24, 40, seed=3)
+    env = {"CUDA_EMU_PLANT": "no_cooperative_clusters"}
+    actual, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=env)
+    assert actual is not None, f"emulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert "backward cluster size: 8\n" in proc.stdout, proc.stdout
+    assert "backward cluster size after the launch: 1\n" in proc.stdout, proc.stdout
+    expected = run_torch(master, torch.bfloat16, torch.float64)
+    lowp = run_torch(master, torch.bfloat16, torch.bfloat16)
+    for name in expected:
+        assert_parity(f"{name} (clusters refused)", actual[name], expected[name],
+                      lowp=lowp[name], dtype=torch.bfloat16)  # fmt: skip
+
+
 def test_reserved_sms_that_leave_too_few_are_refused(driver, tmp_path):
     """5 blocks on a 6-SM device with 2 SMs reserved: the launcher says so instead of
     launching a grid that would take the reserved SMs."""

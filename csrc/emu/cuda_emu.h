@@ -51,6 +51,7 @@
 //   no_smem_optin:      cudaFuncSetAttribute is accepted but has no effect
 //   skip_flag_wait:     every load of a per-step flag reads "already published"
 //   skip_cluster_sync:N every thread skips its N-th cluster barrier arrive and the wait after it
+//   no_cooperative_clusters: cudaLaunchKernelEx refuses cooperative launches with clusters
 //   lose_flag:N         the grid's last block publishes no step >= N (its flag is lost): the
 //                       other blocks' bounded waits must give up and set the error word
 //
@@ -185,6 +186,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotSupported = 801,
 };
 enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
@@ -514,6 +516,7 @@ inline const char* cudaGetErrorString(cudaError_t err) {
   if (err == cudaSuccess) return "no error";
   return cuda_emu::last_error_text.empty() ? "cuda_emu error" : cuda_emu::last_error_text.c_str();
 }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }  // launches fail synchronously
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -637,6 +640,9 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
     if (config->attrs[i].id == cudaLaunchAttributeCooperative)
       cooperative = config->attrs[i].val.cooperative != 0;
   }
+  if (cooperative && cluster > 1 && cuda_emu::plant().what == "no_cooperative_clusters")
+    return cuda_emu::fail(cudaErrorNotSupported,
+                          "cuda_emu: cooperative launch with clusters not supported (planted)");
   const dim3 grid = config->gridDim, block = config->blockDim;
   const unsigned threads = block.x * block.y * block.z, blocks = grid.x * grid.y * grid.z;
   if (threads < 1 || threads > 1024 || blocks < 1 || cluster < 1 || grid.x % cluster != 0)

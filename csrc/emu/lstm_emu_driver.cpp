@@ -12,7 +12,7 @@
 // ("lstm step error: PASS WORD" on stderr, WORD the kernel's error word), 124 watchdog (hang).
 // Env CUDA_EMU_WAIT_LIMIT_CYCLES: the kernels' wait limit (default kLstmWaitLimitCycles);
 // SHA_RNN_KERNELS_LSTM_RESERVE_SMS: SMs the launches leave free (default 0). Prints the
-// backward's cluster size ("backward cluster size: C") before launching it.
+// backward's cluster size ("backward cluster size: C") before launching it and after.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -146,6 +146,8 @@ int main(int argc, char** argv) {
     std::fflush(stdout);  // before a sanitizer or the watchdog ends the process
     sha_rnn::lstm_backward_launch(dtype, bp, nullptr);
     check_status("backward");
+    std::printf("backward cluster size after the launch: %d\n",
+                sha_rnn::lstm_backward_cluster_size(bp));
     write_file(dir + "/d_gates.bin", d_gates.data(), d_gates.size());
     write_file(dir + "/d_h0.bin", d_h0.data(), d_h0.size());
     write_file(dir + "/d_c0.bin", d_c0.data(), d_c0.size());
