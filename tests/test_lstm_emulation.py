@@ -293,9 +293,16 @@ def tsan_driver(emu_dir) -> Path:
 TSAN_ENV = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
 
 
-def test_thread_sanitizer_finds_no_race(tsan_driver, tmp_path):
+# Small grids under ThreadSanitizer: the sm_90 backward in one cluster of 2 blocks (GPCs of 2
+# SMs), and the sm_80 backward without clusters.
+TSAN_PATHS = {"cluster": {"CUDA_EMU_GPC_SMS": "2"}, "sm_80": {"CUDA_EMU_CC_MAJOR": "8"}}
+
+
+@pytest.mark.parametrize("path", sorted(TSAN_PATHS))
+def test_thread_sanitizer_finds_no_race(tsan_driver, tmp_path, path):
     master = _inputs(2, 3, 8, 16)
-    actual, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=TSAN_ENV)
+    env = dict(TSAN_ENV, **TSAN_PATHS[path])
+    actual, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
     assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, proc.stderr[-6000:]
     expected = run_torch(master, torch.bfloat16, torch.float64)
     assert_parity("out (tsan build)", actual["out"], expected["out"], dtype=torch.bfloat16)
@@ -308,7 +315,7 @@ def test_thread_sanitizer_sees_a_removed_barrier(tsan_driver, tmp_path, plant):
     forward's 3rd __syncthreads), warps add into a partial tile while others still store it.
     skip_flag_wait: blocks read the previous step's h / dgates while other blocks write it."""
     master = _inputs(2, 3, 8, 16)
-    env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant)
+    env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant, **TSAN_PATHS["cluster"])
     _, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
     assert proc.returncode == 66 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr
 
@@ -362,8 +369,8 @@ def test_wait_limit_does_not_fire_on_a_correct_run(driver, tmp_path):
     [
         # H = 40: 5 blocks padded to 8; 4H = 160 splits in K ranges of 24: rank 6 gets 16, rank 7
         # none (its partial is zero).
+        # (f16 at clusters of 8: test_parity_forward_backward's H = 40 and H = 24 shapes.)
         ("bf16", 3, 3, 24, 40, {}, 8),
-        ("f16", 3, 3, 24, 40, {}, 8),
         # GPCs of 4 SMs hold no cluster of 8; B = 17: two row tiles, so the deferred cluster
         # wait runs between tiles as well as between steps.
         ("bf16", 2, 17, 8, 56, {"CUDA_EMU_GPC_SMS": "4"}, 4),

@@ -13,7 +13,7 @@
 //     thread's earlier writes happen before every thread's later reads).
 //   * The kernel's per-step flags (st.release.gpu / ld.relaxed.gpu + fence.acq_rel.gpu behind
 //     the hooks at the end of this file): std::atomic_ref release stores and acquire loads,
-//     the same ordering in the C++ memory model; a spinning thread yields its core. clock64()
+//     the same ordering in the C++ memory model; a polling thread sleeps 50 us. clock64()
 //     is the steady clock scaled to CUDA_EMU_CLOCK_GHZ, so the bounded waits time out.
 //   * Warp-collective mma.sync: a std::barrier per warp and per-warp scratch (below).
 //   * Thread block clusters (cudaLaunchKernelEx with the cluster dimension): consecutive
@@ -703,7 +703,7 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
 #define SHA_RNN_CLUSTER_ARRIVE() ::cuda_emu::cluster_arrive()
 #define SHA_RNN_CLUSTER_WAIT() ::cuda_emu::cluster_wait()
 #define SHA_RNN_CLUSTER_MAP(ptr, rank) ::cuda_emu::cluster_map(ptr, rank)
-#define SHA_RNN_SPIN_PAUSE() std::this_thread::yield()
+#define SHA_RNN_SPIN_PAUSE() std::this_thread::sleep_for(std::chrono::microseconds(50))
 
 // ---- c10 TORCH_CHECK subset -------------------------------------------------------------------
 namespace c10 {
