@@ -625,6 +625,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
 // tiles of one step (B > 16), and it costs nothing where the flags have already waited.
 template <typename T, int C>
 __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const LstmBwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; the launcher never picks this kernel below it
+#else
   constexpr int kUnits = 8;            // units of the elementwise phase
   constexpr int kClusterUnits = 8 * C;  // columns of the block's MMA
   constexpr int kOwned = owned_per_thread<kUnits>();
@@ -736,6 +739,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
     }
   }
   if (arrived) SHA_RNN_CLUSTER_WAIT();
+#endif
 }
 
 bool valid_units(int units) {
