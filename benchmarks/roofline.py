@@ -288,7 +288,7 @@ def rows(gpu_key: str, shape: Optional[dict] = None, rates: str = "achievable") 
 # counts, compiled registers and latency budgets: (op, low ms, high ms, where it is derived).
 ESTIMATES = {
     "h100": [
-        ("lstm", 3.5, 3.5, "CUDA kernel, one layer: the latency budget in csrc/lstm_persistent.cu"),
+        ("lstm", 3.3, 5.4, "CUDA kernel, one layer: the per-step budget in docs/design/lstm.md"),
         ("attention", 1.33, 1.52, "sha_rnn_kernels/ops/attention.py, segment form"),
         ("boom", 0.68, 0.71, "sha_rnn_kernels/ops/boom.py, cuBLAS GEMM + fused sum pass"),
     ],

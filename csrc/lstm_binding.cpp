@@ -45,10 +45,11 @@ LstmDtype kernel_dtype(const at::Tensor& t) {
 // Forward. xproj [T, B, 4H], w_hh [4H, H], h0/c0 [B, H] in the model dtype; writes out
 // [T, B, H] and c_n [B, H]; when gates [T, B, 4H] and cells [T, B, H] (fp32) are defined,
 // also the activations the backward needs.
-void lstm_forward(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0,
-                  const at::Tensor& c0, at::Tensor out, at::Tensor c_n,
-                  const std::optional<at::Tensor>& gates, const std::optional<at::Tensor>& cells,
-                  int64_t units) {
+at::Tensor lstm_forward(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Tensor& h0,
+                        const at::Tensor& c0, at::Tensor out, at::Tensor c_n,
+                        const std::optional<at::Tensor>& gates,
+                        const std::optional<at::Tensor>& cells, int64_t units,
+                        int64_t reserve_sms) {
   TORCH_CHECK(xproj.is_cuda(), "xproj must be a CUDA tensor");
   const LstmDtype dtype = kernel_dtype(xproj);
   const auto st = xproj.scalar_type();
@@ -79,24 +80,30 @@ void lstm_forward(const at::Tensor& xproj, const at::Tensor& w_hh, const at::Ten
   p.gates = save ? gates->data_ptr<float>() : nullptr;
   p.cells = save ? cells->data_ptr<float>() : nullptr;
   TORCH_CHECK(units >= 1, "units must be >= 1, got ", units);
-  // Per-block step flags (the launcher zeroes them on the stream before the kernel).
-  const at::Tensor flags =
-      at::empty({sha_rnn::lstm_grid_blocks(static_cast<int>(H), static_cast<int>(units))},
-                xproj.options().dtype(at::kInt));
+  TORCH_CHECK(reserve_sms >= 0, "reserve_sms must be >= 0, got ", reserve_sms);
+  // Error word and per-block step flags (the launcher sets them on the stream before the
+  // kernel); returned so that the caller can read the error word.
+  at::Tensor flags = at::empty(
+      {sha_rnn::lstm_step_buffer_words(static_cast<int>(H), static_cast<int>(units))},
+      xproj.options().dtype(at::kInt));
   p.flags = static_cast<unsigned*>(flags.data_ptr());
   p.seq_len = static_cast<int>(T);
   p.batch = static_cast<int>(B);
   p.hidden = static_cast<int>(H);
   p.units = static_cast<int>(units);
+  p.reserve_sms = static_cast<int>(reserve_sms);
   sha_rnn::lstm_forward_launch(dtype, p, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
+  return flags;
 }
 
 // Backward of the recurrence. Writes d_gates [T, B, 4H] (gradient of the gate
-// pre-activations), d_h0 and d_c0 [B, H].
-void lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates, const at::Tensor& cells,
-                   const at::Tensor& c0, const at::Tensor& d_out, const at::Tensor& d_hn,
-                   const at::Tensor& d_cn, at::Tensor d_gates, at::Tensor d_h0, at::Tensor d_c0,
-                   int64_t units) {
+// pre-activations), d_h0 and d_c0 [B, H]. Both launchers return the step buffer (int32: the
+// error word in its first two elements, see kLstmWaitLimitCycles).
+at::Tensor lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates,
+                         const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& d_out,
+                         const at::Tensor& d_hn, const at::Tensor& d_cn, at::Tensor d_gates,
+                         at::Tensor d_h0, at::Tensor d_c0, int64_t units,
+                         int64_t reserve_sms) {
   TORCH_CHECK(w_hh.is_cuda(), "w_hh must be a CUDA tensor");
   const LstmDtype dtype = kernel_dtype(w_hh);
   const auto st = w_hh.scalar_type();
@@ -126,15 +133,18 @@ void lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates, const at::Te
   p.d_h0 = d_h0.data_ptr();
   p.d_c0 = d_c0.data_ptr();
   TORCH_CHECK(units >= 1, "units must be >= 1, got ", units);
-  const at::Tensor flags =
-      at::empty({sha_rnn::lstm_grid_blocks(static_cast<int>(H), static_cast<int>(units))},
-                w_hh.options().dtype(at::kInt));
+  TORCH_CHECK(reserve_sms >= 0, "reserve_sms must be >= 0, got ", reserve_sms);
+  at::Tensor flags = at::empty(
+      {sha_rnn::lstm_step_buffer_words(static_cast<int>(H), static_cast<int>(units))},
+      w_hh.options().dtype(at::kInt));
   p.flags = static_cast<unsigned*>(flags.data_ptr());
   p.seq_len = static_cast<int>(T);
   p.batch = static_cast<int>(B);
   p.hidden = static_cast<int>(H);
   p.units = static_cast<int>(units);
+  p.reserve_sms = static_cast<int>(reserve_sms);
   sha_rnn::lstm_backward_launch(dtype, p, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
+  return flags;
 }
 
 }  // namespace
@@ -143,12 +153,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sha_rnn_kernels persistent LSTM (cooperative launch, W_hh resident on chip)";
   m.def("forward", &lstm_forward, "persistent LSTM forward", py::arg("xproj"), py::arg("w_hh"),
         py::arg("h0"), py::arg("c0"), py::arg("out"), py::arg("c_n"), py::arg("gates"),
-        py::arg("cells"), py::arg("units"));
+        py::arg("cells"), py::arg("units"), py::arg("reserve_sms") = 0);
   m.def("backward", &lstm_backward, "persistent LSTM backward of the recurrence",
         py::arg("w_hh"), py::arg("gates"), py::arg("cells"), py::arg("c0"), py::arg("d_out"),
         py::arg("d_hn"), py::arg("d_cn"), py::arg("d_gates"), py::arg("d_h0"), py::arg("d_c0"),
-        py::arg("units"));
+        py::arg("units"), py::arg("reserve_sms") = 0);
   m.attr("max_batch") = sha_rnn::kLstmMaxBatch;
+  m.attr("wait_limit_cycles") = sha_rnn::kLstmWaitLimitCycles;
   m.def("fwd_smem_bytes", [](int hidden, int units) {
     return sha_rnn::lstm_fwd_smem_bytes(hidden, units);
   });

@@ -32,7 +32,9 @@
 //      and waits for every block's dgates_t.
 //   3. MMA: the block computes its B x units slice of dh_{t-1} = dgates_t W_hh: the block
 //      owns the columns of W_hh of its units (4H x units, resident in shared memory), reads
-//      all of dgates_t (B x 4H) from L2, one 16-row tile after another.
+//      all of dgates_t (B x 4H) from L2, one 16-row tile after another. On sm_90 the
+//      backward runs in thread block clusters instead (lstm_bwd_cluster_kernel): the blocks
+//      of a cluster split K and each reads 1/C of dgates_t.
 // dW_ih = dgates^T x, dW_hh = dgates^T h_{t-1}, db = sum dgates, dx = dgates W_ih are large
 // GEMMs done after the loop (sha_rnn_kernels/_cuda.py).
 //
@@ -40,35 +42,12 @@
 // x 4 = 79,872 bytes; backward 8 x 4128 x 2 + 4 x 16 x 16 x 4 + 2 x 64 x 8 x 4 = 74,240 bytes
 // (formulas in lstm_persistent.h). 128 blocks fit the 132 SMs of an H100 at one block per SM.
 //
-// Latency budget per step, H = 1024, B = 16, 8 units per block, 128 blocks on an H100
-// (ESTIMATED, not measured: L2 hit ~700 cycles = 0.4 us at 1.755 GHz; mma.sync m16n8k16
-// ~32 cycles dependent latency; cooperative_groups' grid.sync ~1.0 us = block barrier, fence,
-// an atomic round trip on one L2 counter that 128 blocks hit one after another, a polling
-// round trip, a second fence, block barrier; per-step flags ~0.6 us = block barrier, release
-// store (its fence waits for the block's stores), a polling round trip, block barrier):
-//   forward                        before   now   why
-//     grid-wide synchronisation      1.0    0.6   flags instead of grid.sync
-//     h_{t-1} loads (4 chunks/warp)  0.8    0.4   all 4 chunks' loads issued before the MMAs
-//                                                 (was 2 groups of 2, one round trip each)
-//     MMA chains (8 deep, 4 tiles)   0.15   0.15
-//     split-K reduce, 2 barriers     0.1    0.1   partial rows padded (+8 floats): the
-//                                                 8-byte stores were 4-way bank conflicts
-//     xproj[t] loads                 0.4    0     prefetched before the previous barrier
-//     gates, stores                  0.06   0.06
-//     total                         ~2.5   ~1.3   (goal 1.6)
-//   backward
-//     gates, cells, d_out loads      0.4    0     prefetched before the barrier
-//     elementwise, dgates stores     0.06   0.06
-//     grid-wide synchronisation      1.0    0.6   flags instead of grid.sync
-//     dgates loads (16 chunks/warp)  3.2    0.4   8 groups of 2 chunks, one round trip each,
-//                                                 now all 16 issued first (8 units per block;
-//                                                 2 batches of 8 for wider blocks)
-//     MMA chain (32 deep, 1 tile)    0.58   0.29  two accumulator sets, 16 deep each
-//     split-K reduce                 0.1    0.1
-//     total                         ~5.3   ~1.5   (goal 2.8)
-// Per layer at T = 1024, B = 16, I = H = 1024 (estimated): ~1.3 ms forward + ~1.5 ms backward
-// recurrence, plus four GEMMs around it (x W_ih^T, dx, dW_ih, dW_hh: 2 x 16384 x 4096 x 1024
-// = 137 GFLOP each, ~0.7 ms together at 800 TFLOP/s): ~3.5 ms forward + backward.
+// Per-step budget (bytes per block and grid from L2 and shared memory, FLOPs, flag traffic,
+// the latency chain, H100 and A100): docs/design/lstm.md. In short (estimated, H100, bf16,
+// H = 1024, B = 16): the backward's 16.8 MB per step of dgates reads (every block read all of
+// dgates_t) dominated the old kernel; the sm_90 backward runs in clusters that split K, 2.1 MB
+// per step at clusters of 8; the waits poll a lane's flags at once. ~1.3-2.3 us forward +
+// ~1.2-2.3 us backward per step, 3.3-5.4 ms per layer with the four GEMMs around it.
 // Not done: saving gates/cells in the model dtype (it would halve their memory, but their
 // stores are off the critical path: no latency gain, and bf16 gates add error to every
 // gradient).
@@ -137,18 +116,57 @@ __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-
 #ifndef SHA_RNN_EXTERN_SMEM
 #define SHA_RNN_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
-// The per-step flags: a release store and an acquire load at GPU scope (PTX ISA memory
-// consistency model), and a short back-off while polling.
+// The per-step flags: a release store at GPU scope (PTX ISA memory consistency model), and a
+// short back-off while polling.
 #ifndef SHA_RNN_STORE_RELEASE_GPU
 #define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory")
 #endif
-#ifndef SHA_RNN_LOAD_ACQUIRE_GPU
-#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out) \
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
-#endif
 #ifndef SHA_RNN_SPIN_PAUSE
 #define SHA_RNN_SPIN_PAUSE() __nanosleep(20)
+#endif
+// The waits poll every flag with relaxed loads (all of a lane's loads in flight at once) and
+// acquire what they saw with one fence: PTX's acquire pattern (ld.relaxed; fence.acq_rel).
+#ifndef SHA_RNN_LOAD_RELAXED_GPU
+#define SHA_RNN_LOAD_RELAXED_GPU(ptr, out) \
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
+#endif
+#ifndef SHA_RNN_FENCE_ACQUIRE_GPU
+#define SHA_RNN_FENCE_ACQUIRE_GPU() asm volatile("fence.acq_rel.gpu;" ::: "memory")
+#endif
+// The error word: read relaxed, recorded with atomicMin (the earliest step wins).
+#ifndef SHA_RNN_LOAD_RELAXED_GPU_U64
+#define SHA_RNN_LOAD_RELAXED_GPU_U64(ptr, out) \
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(out) : "l"(ptr) : "memory")
+#endif
+#ifndef SHA_RNN_CLOCK64
+#define SHA_RNN_CLOCK64() clock64()
+#endif
+// Thread block clusters (sm_90): split arrive / wait of the cluster barrier (release /
+// acquire: orders the shared-memory writes before it for the other blocks' reads after it),
+// and the address of the same shared variable in block `rank` of the cluster (mapa, generic
+// addresses). Compiled for sm_80 too, where the cluster kernel is never launched.
+#ifndef SHA_RNN_CLUSTER_ARRIVE
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define SHA_RNN_CLUSTER_ARRIVE() asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory")
+#define SHA_RNN_CLUSTER_WAIT() asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory")
+#else
+#define SHA_RNN_CLUSTER_ARRIVE() __trap()
+#define SHA_RNN_CLUSTER_WAIT() __trap()
+#endif
+#endif
+#ifndef SHA_RNN_CLUSTER_MAP
+#define SHA_RNN_CLUSTER_MAP(ptr, rank) cluster_map(ptr, rank)
+__device__ __forceinline__ const float* cluster_map(const float* ptr, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned long long out;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(ptr), "r"(rank));
+  return reinterpret_cast<const float*>(out);
+#else
+  __trap();
+  return ptr;
+#endif
+}
 #endif
 
 template <typename T>
@@ -279,28 +297,69 @@ __device__ __forceinline__ float partial_sum(const float* part_s, int cols, int 
 // Per-step flags instead of a grid-wide barrier. flags[g] counts the steps block g has
 // published. grid_signal: every thread of the block has stored its part of the step (block
 // barrier), then one thread publishes `epoch` with a release store (cumulative over the
-// block's stores, which the barrier ordered before it). grid_wait: warp 0 polls every block's
-// flag with acquire loads until it reaches `epoch`, then a block barrier hands the guarantee
-// to the whole block. Unlike cooperative_groups' grid.sync there is no atomic on one shared
-// counter (128 serialised read-modify-writes and a round trip for each block's arrival) and
-// no second fence. The data a step publishes (out[t], dgates_t) is written once and never
-// overwritten, and a block cannot run ahead of a step whose inputs are missing, so read
-// after write is the only hazard the flags must order.
-__device__ __forceinline__ void grid_signal(unsigned* flags, unsigned epoch) {
+// block's stores, which the barrier ordered before it). grid_wait: lane l of warp 0 watches
+// blocks l, l + 32, ... (at most kLstmMaxFlagsPerLane): it issues the loads of up to four
+// unpublished flags at once (one L2 round trip per poll, not one per block), repeats until
+// each reached `epoch`, then a fence turns the relaxed loads into acquires and a block barrier
+// hands the guarantee to the whole block. Unlike cooperative_groups' grid.sync there is no
+// atomic on one shared counter (128 serialised read-modify-writes) and no second fence. The
+// data a step publishes (out[t], dgates_t) is written once and never overwritten, and a block
+// cannot run ahead of a step whose inputs are missing, so read after write is the only hazard
+// the flags must order.
+//
+// Bounded: a lane that has polled for more than `limit` cycles records the error word
+// (atomicMin of (epoch << 32) | (late block << 16) | this block) and stops waiting; a lane
+// that finds the error word set stops too. From then on no wait of any block waits, so every
+// block runs its remaining steps on stale data and the launch ends; the host reads the error
+// word and raises (the outputs are garbage, never returned). Nothing else in the kernels waits
+// on another block.
+__device__ __forceinline__ void grid_signal(unsigned* step_buffer, unsigned epoch) {
   __syncthreads();
-  if (threadIdx.x == 0) SHA_RNN_STORE_RELEASE_GPU(flags + blockIdx.x, epoch);
+  if (threadIdx.x == 0)
+    SHA_RNN_STORE_RELEASE_GPU(step_buffer + kLstmStatusWords + blockIdx.x, epoch);
 }
 
-__device__ __forceinline__ void grid_wait(const unsigned* flags, unsigned epoch) {
+__device__ __forceinline__ void grid_wait(unsigned* step_buffer, unsigned epoch,
+                                          long long limit) {
+  // Flags a lane polls at once: 4 (one L2 round trip per poll for grids up to 128 blocks; a
+  // second group for larger grids). 8 would keep 4 more registers live across the wait, which
+  // the 32-unit backward (255 registers) cannot spare.
+  constexpr int kGroup = 4;
+  static_assert(kLstmMaxFlagsPerLane % kGroup == 0, "whole groups");
   if (threadIdx.x < 32) {
-    for (unsigned b = threadIdx.x; b < gridDim.x; b += 32) {
-      unsigned seen = 0;
-      SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
-      while (seen < epoch) {
+    unsigned long long* error = reinterpret_cast<unsigned long long*>(step_buffer);
+    const unsigned* flags = step_buffer + kLstmStatusWords;
+    const int lane = threadIdx.x;
+    const long long start = SHA_RNN_CLOCK64();
+    bool give_up = false;
+    for (int first = lane; first < int(gridDim.x) && !give_up; first += 32 * kGroup) {
+      unsigned pending = 0;  // bit i: block first + 32 i has not published `epoch` yet
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i)
+        if (first + 32 * i < int(gridDim.x)) pending |= 1u << i;
+      while (true) {
+        unsigned seen[kGroup];
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i)
+          if (pending & (1u << i)) SHA_RNN_LOAD_RELAXED_GPU(flags + first + 32 * i, seen[i]);
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i)
+          if ((pending & (1u << i)) && seen[i] >= epoch) pending &= ~(1u << i);
+        if (pending == 0) break;
+        unsigned long long recorded = 0;
+        SHA_RNN_LOAD_RELAXED_GPU_U64(error, recorded);
+        give_up = recorded != kLstmNoError;  // another wait gave up: the launch is void
+        if (!give_up && SHA_RNN_CLOCK64() - start > limit) {
+          const unsigned late = first + 32 * (__ffs(pending) - 1);
+          atomicMin(error, (static_cast<unsigned long long>(epoch) << 32) |
+                               (static_cast<unsigned long long>(late) << 16) | blockIdx.x);
+          give_up = true;
+        }
+        if (give_up) break;
         SHA_RNN_SPIN_PAUSE();
-        SHA_RNN_LOAD_ACQUIRE_GPU(flags + b, seen);
       }
     }
+    SHA_RNN_FENCE_ACQUIRE_GPU();
   }
   __syncthreads();
 }
@@ -343,6 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
   SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const long long limit = p.wait_limit > 0 ? p.wait_limit : kLstmWaitLimitCycles;
   const int ldw = lstm_smem_row_stride(H);
   T* w_s = reinterpret_cast<T*>(smem_raw);
   float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kRows) * ldw * sizeof(T));
@@ -417,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
       // xproj[t + 1] does not depend on the recurrence: its loads fly during the wait (issued
       // after the signal, so that the publishing thread's release never waits for them).
       load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
-      grid_wait(p.flags, t + 1);  // out[t] of every block visible before step t + 1 reads it
+      grid_wait(p.flags, t + 1, limit);  // out[t] of every block visible before step t + 1
     }
   }
 }
@@ -455,11 +515,15 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
   constexpr int kTiles = U;
   constexpr int kOwned = owned_per_thread<kUnits>();
   // 8 units (one n-tile): registers for all 16 chunks of K = 4096 (one L2 round trip); wider
-  // blocks keep 8 chunks in flight (their accumulators need the registers).
-  constexpr int kBwdLoadBatch = U == 1 ? 2 * kLstmBwdLoadBatch : kLstmBwdLoadBatch;
+  // blocks keep 8 chunks in flight (their accumulators need the registers), 32-unit blocks 4
+  // (with 8, ptxas spills on sm_90a: 255 registers).
+  constexpr int kBwdLoadBatch = U == 1   ? 2 * kLstmBwdLoadBatch
+                                : U >= 4 ? (kLstmBwdLoadBatch + 1) / 2
+                                         : kLstmBwdLoadBatch;
   SHA_RNN_EXTERN_SMEM(smem_raw);
 
   const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const long long limit = p.wait_limit > 0 ? p.wait_limit : kLstmWaitLimitCycles;
   const int G4 = 4 * H;
   const int ldw = lstm_smem_row_stride(G4);
   T* w_s = reinterpret_cast<T*>(smem_raw);
@@ -516,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
     // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
     // fly during the wait and the MMA.
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
-    grid_wait(p.flags, epoch);  // dgates_t of every unit visible
+    grid_wait(p.flags, epoch, limit);  // dgates_t of every unit visible
 
     for (int row0 = 0; row0 < B; row0 += 16) {
       const int rows = min(16, B - row0);
@@ -546,6 +610,138 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
   }
 }
 
+// Backward in clusters of C blocks (sm_90). The grid is ceil(H / 8) blocks rounded up to a
+// multiple of C; block g still owns units [8g, 8g + 8) for the elementwise phase (dgates, dc,
+// dh), but the recurrent product dh_{t-1} = dgates_t W_hh is split by K inside the cluster:
+// rank r of cluster c keeps W_hh^T for the cluster's 8C units and K range [r kr, (r + 1) kr)
+// (kr = lstm_cluster_k_range) and reads only that range of dgates_t from L2 (1/C of the bytes
+// of lstm_bwd_kernel), producing a [16 x 8C] fp32 partial. Per 16-row tile: split-K reduce in
+// the block, the block sums its slots into sum_s, cluster barrier, each block gathers the
+// columns of its own 8 units from the C blocks' sum_s (distributed shared memory), then
+// arrives at the cluster barrier whose wait comes just before sum_s is written again (or
+// before the block exits: no block leaves while another may still read its shared memory).
+// Between steps the step flags already order a gather before the next write of sum_s (a block
+// publishes step t - 1 after its gather of step t); the deferred wait is what orders the row
+// tiles of one step (B > 16), and it costs nothing where the flags have already waited.
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const LstmBwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; the launcher never picks this kernel below it
+#else
+  constexpr int kUnits = 8;            // units of the elementwise phase
+  constexpr int kClusterUnits = 8 * C;  // columns of the block's MMA
+  constexpr int kOwned = owned_per_thread<kUnits>();
+  // K per warp is short (4H / C / 8 warps): one accumulator set, load batches of 4 chunks.
+  constexpr int kBatch = C >= 4 ? 4 : kLstmBwdLoadBatch;
+  constexpr int kSets = C >= 4 ? 1 : 2;
+  SHA_RNN_EXTERN_SMEM(smem_raw);
+
+  const int T_len = p.seq_len, B = p.batch, H = p.hidden;
+  const long long limit = p.wait_limit > 0 ? p.wait_limit : kLstmWaitLimitCycles;
+  const int G4 = 4 * H;
+  const int kr = lstm_cluster_k_range(H, C);
+  const int ldw = lstm_smem_row_stride(kr);
+  const unsigned rank = blockIdx.x % C;
+  const int k_begin = int(rank) * kr;
+  const int k_len = max(0, min(kr, G4 - k_begin));
+  T* w_s = reinterpret_cast<T*>(smem_raw);
+  float* part_s = reinterpret_cast<float*>(smem_raw + size_t(kClusterUnits) * ldw * sizeof(T));
+  float* sum_s = part_s + kLstmPartialSlots * 16 * lstm_partial_stride(kClusterUnits);
+  float* dh_s = sum_s + 16 * kClusterUnits;  // [B][kUnits]
+  float* dc_s = dh_s + kLstmMaxBatch * kUnits;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int unit0 = blockIdx.x * kUnits;
+  const int cluster_unit0 = (blockIdx.x / C) * kClusterUnits;
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  const T* d_hn = static_cast<const T*>(p.d_hn);
+  const T* d_cn = static_cast<const T*>(p.d_cn);
+  T* d_gates = static_cast<T*>(p.d_gates);
+
+  // w_s[u][k] = W_hh[k_begin + k, cluster_unit0 + u]: consecutive threads read consecutive
+  // units of a row of W_hh.
+  for (int idx = threadIdx.x; idx < kClusterUnits * k_len; idx += kThreads) {
+    const int k = idx / kClusterUnits, u = idx % kClusterUnits, j = cluster_unit0 + u;
+    w_s[u * ldw + k] = j < H ? w_hh[size_t(k_begin + k) * H + j] : from_float<T>(0.0f);
+  }
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    if (b >= B) continue;
+    dh_s[e] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
+    dc_s[e] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
+  }
+  float in[kOwned][7];
+  load_bwd_inputs<T, kUnits>(in, p, T_len - 1, unit0);
+  __syncthreads();
+
+  bool arrived = false;  // an arrive at the cluster barrier whose wait is still due
+  for (int t = T_len - 1; t >= 0; --t) {
+    T* dg_t = d_gates + size_t(t) * B * G4;
+#pragma unroll
+    for (int i = 0; i < kOwned; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int b = e / kUnits, j = unit0 + e % kUnits;
+      if (b >= B || j >= H) continue;
+      const float ig = in[i][0], fg = in[i][1], gg = in[i][2], og = in[i][3];
+      const float c = in[i][4], c_prev = in[i][5];
+      const float tc = tanhf(c);
+      const float dh = in[i][6] + dh_s[e];
+      const float dc = dc_s[e] + dh * og * (1.0f - tc * tc);
+      T* dg = dg_t + size_t(b) * G4 + j;
+      dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
+      dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
+      dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
+      dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
+      dc_s[e] = dc * fg;
+      if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
+    }
+    const unsigned epoch = T_len - t;
+    grid_signal(p.flags, epoch);
+    if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
+    grid_wait(p.flags, epoch, limit);
+
+    for (int row0 = 0; row0 < B; row0 += 16) {
+      const int rows = min(16, B - row0);
+      float acc[kSets][C][4];
+      zero(acc);
+      warp_gemm<T, C, kBatch, kSets>(dg_t + size_t(row0) * G4 + k_begin, G4, rows, k_len, w_s,
+                                     ldw, warp, lane, acc);
+      if constexpr (kSets == 2) {
+#pragma unroll
+        for (int n = 0; n < C; ++n)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[0][n][r] += acc[1][n][r];
+      }
+      reduce_partials<C>(part_s, acc[0], warp, lane);
+      if (arrived) SHA_RNN_CLUSTER_WAIT();  // every block has read the previous sum_s
+      for (int idx = threadIdx.x; idx < 16 * kClusterUnits; idx += kThreads)
+        sum_s[idx] = partial_sum(part_s, kClusterUnits, idx / kClusterUnits, idx % kClusterUnits);
+      SHA_RNN_CLUSTER_ARRIVE();  // sum_s of every block of the cluster complete and visible
+      SHA_RNN_CLUSTER_WAIT();
+
+#pragma unroll
+      for (int i = 0; i < kOwned; ++i) {
+        const int e = threadIdx.x + i * kThreads;
+        const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+        if (b < row0 || b >= row0 + rows) continue;
+        const int col = int(rank) * kUnits + u, row = b - row0;
+        float dh_prev = 0.0f;
+#pragma unroll
+        for (int q = 0; q < C; ++q)
+          dh_prev += SHA_RNN_CLUSTER_MAP(sum_s, unsigned(q))[row * kClusterUnits + col];
+        dh_s[e] = dh_prev;
+        if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
+      }
+      SHA_RNN_CLUSTER_ARRIVE();  // this block has read the others' sum_s
+      arrived = true;
+    }
+  }
+  if (arrived) SHA_RNN_CLUSTER_WAIT();
+#endif
+}
+
 bool valid_units(int units) {
   for (int choice : kLstmUnitChoices)
     if (units == choice) return true;
@@ -570,27 +766,63 @@ void raise_smem_limit_once(void (*kernel)(Params), int device, int smem_optin) {
   }
 }
 
-// Check that `grid` blocks of `kernel` with `smem` bytes can all be resident at once (the
-// cooperative-launch requirement), then launch.
+struct DeviceInfo {
+  int device = 0, sm_count = 0, smem_optin = 0, cc_major = 0;
+};
+
+DeviceInfo device_info() {
+  DeviceInfo d;
+  int cooperative = 0;
+  SHA_RNN_CUDA_CHECK(cudaGetDevice(&d.device));
+  SHA_RNN_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, d.device));
+  SHA_RNN_CUDA_CHECK(
+      cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device));
+  SHA_RNN_CUDA_CHECK(
+      cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, d.device));
+  SHA_RNN_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, d.device));
+  TORCH_CHECK(cooperative, "sha_rnn_kernels LSTM: the device does not support cooperative launch");
+  return d;
+}
+
+// The step buffer: error word all ones (no error), flags 0 (no step published).
+template <typename Params>
+void reset_step_buffer(const Params& params, int grid, cudaStream_t stream, const char* what) {
+  TORCH_CHECK(grid <= kLstmMaxBlocks, "sha_rnn_kernels LSTM ", what, ": ", grid,
+              " blocks, the step waits watch at most ", kLstmMaxBlocks);
+  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no step buffer");
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(params.flags) % 8 == 0, "sha_rnn_kernels LSTM ",
+              what, ": the step buffer must be 8-byte aligned (its error word is a uint64)");
+  SHA_RNN_CUDA_CHECK(
+      cudaMemsetAsync(params.flags, 0xff, sizeof(unsigned) * kLstmStatusWords, stream));
+  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags + kLstmStatusWords, 0,
+                                     sizeof(unsigned) * grid, stream));
+}
+
+// SMs the launch may fill: the device's minus the caller's reserve (never all of them).
+template <typename Params>
+int usable_sms(const DeviceInfo& d, const Params& params, const char* what) {
+  TORCH_CHECK(params.reserve_sms >= 0 && params.reserve_sms < d.sm_count, "sha_rnn_kernels LSTM ",
+              what, ": reserve_sms must be in [0, ", d.sm_count, "), got ", params.reserve_sms);
+  return d.sm_count - params.reserve_sms;
+}
+
+// Check that `grid` blocks of `kernel` with `smem` bytes can all be resident at once on the
+// usable SMs (the cooperative-launch requirement), then launch.
 template <typename Params>
 void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Params& params,
                         cudaStream_t stream, const char* what) {
-  int device = 0, sm_count = 0, smem_optin = 0, cooperative = 0;
-  SHA_RNN_CUDA_CHECK(cudaGetDevice(&device));
-  SHA_RNN_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  SHA_RNN_CUDA_CHECK(
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  SHA_RNN_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  TORCH_CHECK(cooperative, "sha_rnn_kernels LSTM: the device does not support cooperative launch");
-  TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "sha_rnn_kernels LSTM ", what, ": needs ",
-              smem, " bytes of shared memory per block, the device allows ", smem_optin);
-  raise_smem_limit_once(kernel, device, smem_optin);
+  const DeviceInfo d = device_info();
+  TORCH_CHECK(smem <= static_cast<size_t>(d.smem_optin), "sha_rnn_kernels LSTM ", what,
+              ": needs ", smem, " bytes of shared memory per block, the device allows ",
+              d.smem_optin);
+  raise_smem_limit_once(kernel, d.device, d.smem_optin);
+  const int sms = usable_sms(d, params, what);
   int per_sm = 0;
   SHA_RNN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  TORCH_CHECK(grid <= per_sm * sm_count, "sha_rnn_kernels LSTM ", what, ": ", grid,
-              " blocks cannot be co-resident (", per_sm, " per SM x ", sm_count, " SMs)");
-  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no flags buffer");
-  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags, 0, sizeof(unsigned) * grid, stream));
+  TORCH_CHECK(grid <= per_sm * sms, "sha_rnn_kernels LSTM ", what, ": ", grid,
+              " blocks cannot be co-resident (", per_sm, " per SM x ", sms, " SMs: ", d.sm_count,
+              " on the device, ", params.reserve_sms, " reserved)");
+  reset_step_buffer(params, grid, stream, what);
   void* args[] = {const_cast<Params*>(&params)};
   SHA_RNN_CUDA_CHECK(
       cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem, stream));
@@ -610,8 +842,107 @@ void forward_typed(const LstmFwdParams& p, cudaStream_t stream) {
   cooperative_launch(kernel, grid, smem, p, stream, "forward");
 }
 
+using BwdKernel = void (*)(LstmBwdParams);
+static_assert(kLstmClusterChoices[0] == 8, "lstm_step_buffer_words pads the grid to 8 blocks");
+
+template <typename T>
+BwdKernel cluster_kernel(int cluster) {
+  switch (cluster) {
+    case 8: return &lstm_bwd_cluster_kernel<T, 8>;
+    case 4: return &lstm_bwd_cluster_kernel<T, 4>;
+    default: return &lstm_bwd_cluster_kernel<T, 2>;
+  }
+}
+
+int cluster_grid(int hidden, int cluster) {
+  const int blocks = lstm_grid_blocks(hidden, 8);
+  return (blocks + cluster - 1) / cluster * cluster;
+}
+
+cudaLaunchConfig_t cluster_config(int grid, int cluster, size_t smem, cudaStream_t stream,
+                                  cudaLaunchAttribute (&attrs)[2]) {
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = cluster;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeCooperative;
+  attrs[1].val.cooperative = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = 2;
+  return config;
+}
+
+// Devices on which a cooperative cluster launch was refused: the backward runs without
+// clusters there from then on (same results, the old L2 traffic). Under a lock: launches from
+// several host threads.
+std::mutex& no_cluster_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+std::set<int>& no_cluster_devices() {
+  static std::set<int> devices;
+  return devices;
+}
+bool clusters_refused(int device) {
+  const std::lock_guard<std::mutex> lock(no_cluster_mutex());
+  return no_cluster_devices().count(device) != 0;
+}
+void refuse_clusters(int device) {
+  cudaGetLastError();  // the refusal is not a sticky error: clear it for the next launch
+  const std::lock_guard<std::mutex> lock(no_cluster_mutex());
+  no_cluster_devices().insert(device);
+}
+
+// The largest cluster size whose grid the device can co-schedule on the usable SMs (sm_90+,
+// 8 units per block, which is the plan whenever the grid fits one block per SM), else 1. A
+// runtime that refuses the occupancy query for a cooperative cluster launch means no clusters.
+template <typename T>
+int pick_cluster(const LstmBwdParams& p, const DeviceInfo& d) {
+  if (d.cc_major < 9 || p.units != 8 || clusters_refused(d.device)) return 1;
+  const int sms = usable_sms(d, p, "backward");
+  for (int cluster : kLstmClusterChoices) {
+    const int grid = cluster_grid(p.hidden, cluster);
+    const size_t smem = lstm_bwd_cluster_smem_bytes(p.hidden, cluster);
+    if (grid > sms || grid > kLstmMaxBlocks || smem > static_cast<size_t>(d.smem_optin)) continue;
+    const BwdKernel kernel = cluster_kernel<T>(cluster);
+    raise_smem_limit_once(kernel, d.device, d.smem_optin);
+    cudaLaunchAttribute attrs[2];
+    const cudaLaunchConfig_t config = cluster_config(grid, cluster, smem, nullptr, attrs);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      refuse_clusters(d.device);
+      return 1;
+    }
+    if (clusters * cluster >= grid) return cluster;
+  }
+  return 1;
+}
+
+template <typename T>
+int backward_cluster_typed(const LstmBwdParams& p) {
+  return pick_cluster<T>(p, device_info());
+}
+
 template <typename T>
 void backward_typed(const LstmBwdParams& p, cudaStream_t stream) {
+  const DeviceInfo d = device_info();
+  const int cluster = pick_cluster<T>(p, d);
+  if (cluster > 1) {
+    const int grid = cluster_grid(p.hidden, cluster);
+    const size_t smem = lstm_bwd_cluster_smem_bytes(p.hidden, cluster);
+    reset_step_buffer(p, grid, stream, "backward");
+    cudaLaunchAttribute attrs[2];
+    const cudaLaunchConfig_t config = cluster_config(grid, cluster, smem, stream, attrs);
+    // A launch error is synchronous (nothing ran): a runtime or driver that does not take the
+    // cooperative and cluster attributes together gets the kernel without clusters.
+    if (cudaLaunchKernelEx(&config, cluster_kernel<T>(cluster), p) == cudaSuccess) return;
+    refuse_clusters(d.device);
+  }
   const int grid = (p.hidden + p.units - 1) / p.units;
   const size_t smem = lstm_bwd_smem_bytes(p.hidden, p.units);
   void (*kernel)(LstmBwdParams) = nullptr;
@@ -650,6 +981,11 @@ void lstm_backward_launch(LstmDtype dtype, const LstmBwdParams& params, cudaStre
     backward_typed<__half>(params, stream);
   else
     backward_typed<__nv_bfloat16>(params, stream);
+}
+
+int lstm_backward_cluster_size(const LstmBwdParams& params) {
+  check_shape(params.seq_len, params.batch, params.hidden, params.units);
+  return backward_cluster_typed<__half>(params);
 }
 
 }  // namespace sha_rnn

@@ -68,6 +68,25 @@ constexpr size_t lstm_bwd_smem_bytes(int hidden, int units) {
          size_t(2) * kLstmMaxBatch * units * 4;
 }
 
+// The sm_90 backward in thread block clusters of C blocks (lstm_persistent.cu:
+// lstm_bwd_cluster_kernel): the cluster owns 8 C units, block rank r multiplies the K range
+// [r kr, (r + 1) kr) of dgates_t (kr = lstm_cluster_k_range) by W_hh^T for those 8 C units, and
+// the partials meet through distributed shared memory. Tried largest first.
+constexpr int kLstmClusterChoices[] = {8, 4, 2};
+SHA_RNN_HOST_DEVICE constexpr int lstm_cluster_k_range(int hidden, int cluster) {
+  return ((4 * hidden + cluster - 1) / cluster + 7) / 8 * 8;
+}
+// Dynamic shared memory of the cluster backward:
+//   W_hh^T slice 8C rows x stride(kr) x 2 bytes
+//   partials     kLstmPartialSlots x 16 x partial_stride(8C) x 4 bytes
+//   slot sum     16 x 8C x 4 bytes (what the cluster's blocks read from each other)
+//   dh, dc       2 x kLstmMaxBatch x 8 x 4 bytes
+constexpr size_t lstm_bwd_cluster_smem_bytes(int hidden, int cluster) {
+  return size_t(8 * cluster) * lstm_smem_row_stride(lstm_cluster_k_range(hidden, cluster)) * 2 +
+         size_t(kLstmPartialSlots) * 16 * lstm_partial_stride(8 * cluster) * 4 +
+         size_t(16) * 8 * cluster * 4 + size_t(2) * kLstmMaxBatch * 8 * 4;
+}
+
 struct LstmFwdParams {
   const void* xproj;  // [T, B, 4H] model dtype: x W_ih^T + b_ih + b_hh (a GEMM before the loop)
   const void* w_hh;   // [4H, H]    model dtype, contiguous, 16-byte aligned
@@ -77,8 +96,11 @@ struct LstmFwdParams {
   void* c_n;          // [B, H]     model dtype
   float* gates;       // [T, B, 4H] fp32 activated gates i, f, g, o; nullptr: not saved
   float* cells;       // [T, B, H]  fp32 cell states c_t;            nullptr: not saved
-  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
+  unsigned* flags;    // [kLstmStatusWords + ceil(H / units)] error word, then per-block step
+                      // counters (the launcher initialises both; see kLstmWaitLimitCycles)
   int seq_len, batch, hidden, units;
+  long long wait_limit;  // cycles; 0: kLstmWaitLimitCycles
+  int reserve_sms;       // SMs the launch must leave free (e.g. for NCCL); >= 0
 };
 
 struct LstmBwdParams {
@@ -92,16 +114,40 @@ struct LstmBwdParams {
   void* d_gates;      // [T, B, 4H] model dtype: gradient of the gate pre-activations
   void* d_h0;         // [B, H]     model dtype
   void* d_c0;         // [B, H]     model dtype
-  unsigned* flags;    // [ceil(H / units)] per-block step counters (zeroed by the launcher)
+  unsigned* flags;    // as LstmFwdParams::flags
   int seq_len, batch, hidden, units;
+  long long wait_limit;  // cycles; 0: kLstmWaitLimitCycles
+  int reserve_sms;       // SMs the launch must leave free; >= 0
 };
 
 // Number of blocks (and of flags) of a launch.
 constexpr int lstm_grid_blocks(int hidden, int units) { return (hidden + units - 1) / units; }
 
+// Bounded step waits. A block that waits longer than kLstmWaitLimitCycles (clock64 cycles of
+// its SM: ~4.9 s at an H100's 1.755 GHz, ~6.1 s at an A100's 1.41 GHz; a legal wait is a few
+// microseconds) for another block's step flag gives up: it records the error word and every
+// later wait of every block returns at once, so the launch ends instead of hanging. The step
+// buffer the launcher passes the kernels is kLstmStatusWords 32-bit words of error word
+// (uint64, all ones = no error, else (step << 32) | (late block << 16) | waiting block, the
+// smallest step winning) followed by one flag per block. The host decodes the word
+// (sha_rnn_kernels/_cuda.py: status_error) and raises naming the pass, step and blocks.
+constexpr long long kLstmWaitLimitCycles = 1LL << 33;
+constexpr int kLstmStatusWords = 2;
+constexpr unsigned long long kLstmNoError = ~0ULL;
+// Blocks a grid may have: warp 0's 32 lanes watch kLstmMaxFlagsPerLane flags each.
+constexpr int kLstmMaxFlagsPerLane = 8;
+constexpr int kLstmMaxBlocks = 32 * kLstmMaxFlagsPerLane;
+// Words of the step buffer: room for a grid rounded up to the largest cluster (the cluster
+// backward pads its grid to a multiple of its cluster size).
+constexpr int lstm_step_buffer_words(int hidden, int units) {
+  return kLstmStatusWords + (lstm_grid_blocks(hidden, units) + 7) / 8 * 8;
+}
+
 // Launch the cooperative kernels on `stream`. Both check the launch against the device
 // (shared memory, co-resident blocks) and throw c10::Error with the reason when it cannot run.
 void lstm_forward_launch(LstmDtype dtype, const LstmFwdParams& params, cudaStream_t stream);
 void lstm_backward_launch(LstmDtype dtype, const LstmBwdParams& params, cudaStream_t stream);
+// The cluster size the backward launch uses on the current device (1: no clusters).
+int lstm_backward_cluster_size(const LstmBwdParams& params);
 
 }  // namespace sha_rnn

@@ -9,13 +9,17 @@ and CUDA versions. An exclusive ``flock`` around the build makes concurrent proc
 ranks, parallel test workers) wait for one build instead of racing; the lock goes away with
 its process, so a killed build never leaves a stale lock behind.
 
-Kernel design (details in ``csrc/lstm_persistent.cu``): one cooperative launch per sequence;
-block g of ``ceil(H / units)`` blocks owns ``units`` hidden units and keeps their W_hh rows
-(forward) or W_hh columns (backward) in shared memory; per step it multiplies h_{t-1} (or
-dgates_t) read from L2 by that slice with mma.sync, fuses the gates and the cell update, and
-the blocks synchronise once through per-block step flags. The input projection and the weight
-gradients are torch GEMMs. Without a GPU the same kernels run on the CPU through the g++
-emulation in ``csrc/emu/`` (``python -m pytest tests/test_lstm_emulation.py``).
+Kernel design (details in ``csrc/lstm_persistent.cu``, budget in ``docs/design/lstm.md``): one
+cooperative launch per sequence; block g of ``ceil(H / units)`` blocks owns ``units`` hidden
+units and keeps their W_hh rows (forward) or W_hh columns (backward) in shared memory; per step
+it multiplies h_{t-1} (or dgates_t) read from L2 by that slice with mma.sync, fuses the gates
+and the cell update, and the blocks synchronise once through per-block step flags. On sm_90
+the backward runs in thread block clusters that split K (each block reads 1/C of dgates_t and
+the partial sums meet in distributed shared memory). A step wait that exceeds
+:data:`WAIT_LIMIT_CYCLES` ends the launch and raises (:func:`check_status`) instead of hanging.
+``$SHA_RNN_KERNELS_LSTM_RESERVE_SMS`` SMs are left free for other work (e.g. NCCL). The input
+projection and the weight gradients are torch GEMMs. Without a GPU the same kernels run on the
+CPU through the g++ emulation in ``csrc/emu/`` (``python -m pytest tests/test_lstm_emulation.py``).
 
 Precision: float16 and bfloat16 with fp32 accumulation and an fp32 cell state. float32 inputs
 are not taken (the reason function says so and ``backend="auto"`` uses another backend).
@@ -59,6 +63,7 @@ except ImportError:  # pragma: no cover - not POSIX: torch's own build baton sti
 SOURCES = ("lstm_persistent.cu", "lstm_binding.cpp", "lstm_persistent.h")
 BUILD_DIR_ENV = "SHA_RNN_KERNELS_BUILD_DIR"
 VERBOSE_ENV = "SHA_RNN_KERNELS_VERBOSE_BUILD"
+RESERVE_SMS_ENV = "SHA_RNN_KERNELS_LSTM_RESERVE_SMS"
 
 # Launch constants shared with csrc/lstm_persistent.h (kLstm*): keep both in step.
 WARPS = 8
@@ -66,6 +71,22 @@ PARTIAL_SLOTS = 4
 MAX_BATCH = 64
 UNIT_CHOICES = (8, 16, 24, 32)
 DTYPES = (torch.float16, torch.bfloat16)
+
+# The kernel's speed at the paper's shape (H100, bf16, T=1024, B=16, H=1024), in one place for
+# the ``auto`` policy's reasons and the docs: ESTIMATED from byte and FLOP counts and assumed
+# L2 latency and bandwidth (docs/design/lstm.md, 2026-12-06), not measured.
+ESTIMATE_US_PER_STEP = {"forward": (1.3, 2.3), "backward": (1.2, 2.3)}
+ESTIMATE_MS_PER_LAYER = (3.3, 5.4)  # forward + backward, with the four GEMMs around it
+ESTIMATE = (
+    "~1.3-2.3 us per forward and ~1.2-2.3 us per backward step, 3.3-5.4 ms per layer forward + "
+    "backward (~4.3 ms at mid rates; estimated from byte and FLOP counts, docs/design/lstm.md)"
+)
+
+# Bounded step waits (csrc/lstm_persistent.h: kLstmWaitLimitCycles, kLstmStatusWords): the
+# kernels' step buffer starts with a uint64 error word, all ones when no wait gave up.
+WAIT_LIMIT_CYCLES = 1 << 33
+STATUS_WORDS = 2
+NO_ERROR = (1 << 64) - 1
 
 # Opt-in shared memory per block by compute capability, for torch builds whose device
 # properties lack ``shared_memory_per_block_optin``.
@@ -142,6 +163,21 @@ def bwd_smem_bytes(hidden: int, units: int) -> int:
     )
 
 
+def reserve_sms() -> int:
+    """SMs the kernels leave free for other work on the GPU (e.g. NCCL under DDP): the integer
+    in ``$SHA_RNN_KERNELS_LSTM_RESERVE_SMS``, default 0."""
+    raw = os.environ.get(RESERVE_SMS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{RESERVE_SMS_ENV} must be a non-negative integer; got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     units: int  # hidden units per block
@@ -151,16 +187,24 @@ class LaunchPlan:
 
 
 def plan_launch(
-    hidden: int, batch: int, sm_count: int, smem_per_block: int
+    hidden: int, batch: int, sm_count: int, smem_per_block: int, reserve: int = 0
 ) -> Union[LaunchPlan, str]:
     """How the kernels split ``hidden`` units over the SMs, or why they cannot.
 
-    The fewest units per block whose grid fits one block per SM (most SMs streaming weights);
-    its W_hh slice must then fit the opt-in shared memory of a block, forward and backward.
+    The fewest units per block whose grid fits one block per SM on the ``sm_count - reserve``
+    SMs the launch may fill (most SMs streaming weights); its W_hh slice must then fit the
+    opt-in shared memory of a block, forward and backward. (On sm_90 the backward may run the
+    same 8-unit plan in thread block clusters; the launcher picks the cluster size.)
 
     >>> plan_launch(1024, 16, sm_count=132, smem_per_block=232448).units
     8
+    >>> plan_launch(1024, 16, sm_count=132, smem_per_block=232448, reserve=8).units
+    16
     """
+    if reserve < 0 or reserve >= sm_count:
+        return f"the SM reserve must be in [0, {sm_count}) on a {sm_count}-SM device; got {reserve}"
+    reserved = f" ({reserve} of {sm_count} SMs reserved)" if reserve else ""
+    sm_count -= reserve
     if batch > MAX_BATCH:
         return f"batch {batch} is larger than the kernel's {MAX_BATCH} rows (4 MMA tiles)"
     if hidden % 8 != 0:
@@ -174,12 +218,12 @@ def plan_launch(
             return (
                 f"hidden size H={hidden} does not fit on chip: {blocks} blocks of {units} units "
                 f"need {max(fwd, bwd) / 1024:.0f} KiB of shared memory each, the device has "
-                f"{sm_count} SMs with {smem_per_block / 1024:.0f} KiB per block"
+                f"{sm_count} SMs with {smem_per_block / 1024:.0f} KiB per block{reserved}"
             )
         return LaunchPlan(units, blocks, fwd, bwd)
     return (
         f"hidden size H={hidden} does not fit on chip: even {UNIT_CHOICES[-1]} units per block "
-        f"need {-(-hidden // UNIT_CHOICES[-1])} blocks, the device has {sm_count} SMs"
+        f"need {-(-hidden // UNIT_CHOICES[-1])} blocks, the device has {sm_count} SMs{reserved}"
     )
 
 
@@ -252,7 +296,13 @@ def lstm_unsupported_reason(x: Tensor, weight_ih: Tensor, weight_hh: Tensor) -> 
         if reason is not None:
             return reason
     props = torch.cuda.get_device_properties(x.device)
-    plan = plan_launch(hidden, batch, props.multi_processor_count, _smem_optin(props, capability))
+    try:
+        reserve = reserve_sms()
+    except ValueError as exc:
+        return str(exc)
+    plan = plan_launch(
+        hidden, batch, props.multi_processor_count, _smem_optin(props, capability), reserve
+    )
     return plan if isinstance(plan, str) else None
 
 
@@ -363,10 +413,52 @@ def load_extension(device: torch.device) -> Any:
 def _plan(device: torch.device, hidden: int, batch: int) -> LaunchPlan:
     capability = torch.cuda.get_device_capability(device)
     props = torch.cuda.get_device_properties(device)
-    plan = plan_launch(hidden, batch, props.multi_processor_count, _smem_optin(props, capability))
+    plan = plan_launch(
+        hidden, batch, props.multi_processor_count, _smem_optin(props, capability), reserve_sms()
+    )
     if isinstance(plan, str):
         raise RuntimeError(f"sha_rnn_kernels CUDA LSTM: {plan}")
     return plan
+
+
+def status_error(pass_name: str, word: int, seq_len: int) -> Optional[str]:
+    """The error a kernel's error word reports, or None for ``NO_ERROR``.
+
+    ``word`` is ``(epoch << 32) | (late block << 16) | waiting block``: a block of the launch
+    waited more than ``WAIT_LIMIT_CYCLES`` for the late block to publish step ``epoch`` (the
+    forward's epoch e publishes h_{e-1}; the backward's publishes dgates of step T - e).
+
+    >>> status_error("forward", (3 << 32) | (4 << 16) | 1, seq_len=8)[:60]
+    'sha_rnn_kernels CUDA LSTM forward: block 1 gave up waiting f'
+    """
+    if word == NO_ERROR:
+        return None
+    epoch, late, waiting = word >> 32, (word >> 16) & 0xFFFF, word & 0xFFFF
+    if pass_name == "forward":
+        step, what = epoch - 1, f"h_{epoch - 1}"
+    else:
+        step, what = seq_len - epoch, f"the gate gradient of step {seq_len - epoch}"
+    return (
+        f"sha_rnn_kernels CUDA LSTM {pass_name}: block {waiting} gave up waiting for block "
+        f"{late} to publish step {step} of {seq_len} ({what}) after {WAIT_LIMIT_CYCLES} cycles; "
+        f"the kernel stopped instead of hanging and its outputs are invalid. A lost step flag "
+        f"is a kernel bug or a GPU fault (or another process preempted the GPU for seconds); "
+        f"backend='torch' runs the LSTM on cuDNN meanwhile"
+    )
+
+
+def check_status(step_buffer: Tensor, pass_name: str, seq_len: int) -> None:
+    """Raise RuntimeError when a step wait of the launch gave up (see :func:`status_error`).
+
+    Reads the error word back (a stream synchronisation); skipped while a CUDA graph is
+    being captured, where no synchronisation is allowed (the graph's replays are unchecked).
+    """
+    if step_buffer.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = (int(v) & 0xFFFFFFFF for v in step_buffer[:STATUS_WORDS].tolist())
+    message = status_error(pass_name, (high << 32) | low, seq_len)
+    if message is not None:
+        raise RuntimeError(message)
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -438,10 +530,11 @@ def _lstm_fwd(
     act_shape = ((steps, batch, 4 * hidden), (steps, batch, hidden)) if save else ((0,), (0,))
     gates = empty(*act_shape[0], dtype=torch.float32, device=x.device)
     cells = empty(*act_shape[1], dtype=torch.float32, device=x.device)
-    ext.forward(
+    step_buffer = ext.forward(
         xproj, _aligned(weight_hh), _aligned(h0), c0.contiguous(), out, c_n,
-        gates if save else None, cells if save else None, plan.units,
+        gates if save else None, cells if save else None, plan.units, reserve_sms(),
     )  # fmt: skip
+    check_status(step_buffer, "forward", steps)
     return out, out[steps - 1].clone(), c_n, gates, cells
 
 
@@ -486,10 +579,11 @@ def _lstm_bwd(
     d_gates = empty(steps, batch, 4 * hidden, dtype=x.dtype, device=x.device)
     d_h0 = empty(batch, hidden, dtype=x.dtype, device=x.device)
     d_c0 = empty(batch, hidden, dtype=x.dtype, device=x.device)
-    ext.backward(
+    step_buffer = ext.backward(
         weight_hh.contiguous(), gates, cells, c0.contiguous(), d_out.contiguous(),
-        d_hn.contiguous(), d_cn.contiguous(), d_gates, d_h0, d_c0, plan.units,
+        d_hn.contiguous(), d_cn.contiguous(), d_gates, d_h0, d_c0, plan.units, reserve_sms(),
     )  # fmt: skip
+    check_status(step_buffer, "backward", steps)
     dx, dw_ih, dw_hh, db = gemm_gradients(x, weight_ih, h0, out, d_gates)
     return dx, dw_ih, dw_hh, db, d_h0, d_c0
 

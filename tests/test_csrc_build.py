@@ -1,7 +1,9 @@
 """csrc/ compiles: every .cu file through nvcc against torch's headers (object files only).
 
-This is the CPU machine's guard against syntax and type errors in the CUDA sources; running
-them needs a GPU (tests/test_lstm_cuda.py).
+This is the CPU machine's guard against syntax and type errors in the CUDA sources and against
+register spills: tools/check_csrc.sh compiles with ``ptxas -v`` for sm_80 and sm_90a and fails
+when any kernel spills or keeps a stack frame. Running them needs a GPU
+(tests/test_lstm_cuda.py).
 """
 
 import os
@@ -27,3 +29,11 @@ def test_every_cuda_source_compiles(tmp_path):
     assert sources, "csrc/ holds no .cu file"
     for name in sources:
         assert name in result.stdout, f"{name} was not compiled:\n{result.stdout}"
+    # ptxas reported on every kernel for both targets, and none spilled (the script's check).
+    for arch in ("sm_80", "sm_90a"):
+        assert f"for '{arch}'" in result.stdout, f"no ptxas report for {arch}:\n{result.stdout}"
+    frames = [line for line in result.stdout.splitlines() if "bytes stack frame" in line]
+    assert frames and all(
+        line.strip() == "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+        for line in frames
+    ), "\n".join(frames)

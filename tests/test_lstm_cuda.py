@@ -186,6 +186,58 @@ def test_python_constants_match_the_cuda_header():
     assert constant("kLstmMaxBatch") == _cuda.MAX_BATCH
     choices = re.search(r"kLstmUnitChoices\[\] = \{([^}]*)\}", header).group(1)
     assert tuple(int(v) for v in choices.split(",")) == _cuda.UNIT_CHOICES
+    assert constant("kLstmStatusWords") == _cuda.STATUS_WORDS
+    limit = re.search(r"kLstmWaitLimitCycles = 1LL << (\d+);", header).group(1)
+    assert 1 << int(limit) == _cuda.WAIT_LIMIT_CYCLES
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: the error word of the bounded step waits, the SM reserve
+# --------------------------------------------------------------------------------------------
+def _step_buffer(word: int, flags: int = 3) -> torch.Tensor:
+    low, high = word & 0xFFFFFFFF, word >> 32
+    as_int32 = [v - (1 << 32) if v >= 1 << 31 else v for v in (low, high)]
+    return torch.tensor(as_int32 + [0] * flags, dtype=torch.int32)
+
+
+def test_check_status_passes_a_clean_launch():
+    _cuda.check_status(_step_buffer(_cuda.NO_ERROR), "forward", 5)
+
+
+@pytest.mark.parametrize(
+    "pass_name, epoch, step, what",
+    [("forward", 3, 2, "(h_2)"), ("backward", 2, 5, "(the gate gradient of step 5)")],
+)
+def test_check_status_raises_naming_pass_step_and_blocks(pass_name, epoch, step, what):
+    word = (epoch << 32) | (6 << 16) | 1  # block 1 waited for block 6
+    with pytest.raises(RuntimeError) as info:
+        _cuda.check_status(_step_buffer(word), pass_name, 7)
+    message = str(info.value)
+    assert f"LSTM {pass_name}: block 1 gave up waiting for block 6" in message, message
+    assert f"to publish step {step} of 7 {what}" in message, message
+
+
+@pytest.mark.parametrize("raw, expected", [("", 0), ("0", 0), (" 8 ", 8)])
+def test_reserve_sms_reads_the_environment(monkeypatch, raw, expected):
+    monkeypatch.setenv(_cuda.RESERVE_SMS_ENV, raw)
+    assert _cuda.reserve_sms() == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "four", "2.5"])
+def test_reserve_sms_rejects_bad_values(monkeypatch, raw):
+    monkeypatch.setenv(_cuda.RESERVE_SMS_ENV, raw)
+    with pytest.raises(ValueError, match=f"{_cuda.RESERVE_SMS_ENV}.*{re.escape(repr(raw))}"):
+        _cuda.reserve_sms()
+
+
+def test_plan_with_reserved_sms():
+    # 8 SMs reserved on an H100: 124 left, so H = 1024 takes 16 units (64 blocks).
+    plan = _cuda.plan_launch(1024, 16, reserve=8, **H100)
+    assert plan.units == 16 and plan.blocks == 64
+    # The largest H100 shape no longer fits with most SMs reserved; the reason says so.
+    reason = _cuda.plan_launch(1632, 16, reserve=100, **H100)
+    assert isinstance(reason, str) and "100 of 132 SMs reserved" in reason, reason
+    assert "reserve must be in [0, 132)" in _cuda.plan_launch(1024, 16, reserve=132, **H100)
 
 
 def test_smem_formulas_match_the_cuda_header(tmp_path):

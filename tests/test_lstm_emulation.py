@@ -11,6 +11,11 @@ the tolerance rule of sha_rnn_kernels.testing.assert_parity (low-precision basel
 torch.lstm in that dtype). The launch plan comes from _cuda.plan_launch for an emulated device
 whose SM count forces 8, 16, 24 or 32 hidden units per block.
 
+Also: the sm_90 cluster backward (clusters of 8, 4 and 2, chosen by the launcher from the
+emulated GPCs and the SM reserve; distributed shared memory and split cluster barriers
+emulated), the sm_80 path at the same shape, and the bounded step waits (a planted lost flag
+ends the launch with an error word naming the step and the blocks instead of hanging).
+
 Run: python -m pytest tests/test_lstm_emulation.py -m cpu_emulation
 """
 
@@ -288,9 +293,16 @@ def tsan_driver(emu_dir) -> Path:
 TSAN_ENV = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
 
 
-def test_thread_sanitizer_finds_no_race(tsan_driver, tmp_path):
+# Small grids under ThreadSanitizer: the sm_90 backward in one cluster of 2 blocks (GPCs of 2
+# SMs), and the sm_80 backward without clusters.
+TSAN_PATHS = {"cluster": {"CUDA_EMU_GPC_SMS": "2"}, "sm_80": {"CUDA_EMU_CC_MAJOR": "8"}}
+
+
+@pytest.mark.parametrize("path", sorted(TSAN_PATHS))
+def test_thread_sanitizer_finds_no_race(tsan_driver, tmp_path, path):
     master = _inputs(2, 3, 8, 16)
-    actual, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=TSAN_ENV)
+    env = dict(TSAN_ENV, **TSAN_PATHS[path])
+    actual, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
     assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, proc.stderr[-6000:]
     expected = run_torch(master, torch.bfloat16, torch.float64)
     assert_parity("out (tsan build)", actual["out"], expected["out"], dtype=torch.bfloat16)
@@ -303,6 +315,118 @@ def test_thread_sanitizer_sees_a_removed_barrier(tsan_driver, tmp_path, plant):
     forward's 3rd __syncthreads), warps add into a partial tile while others still store it.
     skip_flag_wait: blocks read the previous step's h / dgates while other blocks write it."""
     master = _inputs(2, 3, 8, 16)
-    env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant)
+    env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant, **TSAN_PATHS["cluster"])
     _, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
+    assert proc.returncode == 66 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr
+
+
+# ---- bounded step waits: a lost flag is an error naming the step and the blocks, not a hang ---
+# 4 s at the emulated clock's 0.01 GHz: far above a legal wait of these tiny grids (even on a
+# loaded 2-core machine), short enough for the test.
+WAIT_LIMIT_ENV = {"CUDA_EMU_WAIT_LIMIT_CYCLES": str(4 * 10**7)}
+
+
+@pytest.mark.parametrize(
+    "lost_epoch, pass_name, step, late, env",
+    [
+        (2, "forward", 1, 4, {}),  # the forward's epoch 2 publishes h_1
+        # T = 3: the forward publishes epochs 1-2, the backward's epoch 3 is t = 0. The sm_90
+        # backward runs a cluster of 8 (5 blocks padded to 8, the last is 7), sm_80's 5 blocks.
+        (3, "backward", 0, 7, {}),
+        (3, "backward", 0, 4, {"CUDA_EMU_CC_MAJOR": "8"}),
+    ],
+)
+def test_lost_step_flag_is_an_error_naming_step_and_block(
+    driver, tmp_path, lost_epoch, pass_name, step, late, env
+):
+    """CUDA_EMU_PLANT=lose_flag:N: the grid's last block publishes no epoch >= N. The other
+    blocks' waits give up after the limit and record the error word; the driver exits 4 with
+    it and _cuda.status_error turns it into the message the host raises."""
+    master = _inputs(3, 2, 8, 40)
+    env = dict(WAIT_LIMIT_ENV, CUDA_EMU_PLANT=f"lose_flag:{lost_epoch}", **env)
+    _, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=env)
+    assert proc.returncode == 4, f"expected a step error, got {proc.returncode}:\n{proc.stderr}"
+    words = proc.stderr.split("lstm step error:")[1].split()
+    assert words[0] == pass_name, proc.stderr
+    message = _cuda.status_error(words[0], int(words[1]), seq_len=3)
+    assert message is not None
+    assert f"LSTM {pass_name}: block " in message, message
+    assert f"waiting for block {late} to publish step {step} of 3" in message, message
+    waiting = int(message.split(": block ")[1].split()[0])
+    assert 0 <= waiting <= late, message  # any block, the late one too (it waits on its own flag)
+
+
+def test_wait_limit_does_not_fire_on_a_correct_run(driver, tmp_path):
+    """The same short limit on an unplanted run: every wait is legal, no error word."""
+    master = _inputs(3, 2, 8, 40)
+    actual, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=WAIT_LIMIT_ENV)
+    assert actual is not None, f"({proc.returncode}) {proc.stderr[-3000:]}"
+
+
+# ---- the sm_90 cluster backward: split K, partials through distributed shared memory --------
+@pytest.mark.parametrize(
+    "dtype_name, T, B, I, H, env, cluster",
+    [
+        # H = 40: 5 blocks padded to 8; 4H = 160 splits in K ranges of 24: rank 6 gets 16, rank 7
+        # none (its partial is zero).
+        # (f16 at clusters of 8: test_parity_forward_backward's H = 40 and H = 24 shapes.)
+        ("bf16", 3, 3, 24, 40, {}, 8),
+        # GPCs of 4 SMs hold no cluster of 8; B = 17: two row tiles, so the deferred cluster
+        # wait runs between tiles as well as between steps.
+        ("bf16", 2, 17, 8, 56, {"CUDA_EMU_GPC_SMS": "4"}, 4),
+        ("f16", 3, 2, 8, 24, {"CUDA_EMU_GPC_SMS": "2"}, 2),  # two accumulator sets
+        # 128 of 132 SMs reserved: 4 usable, the 3 blocks run as one cluster of 4.
+        ("bf16", 2, 3, 8, 24, {"SHA_RNN_KERNELS_LSTM_RESERVE_SMS": "128"}, 4),
+        ("bf16", 3, 3, 24, 40, {"CUDA_EMU_CC_MAJOR": "8"}, 1),  # sm_80: no clusters
+    ],
+)
+def test_cluster_backward_parity(driver, tmp_path, dtype_name, T, B, I, H, env, cluster):
+    dtype = DTYPES[dtype_name]
+    master = _inputs(T, B, I, H, seed=3)
+    actual, proc = run_emulated(driver, tmp_path, dtype_name, master, 132, env=env)
+    assert actual is not None, f"emulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert f"backward cluster size: {cluster}\n" in proc.stdout, proc.stdout
+    expected = run_torch(master, dtype, torch.float64)
+    lowp = run_torch(master, dtype, dtype)
+    for name in expected:
+        assert_parity(f"{name} ({dtype_name}, H={H}, cluster {cluster})", actual[name],
+                      expected[name], lowp=lowp[name], dtype=dtype)  # fmt: skip
+
+
+def test_refused_cluster_launch_falls_back_to_the_plain_backward(driver, tmp_path):
+    """A runtime that refuses a cooperative launch with clusters: the backward runs the kernel
+    without clusters (same results) and stops asking for clusters on that device."""
+    master = _inputs(3, 3, 24, 40, seed=3)
+    env = {"CUDA_EMU_PLANT": "no_cooperative_clusters"}
+    actual, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=env)
+    assert actual is not None, f"emulation failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    assert "backward cluster size: 8\n" in proc.stdout, proc.stdout
+    assert "backward cluster size after the launch: 1\n" in proc.stdout, proc.stdout
+    expected = run_torch(master, torch.bfloat16, torch.float64)
+    lowp = run_torch(master, torch.bfloat16, torch.bfloat16)
+    for name in expected:
+        assert_parity(f"{name} (clusters refused)", actual[name], expected[name],
+                      lowp=lowp[name], dtype=torch.bfloat16)  # fmt: skip
+
+
+def test_reserved_sms_that_leave_too_few_are_refused(driver, tmp_path):
+    """5 blocks on a 6-SM device with 2 SMs reserved: the launcher says so instead of
+    launching a grid that would take the reserved SMs."""
+    master = _inputs(2, 2, 8, 40)
+    env = {"CUDA_EMU_SM_COUNT": "6", "SHA_RNN_KERNELS_LSTM_RESERVE_SMS": "2"}
+    _, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot be co-resident" in proc.stderr and "2 reserved" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("plant", ["skip_cluster_sync:1", "skip_cluster_sync:2"])
+def test_thread_sanitizer_sees_a_removed_cluster_barrier(tsan_driver, tmp_path, plant):
+    """skip_cluster_sync:1: blocks gather the cluster's slot sums before the other blocks have
+    written them. skip_cluster_sync:2: a block writes the second row tile's slot sum while the
+    others may still read the first one's (the deferred wait is gone; between steps the step
+    flags order the same accesses, so B = 17 gives the step two tiles). Clusters of 2."""
+    master = _inputs(2, 17, 8, 16)
+    env = dict(TSAN_ENV, CUDA_EMU_PLANT=plant, CUDA_EMU_GPC_SMS="2")
+    _, proc = run_emulated(tsan_driver, tmp_path, "bf16", master, 132, env=env)
+    assert "backward cluster size: 2" in proc.stdout, proc.stdout
     assert proc.returncode == 66 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr

@@ -2,13 +2,15 @@
 # Compile-check the CUDA C++ sources of csrc/ without a GPU.
 #
 # Every csrc/*.cu is compiled to an object file (-c) for sm_80 and sm_90a with the machine's
-# nvcc, and every csrc/*.cpp (the torch binding) as host C++ through nvcc, all against the
-# headers of the torch that the `python` on PATH imports. Nothing is linked or loaded, so a
+# nvcc (ptxas -v: a kernel that spills registers or has a stack frame fails the check), and
+# every csrc/*.cpp (the torch binding) as host C++ through nvcc, all against the headers of
+# the torch that the `python` on PATH imports. Nothing is linked or loaded, so a
 # CPU-only torch wheel is enough; the JIT build on a GPU machine is sha_rnn_kernels/_cuda.py.
 #
 # Usage: bash tools/check_csrc.sh        (exit status != 0 when any file fails to compile)
 # Env:   NVCC (default: nvcc on PATH), PYTHON (default: python), CSRC_ARCHS (default "80 90a"),
-#        CSRC_OBJ_DIR (keep the objects and logs there; default: a temporary directory).
+#        CSRC_OBJ_DIR (keep the objects and logs there; default: a temporary directory),
+#        CSRC_ALLOW_SPILLS=1 (report spills without failing).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,7 +73,7 @@ names=()
 start=$SECONDS
 for src in "${CU[@]}"; do
   name="$(basename "$src")"
-  "$NVCC" "${COMMON[@]}" "${GENCODE[@]}" -Xptxas=-warn-spills "$src" -o "$OBJ_DIR/$name.o" \
+  "$NVCC" "${COMMON[@]}" "${GENCODE[@]}" -Xptxas=-v "$src" -o "$OBJ_DIR/$name.o" \
     >"$OBJ_DIR/$name.log" 2>&1 &
   pids+=($!)
   names+=("$name [nvcc sm_${ARCHS// /, sm_}]")
@@ -83,6 +85,9 @@ for src in "${CPP[@]}"; do
   names+=("$name [host c++ via nvcc]")
 done
 
+# A kernel that spills registers or keeps a stack frame (ptxas -v: "N bytes stack frame, N bytes
+# spill stores, N bytes spill loads" per kernel and target) fails the check: the persistent
+# kernels budget every register (CSRC_ALLOW_SPILLS=1 reports without failing).
 failed=0
 for i in "${!pids[@]}"; do
   log="$OBJ_DIR/$(echo "${names[$i]}" | cut -d' ' -f1).log"
@@ -92,7 +97,17 @@ for i in "${!pids[@]}"; do
     echo "check_csrc: FAILED ${names[$i]}" >&2
     failed=1
   fi
-  if [ -s "$log" ]; then sed 's/^/    /' "$log"; fi
+  if [ -s "$log" ]; then
+    # Only the per-kernel summary lines (ptxas -v prints a few per kernel and target).
+    grep -E "Compiling entry|stack frame|Used [0-9]+ registers|error|warning" "$log" \
+      | sed 's/^/    /' || true
+    clean="^ *0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+    spills=$(grep -E "bytes stack frame" "$log" | grep -cvE "$clean" || true)
+    if [ "$spills" -gt 0 ]; then
+      echo "check_csrc: $spills kernel(s) of ${names[$i]} spill registers or use a stack frame" >&2
+      [ "${CSRC_ALLOW_SPILLS:-0}" = "1" ] || failed=1
+    fi
+  fi
 done
 echo "check_csrc: $((${#CU[@]} + ${#CPP[@]})) file(s) in $((SECONDS - start)) s"
 exit $failed

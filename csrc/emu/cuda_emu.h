@@ -11,10 +11,17 @@
 //   * __syncthreads(): a std::barrier per block. cooperative_groups grid.sync(): one
 //     std::barrier over every thread of the grid (what the hardware barrier guarantees: every
 //     thread's earlier writes happen before every thread's later reads).
-//   * The kernel's per-step flags (st.release.gpu / ld.acquire.gpu behind the hooks at the
-//     end of this file): std::atomic_ref release stores and acquire loads, the same ordering
-//     in the C++ memory model; a spinning thread yields its core.
+//   * The kernel's per-step flags (st.release.gpu / ld.relaxed.gpu + fence.acq_rel.gpu behind
+//     the hooks at the end of this file): std::atomic_ref release stores and acquire loads,
+//     the same ordering in the C++ memory model; a polling thread sleeps 50 us. clock64()
+//     is the steady clock scaled to CUDA_EMU_CLOCK_GHZ, so the bounded waits time out.
 //   * Warp-collective mma.sync: a std::barrier per warp and per-warp scratch (below).
+//   * Thread block clusters (cudaLaunchKernelEx with the cluster dimension): consecutive
+//     blocks form a cluster; barrier.cluster.arrive / wait are a split std::barrier over the
+//     cluster's threads, mapa maps a shared-memory address to the same offset in another
+//     block's shared memory (distributed shared memory reads are plain loads, ordered by the
+//     cluster barrier). Clusters of a cooperative launch must be co-resident: per GPC of
+//     CUDA_EMU_GPC_SMS SMs (default 16), floor(SMs x blocks per SM / cluster) clusters.
 //   * Watchdog: a launch that does not finish within CUDA_EMU_WATCHDOG_S seconds (default 120)
 //     prints where it hung and ends the process with status 124, so a missing barrier arrival
 //     (a hang on a GPU) is a test failure, never a stuck CI job.
@@ -34,14 +41,19 @@
 //     __launch_bounds__(256, 1), which lets the compiler use up to 255 registers a thread:
 //     one block of 256 threads fills the 65,536 registers of an SM).
 //   Device (env, defaults an H100): CUDA_EMU_SM_COUNT=132, CUDA_EMU_SMEM_OPTIN=232448,
-//   CUDA_EMU_SMEM_PER_SM=233472.
+//   CUDA_EMU_SMEM_PER_SM=233472, CUDA_EMU_CC_MAJOR=9 (8: no clusters), CUDA_EMU_GPC_SMS=16,
+//   CUDA_EMU_CLOCK_GHZ=0.01 (clock64; see there).
 //
 // Planted bugs (env CUDA_EMU_PLANT, for the tests that show the emulation catches them):
 //   skip_syncthreads:N  every thread of every block skips its N-th __syncthreads() (N >= 1)
 //   skip_grid_sync:N    every thread skips its N-th grid.sync()
 //   swap_mma_a:         mma.sync gets A registers a1 and a2 swapped
 //   no_smem_optin:      cudaFuncSetAttribute is accepted but has no effect
-//   skip_flag_wait:     every acquire load of a per-step flag reads "already published"
+//   skip_flag_wait:     every load of a per-step flag reads "already published"
+//   skip_cluster_sync:N every thread skips its N-th cluster barrier arrive and the wait after it
+//   no_cooperative_clusters: cudaLaunchKernelEx refuses cooperative launches with clusters
+//   lose_flag:N         the grid's last block publishes no step >= N (its flag is lost): the
+//                       other blocks' bounded waits must give up and set the error word
 //
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 fragment table (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2,
@@ -76,6 +88,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -173,6 +186,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotSupported = 801,
 };
 enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
@@ -180,10 +194,34 @@ enum cudaDeviceAttr {
   cudaDevAttrCooperativeLaunch = 95,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrComputeCapabilityMajor = 75,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+// cudaLaunchKernelEx's configuration: the two attributes the kernels use.
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeCooperative = 2,
+  cudaLaunchAttributeClusterDimension = 4,
+};
+union cudaLaunchAttributeValue {
+  char pad[64];
+  int cooperative;
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes = 0;
+  cudaStream_t stream = nullptr;
+  cudaLaunchAttribute* attrs = nullptr;
+  unsigned numAttrs = 0;
+};
 
 namespace cuda_emu {
 
@@ -195,6 +233,10 @@ inline int sm_count() { return env_int("CUDA_EMU_SM_COUNT", 132); }
 inline int smem_optin() { return env_int("CUDA_EMU_SMEM_OPTIN", 232448); }
 inline int smem_per_sm() { return env_int("CUDA_EMU_SMEM_PER_SM", 233472); }
 inline int blocks_per_sm_by_regs() { return env_int("CUDA_EMU_BLOCKS_PER_SM_BY_REGS", 1); }
+inline int cc_major() { return env_int("CUDA_EMU_CC_MAJOR", 9); }
+// SMs per GPC: a cluster's blocks share one GPC (H100: 132 SMs in 8 GPCs of 16-18, so 16
+// clusters of 8 at one block per SM).
+inline int gpc_sms() { return std::min(env_int("CUDA_EMU_GPC_SMS", 16), sm_count()); }
 constexpr int kDefaultSmem = 48 * 1024;
 constexpr int kMaxThreadsPerSm = 2048;
 constexpr int kReservedSmemPerBlock = 1024;
@@ -251,8 +293,10 @@ struct Block {
 
 struct Launch {
   dim3 grid, block;
+  unsigned cluster = 1;  // blocks per cluster (consecutive blockIdx.x)
   std::unique_ptr<std::barrier<>> grid_sync;
   std::vector<std::unique_ptr<Block>> blocks;
+  std::vector<std::unique_ptr<std::barrier<>>> cluster_sync;  // one per cluster
 };
 
 struct ThreadState {
@@ -261,6 +305,10 @@ struct ThreadState {
   unsigned linear_thread = 0;
   long syncthreads_calls = 0;
   long grid_sync_calls = 0;
+  unsigned block_index = 0;
+  long cluster_arrive_calls = 0;
+  bool skip_cluster_wait = false;
+  std::optional<std::barrier<>::arrival_token> cluster_token;  // of the last arrive
 };
 inline thread_local ThreadState tls;
 
@@ -268,6 +316,37 @@ inline unsigned char* dynamic_smem() {
   // 16-byte aligned start, as __align__(16) extern __shared__ guarantees.
   auto addr = reinterpret_cast<uintptr_t>(tls.block->smem.data());
   return reinterpret_cast<unsigned char*>((addr + 15) & ~uintptr_t(15));
+}
+
+// barrier.cluster.arrive.release / wait.acquire: std::barrier over every thread of the cluster
+// (arrive and wait split, as in PTX). skip_cluster_sync:N: every thread skips its N-th arrive
+// and the wait that follows it (the barrier's phases stay aligned: a missing barrier, no hang).
+inline void cluster_arrive() {
+  const long call = ++tls.cluster_arrive_calls;
+  if (plant().what == "skip_cluster_sync" && call == plant().n) {
+    tls.skip_cluster_wait = true;
+    return;
+  }
+  tls.cluster_token.emplace(
+      tls.launch->cluster_sync[tls.block_index / tls.launch->cluster]->arrive());
+}
+inline void cluster_wait() {
+  if (tls.skip_cluster_wait) {
+    tls.skip_cluster_wait = false;
+    return;
+  }
+  tls.launch->cluster_sync[tls.block_index / tls.launch->cluster]->wait(
+      std::move(*tls.cluster_token));
+  tls.cluster_token.reset();
+}
+// mapa: the same offset in the dynamic shared memory of block `rank` of this cluster.
+template <typename T>
+inline const T* cluster_map(const T* ptr, unsigned rank) {
+  const auto offset = reinterpret_cast<const unsigned char*>(ptr) - dynamic_smem();
+  const unsigned cluster = tls.launch->cluster;
+  Block* target = tls.launch->blocks[tls.block_index / cluster * cluster + rank].get();
+  auto addr = reinterpret_cast<uintptr_t>(target->smem.data());
+  return reinterpret_cast<const T*>(((addr + 15) & ~uintptr_t(15)) + offset);
 }
 
 }  // namespace cuda_emu
@@ -348,14 +427,18 @@ inline void mma_m16n8k16(const char* type, float (&d)[4], uint32_t a0, uint32_t 
 
 // Run `body` on grid x block emulated threads; a watchdog ends the process on a hang.
 template <typename Body>
-void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
+void run_grid(dim3 grid, dim3 block, size_t smem, Body body, unsigned cluster = 1) {
   const unsigned blocks = grid.x * grid.y * grid.z, threads = block.x * block.y * block.z;
   Launch launch;
   launch.grid = grid;
   launch.block = block;
+  launch.cluster = cluster;
   launch.grid_sync = std::make_unique<std::barrier<>>(std::ptrdiff_t(blocks) * threads);
   for (unsigned b = 0; b < blocks; ++b)
     launch.blocks.push_back(std::make_unique<Block>(smem, int(threads)));
+  for (unsigned c = 0; c < blocks / cluster; ++c)
+    launch.cluster_sync.push_back(
+        std::make_unique<std::barrier<>>(std::ptrdiff_t(cluster) * threads));
 
   std::mutex done_mutex;
   std::condition_variable done_cv;
@@ -381,6 +464,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
         tls.launch = &launch;
         tls.block = launch.blocks[b].get();
         tls.linear_thread = t;
+        tls.block_index = b;
         blockIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
         threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
         blockDim = block;
@@ -400,11 +484,39 @@ void run_grid(dim3 grid, dim3 block, size_t smem, Body body) {
 
 }  // namespace cuda_emu
 
+// ---- device intrinsics of the bounded waits -------------------------------------------------
+namespace cuda_emu {
+// The SM's cycle counter: nanoseconds since the process started times CUDA_EMU_CLOCK_GHZ.
+// Default 0.01: the kernels' 2^33-cycle wait limit is then ~14 minutes, beyond the watchdog,
+// because an emulated block's legal wait (thousands of threads on a few loaded cores, slower
+// still under ThreadSanitizer) can take seconds; tests of the limit set a short one
+// (CUDA_EMU_WAIT_LIMIT_CYCLES in lstm_emu_driver.cpp).
+inline long long clock64() {
+  static const auto origin = std::chrono::steady_clock::now();
+  static const double ghz = [] {
+    const char* v = std::getenv("CUDA_EMU_CLOCK_GHZ");
+    return v != nullptr && *v != '\0' ? std::atof(v) : 0.01;
+  }();
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                      std::chrono::steady_clock::now() - origin).count();
+  return static_cast<long long>(double(ns) * ghz);
+}
+}  // namespace cuda_emu
+inline unsigned long long atomicMin(unsigned long long* address, unsigned long long value) {
+  std::atomic_ref<unsigned long long> ref(*address);
+  unsigned long long old = ref.load(std::memory_order_relaxed);
+  while (value < old && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {
+  }
+  return old;
+}
+inline int __ffs(unsigned x) { return x == 0 ? 0 : __builtin_ctz(x) + 1; }
+
 // ---- runtime API ------------------------------------------------------------------------------
 inline const char* cudaGetErrorString(cudaError_t err) {
   if (err == cudaSuccess) return "no error";
   return cuda_emu::last_error_text.empty() ? "cuda_emu error" : cuda_emu::last_error_text.c_str();
 }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }  // launches fail synchronously
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -417,6 +529,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = cuda_emu::smem_per_sm(); break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = cuda_emu::kDefaultSmem; break;
     case cudaDevAttrCooperativeLaunch: *value = 1; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = cuda_emu::cc_major(); break;
     default: return cuda_emu::fail(cudaErrorInvalidValue, "cuda_emu: attribute not emulated");
   }
   return cudaSuccess;
@@ -492,6 +605,75 @@ cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(Args...), dim3 grid, dim3
   return cudaSuccess;
 }
 
+// Clusters of a cooperative cluster launch are co-resident within GPCs: per GPC,
+// floor(gpc_sms x blocks per SM / cluster) clusters.
+template <typename... Args>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, void (*kernel)(Args...),
+                                           const cudaLaunchConfig_t* config) {
+  unsigned cluster = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i)
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension)
+      cluster = config->attrs[i].val.clusterDim.x;
+  if (cluster < 1 || cluster > 8)
+    return cuda_emu::fail(cudaErrorInvalidValue, "cuda_emu: cluster size out of range");
+  const dim3 b = config->blockDim;
+  int per_sm = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, int(b.x * b.y * b.z), config->dynamicSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int gpcs = cuda_emu::sm_count() / cuda_emu::gpc_sms();
+  *clusters = gpcs * (cuda_emu::gpc_sms() * per_sm / int(cluster));
+  return cudaSuccess;
+}
+
+// cudaLaunchKernelEx with the cluster and cooperative attributes: checks what a GPU checks
+// (cluster size divides the grid, dynamic shared memory opted in, a cooperative grid's
+// clusters co-resident), then runs the grid with its clusters.
+template <typename... Exp, typename... Act>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Exp...),
+                               Act&&... args) {
+  unsigned cluster = 1;
+  bool cooperative = false;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension)
+      cluster = config->attrs[i].val.clusterDim.x;
+    if (config->attrs[i].id == cudaLaunchAttributeCooperative)
+      cooperative = config->attrs[i].val.cooperative != 0;
+  }
+  if (cooperative && cluster > 1 && cuda_emu::plant().what == "no_cooperative_clusters")
+    return cuda_emu::fail(cudaErrorNotSupported,
+                          "cuda_emu: cooperative launch with clusters not supported (planted)");
+  const dim3 grid = config->gridDim, block = config->blockDim;
+  const unsigned threads = block.x * block.y * block.z, blocks = grid.x * grid.y * grid.z;
+  if (threads < 1 || threads > 1024 || blocks < 1 || cluster < 1 || grid.x % cluster != 0)
+    return cuda_emu::fail(cudaErrorInvalidConfiguration,
+                          "cuda_emu: invalid configuration: " + std::to_string(blocks) +
+                              " blocks of " + std::to_string(threads) + " threads, clusters of " +
+                              std::to_string(cluster));
+  const int allowed = cuda_emu::allowed_dynamic_smem(kernel);
+  if (config->dynamicSmemBytes > size_t(allowed))
+    return cuda_emu::fail(cudaErrorInvalidValue,
+                          "cuda_emu: " + std::to_string(config->dynamicSmemBytes) +
+                              " bytes of dynamic shared memory, the kernel allows " +
+                              std::to_string(allowed));
+  if (cooperative) {
+    int clusters = 0;
+    const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, config);
+    if (err != cudaSuccess) return err;
+    if (int(blocks / cluster) > clusters)
+      return cuda_emu::fail(cudaErrorCooperativeLaunchTooLarge,
+                            "cuda_emu: cooperative launch too large: " +
+                                std::to_string(blocks / cluster) + " clusters of " +
+                                std::to_string(cluster) + ", " + std::to_string(clusters) +
+                                " co-resident");
+  }
+  std::tuple<std::decay_t<Exp>...> values{std::forward<Act>(args)...};
+  cuda_emu::run_grid(
+      grid, block, config->dynamicSmemBytes,
+      [&] { std::apply([&](auto&... v) { kernel(v...); }, values); }, cluster);
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t /*stream*/) {
   std::memset(ptr, value, bytes);  // launches run synchronously here: stream order holds
   return cudaSuccess;
@@ -500,14 +682,28 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
 // ---- the PTX hooks of lstm_persistent.cu ------------------------------------------------------
 #define SHA_RNN_MMA_M16N8K16(type, d, a0, a1, a2, a3, b0, b1) \
   ::cuda_emu::mma_m16n8k16(type, d, a0, a1, a2, a3, b0, b1)
-// st.release.gpu / ld.acquire.gpu: the C++ release/acquire pair orders the same accesses.
-#define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
-  std::atomic_ref<unsigned>(*(ptr)).store(value, std::memory_order_release)
-#define SHA_RNN_LOAD_ACQUIRE_GPU(ptr, out)                                                     \
+// st.release.gpu: a C++ release store. The waits' ld.relaxed.gpu + fence.acq_rel.gpu (PTX's
+// acquire pattern) become acquire loads and no fence: the same ordering, in a form that
+// ThreadSanitizer models (it ignores standalone fences). lose_flag:N drops every release of
+// an epoch >= N by the grid's last block (a block that stops publishing: the waits must give up).
+#define SHA_RNN_STORE_RELEASE_GPU(ptr, value)                                                  \
+  do {                                                                                         \
+    if (::cuda_emu::plant().what != "lose_flag" || (value) < unsigned(::cuda_emu::plant().n) || \
+        blockIdx.x + 1 != gridDim.x)                                                           \
+      std::atomic_ref<unsigned>(*(ptr)).store(value, std::memory_order_release);               \
+  } while (0)
+#define SHA_RNN_LOAD_RELAXED_GPU(ptr, out)                                                     \
   ((out) = ::cuda_emu::plant().what == "skip_flag_wait"                                      \
                ? 0xffffffffu                                                                \
                : std::atomic_ref<unsigned>(*const_cast<unsigned*>(ptr)).load(std::memory_order_acquire))
-#define SHA_RNN_SPIN_PAUSE() std::this_thread::yield()
+#define SHA_RNN_FENCE_ACQUIRE_GPU() ((void)0)
+#define SHA_RNN_LOAD_RELAXED_GPU_U64(ptr, out) \
+  ((out) = std::atomic_ref<unsigned long long>(*(ptr)).load(std::memory_order_relaxed))
+#define SHA_RNN_CLOCK64() ::cuda_emu::clock64()
+#define SHA_RNN_CLUSTER_ARRIVE() ::cuda_emu::cluster_arrive()
+#define SHA_RNN_CLUSTER_WAIT() ::cuda_emu::cluster_wait()
+#define SHA_RNN_CLUSTER_MAP(ptr, rank) ::cuda_emu::cluster_map(ptr, rank)
+#define SHA_RNN_SPIN_PAUSE() std::this_thread::sleep_for(std::chrono::microseconds(50))
 
 // ---- c10 TORCH_CHECK subset -------------------------------------------------------------------
 namespace c10 {

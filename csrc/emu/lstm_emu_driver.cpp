@@ -8,10 +8,15 @@
 // Reads DIR/{xproj,w_hh,h0,c0,d_out,d_hn,d_cn}.bin (raw 16-bit values; d_* only for train),
 // writes DIR/{out,c_n}.bin and for train DIR/{gates,cells}.bin (fp32) and
 // DIR/{d_gates,d_h0,d_c0}.bin. Every output buffer is NaN before the kernels run.
-// Exit status: 0 ok, 2 the launcher refused (message on stderr), 124 watchdog (hang).
+// Exit status: 0 ok, 2 the launcher refused (message on stderr), 4 a step wait gave up
+// ("lstm step error: PASS WORD" on stderr, WORD the kernel's error word), 124 watchdog (hang).
+// Env CUDA_EMU_WAIT_LIMIT_CYCLES: the kernels' wait limit (default kLstmWaitLimitCycles);
+// SHA_RNN_KERNELS_LSTM_RESERVE_SMS: SMs the launches leave free (default 0). Prints the
+// backward's cluster size ("backward cluster size: C") before launching it and after.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <fstream>
@@ -64,8 +69,25 @@ int main(int argc, char** argv) {
   auto c0 = read_file(dir + "/c0.bin", size_t(B) * H * e);
   auto out = nan_buffer(tb * H * e);
   auto c_n = nan_buffer(size_t(B) * H * e);
-  // Per-block step flags, garbage until the launcher zeroes them.
-  std::vector<unsigned> flags(sha_rnn::lstm_grid_blocks(H, units > 0 ? units : 8), 0xffffffffu);
+  // Error word and per-block step flags, garbage until the launcher sets them (uint64
+  // storage: the error word is 8-byte aligned, as torch's allocations are).
+  const int words = sha_rnn::lstm_step_buffer_words(H, units > 0 ? units : 8);
+  std::vector<unsigned long long> step_buffer((words + 1) / 2);
+  unsigned* flags = reinterpret_cast<unsigned*>(step_buffer.data());
+  const long long wait_limit = std::atoll(
+      std::getenv("CUDA_EMU_WAIT_LIMIT_CYCLES") ? std::getenv("CUDA_EMU_WAIT_LIMIT_CYCLES") : "0");
+  // A wait that gave up: print the error word for the test to decode, exit 4.
+  auto check_status = [&](const char* pass) {
+    const unsigned long long error = step_buffer[0];
+    if (error == sha_rnn::kLstmNoError) return;
+    std::fprintf(stderr, "lstm step error: %s %llu\n", pass, error);
+    std::exit(4);
+  };
+  const char* reserve_env = std::getenv("SHA_RNN_KERNELS_LSTM_RESERVE_SMS");
+  const int reserve_sms = reserve_env != nullptr ? std::atoi(reserve_env) : 0;
+  auto poison_step_buffer = [&] {
+    std::fill(step_buffer.begin(), step_buffer.end(), 0x5a5a5a5a5a5a5a5aULL);
+  };
   auto gates = nan_buffer(train ? tb * 4 * H * 4 : 0);
   auto cells = nan_buffer(train ? tb * H * 4 : 0);
 
@@ -79,12 +101,16 @@ int main(int argc, char** argv) {
     fp.c_n = c_n.data();
     fp.gates = train ? reinterpret_cast<float*>(gates.data()) : nullptr;
     fp.cells = train ? reinterpret_cast<float*>(cells.data()) : nullptr;
-    fp.flags = flags.data();
+    poison_step_buffer();
+    fp.flags = flags;
+    fp.wait_limit = wait_limit;
+    fp.reserve_sms = reserve_sms;
     fp.seq_len = T;
     fp.batch = B;
     fp.hidden = H;
     fp.units = units;
     sha_rnn::lstm_forward_launch(dtype, fp, nullptr);
+    check_status("forward");
     write_file(dir + "/out.bin", out.data(), out.size());
     write_file(dir + "/c_n.bin", c_n.data(), c_n.size());
     if (!train) return 0;
@@ -108,13 +134,20 @@ int main(int argc, char** argv) {
     bp.d_gates = d_gates.data();
     bp.d_h0 = d_h0.data();
     bp.d_c0 = d_c0.data();
-    std::fill(flags.begin(), flags.end(), 0xffffffffu);
-    bp.flags = flags.data();
+    poison_step_buffer();
+    bp.flags = flags;
+    bp.wait_limit = wait_limit;
+    bp.reserve_sms = reserve_sms;
     bp.seq_len = T;
     bp.batch = B;
     bp.hidden = H;
     bp.units = units;
+    std::printf("backward cluster size: %d\n", sha_rnn::lstm_backward_cluster_size(bp));
+    std::fflush(stdout);  // before a sanitizer or the watchdog ends the process
     sha_rnn::lstm_backward_launch(dtype, bp, nullptr);
+    check_status("backward");
+    std::printf("backward cluster size after the launch: %d\n",
+                sha_rnn::lstm_backward_cluster_size(bp));
     write_file(dir + "/d_gates.bin", d_gates.data(), d_gates.size());
     write_file(dir + "/d_h0.bin", d_h0.data(), d_h0.size());
     write_file(dir + "/d_c0.bin", d_c0.data(), d_c0.size());
