@@ -29,8 +29,8 @@ the segment's T x T triangle.
 Saved for the backward: with attention dropout the raw scores S and ``P_d``, without it P,
 each ``[B, T, pad(K)]`` (K rounded up to 16); the base-2 row log-sum-exp ``[B, T]`` fp32;
 ``O_u`` (with a value gate), the dropped values W (with value dropout) and ``q * gk`` (with a
-key gate). Dropout masks are never saved: they are drawn from the seed
-on global indices (eight flags per Philox call), the same however the queries are chunked.
+key gate). Dropout masks are never saved: they are drawn from the seed on global indices
+(eight flags per Philox call), the same however the queries are chunked.
 
 ``detached_keys = n``: the first n keys and values (the memory of earlier segments) get no
 gradient, exactly as for ``cat([k[:n].detach(), k[n:]])``: their rows of dk and dv are zero and
@@ -55,7 +55,8 @@ import torch
 from .._backend import triton_reason
 
 # The kernels and launchers live in the files below; this module is the op's one address, so it
-# names them all: tools/compile_triton.py finds the kernels here, the tests the query plan.
+# names them all: tools/compile_triton.py and _backend's interpreter-mode check find the kernels
+# here, the tests the query plan.
 from ._attention_bwd import _attention_bwd_kernel, attention_backward  # noqa: F401
 from ._attention_common import (
     TRIANGLE_BLOCKS,
