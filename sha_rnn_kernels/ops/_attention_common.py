@@ -140,7 +140,7 @@ def _attention_value_dropout_kernel(
 # Launch parameters. These passes are memory-bound: one config each, no autotuning (nothing to
 # gain at this arithmetic intensity, and nothing to fail inside CUDA-graph capture). Each thread
 # holds 8-16 elements of a tile; tools/compile_triton.py (sm_90 and sm_80, every dtype and
-# switch) reports 32-96 registers and no spills, so 5+ programs of 4 warps fit per SM.
+# switch) reports 18-96 registers and no spills, so 5+ programs of 4 warps fit per SM.
 def _row_blocks() -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the row passes over the scores."""
     return (8, 32, 4) if interpreter_enabled() else (2, 512, 4)
