@@ -206,22 +206,35 @@ def _kernels_of(module) -> dict:
     }
 
 
+def _op_modules(op: str) -> list:
+    """``sha_rnn_kernels.ops.<op>`` and the files it is split into (``ops/_<op>_*.py``): a
+    launcher finds its kernels in its own module, so the recorders go into each of them."""
+    import importlib
+    import pkgutil
+
+    import sha_rnn_kernels.ops as ops
+
+    names = (m.name for m in pkgutil.iter_modules(ops.__path__))
+    parts = sorted(name for name in names if name.startswith(f"_{op}_"))
+    return [importlib.import_module(f"sha_rnn_kernels.ops.{name}") for name in (op, *parts)]
+
+
 def _record(op: str, dtype_name: str) -> list:
     """Every launch the op's scenarios make, as (scenario, kernel name, kernel, args, kwargs)."""
-    import importlib
-
-    module = importlib.import_module(f"sha_rnn_kernels.ops.{op}")
+    modules = _op_modules(op)
     recorded = []
     for scenario, call in _scenarios(op, dtype_name):
         calls: list = []
-        originals = _kernels_of(module)
+        originals = [(module, _kernels_of(module)) for module in modules]
         try:
-            for name, kernel in originals.items():
-                setattr(module, name, _Recorder(name, kernel, calls))
+            for module, kernels in originals:
+                for name, kernel in kernels.items():
+                    setattr(module, name, _Recorder(name, kernel, calls))
             call()
         finally:
-            for name, kernel in originals.items():
-                setattr(module, name, kernel)
+            for module, kernels in originals:
+                for name, kernel in kernels.items():
+                    setattr(module, name, kernel)
         recorded.extend((scenario, *c) for c in calls)
     return recorded
 

@@ -42,79 +42,15 @@ of a key inside CUDA-graph capture cannot time configs: it launches the first co
 ``_prune`` keeps (the 128x128 tile on Hopper) without tuning (``_common.launch_autotuned``). Warm
 up outside the capture to use the tuned config.
 
-Design, estimated at the paper's shape (M = 16384 rows, E = 1024 -> F = 4096, C = 4, bf16) on an
-H100 SXM taken as 132 SMs at ~1.75 GHz, ~800 TFLOP/s measured bf16 matmul (cuBLAS), ~3 TB/s HBM,
-50 MB L2, 128 thread-instructions issued per clock per SM and 16 MUFU (ex2/rcp) results per
-clock per SM. No GPU measured any of it yet; ``benchmarks/boom.py`` measures both designs
-(impls ``triton`` and ``triton-fused``) in the train and eval configurations.
+Precision: bf16/fp16 operands, fp32 accumulation, fp32 GELU/dropout/sum, one rounding of ``y``;
+the split design rounds h to the input dtype before the GELU, as PyTorch does, the fused one
+applies it to the fp32 accumulator. fp32 inputs: IEEE fp32 products in the fused kernel; cuBLAS
+follows ``torch.backends.cuda.matmul.allow_tf32``. Under ``TRITON_INTERPRET=1`` (triton 3.9)
+``tl.dot`` on bfloat16 tiles multiplies their raw 16-bit patterns, so there (and only there) the
+fused kernel widens bf16 tiles to fp32 before the dot (the same products, fp32 accumulation).
 
-* Work. Each of the three GEMMs (forward, dX, dW) is 2 M E F' = 137.4 GFLOP = 172 us at
-  800 TFLOP/s (139 us at the 989 TFLOP/s datasheet peak). Tensors: x, y, dY 33.6 MB each, W
-  8.4 MB, h and dU 134.2 MB each. Dropout: 67.1 M elements, 8.4 M Philox calls of ~100 issued
-  instructions = 0.84 G = 28 us of issue if nothing else ran.
-* Split forward: GEMM 172-183 us (800 TFLOP/s, or ~750 at K = 1024) + ``_boom_sum_kernel``,
-  which moves 168 MB (read h, write y) = 56 us and issues ~60 us of work per SM-clock budget
-  (sigmoid: 2 MUFU per element = 36 us of MUFU; Philox 28 us; ~10 other instructions per
-  element 23 us), so ~60 us: forward ~0.23-0.24 ms = ~72 % of the 800 TFLOP/s matmul rate, in
-  train and eval alike. The GEMM writes h, not ``dropout(gelu(h))``: cuBLAS cannot apply this
-  GELU and mask in its epilogue, a Triton GEMM that did would have the fused kernel's mainloop
-  (below), and the backward needs h anyway (writing both would add 134 MB).
-* Fused forward: 128x128 output tiles (8 warps, 3-4 stages, BLOCK_K 64, GROUP_M 8 ordering):
-  1024 programs = 7.76 waves of 132 (97 % wave efficiency), one program per SM (255 registers
-  x 256 threads; 96 KB of shared memory at 3 stages, 128 KB at 4). Two fp32 tiles (GEMM accumulator and chunk sum, 2 x 64 registers per thread)
-  cap the tile at 128x128: 128x256 would need the whole register file for the two. Each program
-  streams x[128, 1024] and W[128, 1024] once per chunk: 2 MB per program, 2.15 GB from L2 in
-  all, 64 FLOP per L2 byte; at the ~7-10 TB/s that H100's L2 sustains in published
-  microbenchmarks this mainloop runs at 0.22-0.31 ms (55-80 % of 800 TFLOP/s; my central guess
-  for Triton's cp.async + wgmma path at this tile is ~65 %). The epilogue (bias, sigmoid,
-  dropout select, h store, sum) does not overlap the tensor cores (one program per SM, no warp
-  specialisation in triton >= 3.2): ~2-3.5 K clocks per 128x128 chunk tile, +40-65 us. With
-  the mask kernel (+31 us in training): ~0.29-0.40 ms, behind the split design unless
-  Triton's mainloop reached cuBLAS's rate; so split is the default, fused is kept and
-  benchmarked. TMA (and its multicast, which is how cuBLAS halves that L2 traffic) is not used:
-  triton 3.2's descriptors are experimental, differ from 3.9's, and do not run under the
-  interpreter. A persistent schedule would buy little at 97 % wave efficiency without
-  overlapping the epilogue.
-* Backward: ``_boom_bwd_kernel`` moves 302 MB (read h and dY, write dU) = 100 us; its ALU work
-  (gelu': 2 MUFU and ~12 FMA per element, Philox) is ~70 us and hides under it. The GEMMs read
-  dU instead of h: 2 x 172-183 us. Backward ~0.45-0.47 ms. The alternative, gelu' * mask * dY
-  in the prologue of Triton dX/dW GEMMs, recomputes each dU element once per output tile that
-  uses it (E / BLOCK_N = 4-8 times per GEMM): ~27 issued instructions and 2 MUFU per use
-  (0.21 + 0.125 SM-clocks) against 2 BLOCK_N / 3450 = 0.07-0.15 clocks of tensor-core work, so
-  those GEMMs would be ALU-bound at ~1 ms; saving gelu'(h) * mask instead of h would cut the
-  prologue to a multiply (~0.03 clocks per use) and the 100 us pass, but replaces cuBLAS with
-  Triton GEMMs that lose ~80-190 us at 65-80 % of its rate. dU is materialised (134 MB
-  transient).
-* torch.compile of the reference (estimated the same way): forward = cuBLAS GEMM writing h
-  (172-183 us) + one Inductor kernel for GELU, dropout and the chunk sum (reads h, writes y and,
-  in training, the bool mask of 67 MB for the backward: 235 MB = 78 us; but ``tl.rand`` spends a
-  whole Philox call on each of the 67 M elements, ~6 G instructions = ~200 us of issue, so that
-  kernel is ALU-bound at ~0.2 ms in training and ~56 us in eval): ~0.39 ms train, ~0.24 ms
-  eval. Backward: one kernel for dU and db (reads h, mask, dY; writes dU: 369 MB = 123 us) + the
-  same two GEMMs: ~0.47-0.49 ms. fwd+bwd ~0.86-0.88 ms train (~0.69 ms eval).
-* Goals: forward >= 70 % of the matmul rate: ~72 % (split, estimated). fwd+bwd >= 1.25x
-  torch.compile in training: ~0.68-0.71 ms against ~0.86-0.88 ms, ~1.24-1.26x; in eval the two
-  are the same design (GEMM + one memory-bound pass each way) and tie (~1.0x).
-* Compiled offline (tools/compile_triton.py, triton 3.9, paper shape, bf16/fp16/fp32, train
-  and eval; registers, spills): the default path never spills: ``_boom_sum_kernel`` 64x128,
-  8 warps: 64-128 registers on sm_90, 64-162 on sm_80; ``_boom_bwd_kernel`` 64x128, 8 warps:
-  97-164 / 125-165; ``_boom_mask_kernel`` 13-96. ``_boom_fwd_kernel`` 128x128x64, 8 warps:
-  255 registers; no spill in eval; with h saved (and dropout) 8-72 B of loop-invariant
-  addresses spilled on sm_90 and 170-200 B on sm_80. ``_prune`` therefore keeps 128x128 for
-  eval on Hopper only; training (h saved) runs 128x64 or 64x128 (8 warps, no spill on either
-  arch), fp32 training 32x64x32 (128-168 registers, no spill; fp32's 64x64x32 spills 4-60 B
-  there), and sm_80 training with dropout also drops 64x64x64 (20 B). So no config the fused
-  kernel can launch in training spills; the fused training estimate above assumed 128x128 and
-  is optimistic by the smaller tile's extra L2 traffic (~1.5x the operand reads).
-* Precision: bf16/fp16 operands, fp32 accumulation, fp32 GELU/dropout/sum, one rounding of
-  ``y``. The split design rounds h to the input dtype before the GELU, as PyTorch does; the
-  fused one applies it to the fp32 accumulator. fp32 inputs: the fused kernel uses IEEE fp32
-  products (``input_precision="ieee"``); cuBLAS follows ``torch.backends.cuda.matmul.allow_tf32``
-  (off by default).
-
-Under ``TRITON_INTERPRET=1`` (triton 3.9) ``tl.dot`` on bfloat16 tiles multiplies their raw
-16-bit patterns, so there (and only there) the fused kernel widens bf16 tiles to fp32 before the
-dot, which forms the same products with the same fp32 accumulation.
+Why split is the default, the FLOP, byte and issue budgets, the estimates with their method and
+date, the compiled registers and the alternatives weighed: docs/design/boom.md.
 """
 
 import contextlib
