@@ -1,0 +1,187 @@
+"""``benchmarks/gpu_visit.sh``: the dry run's archive, and the archive a killed visit leaves.
+
+The dry run runs every phase on the CPU (Triton interpreter, tiny shapes; build and sanitizer
+skipped with their reason) and must leave exactly one archive in OUTDIR with a summary, the
+phases' verdicts, the results JSON and every phase's log. A visit killed during a phase, by
+SIGKILL (nothing of it can react) or SIGTERM (its trap records the phase as interrupted), must
+leave the archive of the phases before. The ops are narrowed (VISIT_OPS) to keep CI fast.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_visit.sh"
+PHASES = ["facts", "build", "check", "tests", "sanitizer", "speed", "compile", "report"]
+
+
+def _env(work: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISIT_")}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself
+    # The script's `python` is this interpreter (a venv that is not activated included).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # One op timed, and no torch.compile (Inductor builds C++ for a minute on the CPU): the
+    # compile phase runs the same code path as the speed phase with another impl.
+    env.update(VISIT_WORK=str(work), VISIT_OPS="boom", VISIT_COMPILE_OPS="")
+    # The caps are sized for a GPU machine; a loaded CI machine must not time a phase out.
+    env.update({f"VISIT_CAP_{phase.upper()}": "600" for phase in PHASES})
+    env.update(extra)
+    return env
+
+
+def _archive(outdir: Path) -> Path:
+    archives = sorted(outdir.glob("gpu-visit-*.tar.gz"))
+    assert len(archives) == 1, f"expected one archive in {outdir}, found {archives}"
+    return archives[0]
+
+
+def _read(archive: Path) -> dict:
+    """``{path inside the archive's folder: text}``."""
+    top = archive.name.removesuffix(".tar.gz")
+    with tarfile.open(archive) as tar:
+        out = {}
+        for member in tar.getmembers():
+            assert member.name.startswith(top + "/"), member.name
+            out[member.name[len(top) + 1 :]] = tar.extractfile(member).read().decode()
+    return out
+
+
+def _verdicts(files: dict) -> dict:
+    return {p["phase"]: p for p in json.loads(files["phases.json"])}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("visit")
+    outdir = base / "out"
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(outdir)], cwd=ROOT,
+                          env=_env(base / "work"), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    return outdir, done
+
+
+def test_dry_run_leaves_one_archive_with_every_phase(dry_run):
+    outdir, done = dry_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(p.name for p in outdir.iterdir())
+    assert len(files) <= 8, files
+    assert not [f for f in files if f.endswith(".partial")], files
+    archive = _archive(outdir)
+    assert archive.name.endswith("-cpu.tar.gz")
+    assert archive.stat().st_size <= 16 * 2**20
+    content = _read(archive)
+    verdicts = _verdicts(content)
+    assert list(verdicts) != [] and set(verdicts) == set(PHASES)
+    for name in ("build", "sanitizer"):
+        assert verdicts[name]["verdict"] == "skipped", verdicts[name]
+        assert "dry run" in verdicts[name]["reason"]
+    assert verdicts["compile"]["verdict"] == "skipped", verdicts["compile"]
+    assert verdicts["compile"]["reason"] == "no ops chosen"
+    for name in ("facts", "check", "tests", "speed", "report"):
+        assert verdicts[name]["verdict"] == "passed", (name, content.get(f"logs/{name}.log"))
+        assert f"logs/{name}.log" in content
+    summary = content["summary.md"]
+    for name in PHASES:
+        assert f"| {name} | {verdicts[name]['verdict']} |" in summary
+    assert "All checks passed." in summary  # the device check's table
+    rows = json.loads(content["results/cpu-smoke.json"])
+    measured = {(r["op"], r["impl"]) for r in rows}
+    assert measured == {("boom", "sha_rnn_kernels")}, measured
+    assert {r["config"] for r in rows} == {"train", "eval"}
+    assert "### boom" in summary
+    assert "Speed of light" in summary
+    # The same rows are in OUTDIR for benchmarks/report.py.
+    assert json.loads((outdir / "cpu-smoke.json").read_text()) == rows
+
+
+def _session_pids(session: int) -> list:
+    """The processes of a session (the visit and every phase's children: `timeout` moves a
+    phase into its own process group, not out of the session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == session and fields[0] != "Z":  # a zombie is dead, not yet reaped
+            pids.append(int(entry.name))
+    return pids
+
+
+def _start_and_wait_for_speed(tmp_path: Path):
+    outdir, work = tmp_path / "out", tmp_path / "work"
+    # The epoch op takes seconds on the CPU: the visit is surely inside the speed phase then.
+    env = _env(work, VISIT_PHASES="facts,speed,report", VISIT_OPS="epoch")
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run", str(outdir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (work / "logs" / "speed.log").exists():
+        assert proc.poll() is None, "the visit ended before its speed phase"
+        assert time.monotonic() < deadline, "the speed phase did not start in 240 s"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return proc, outdir
+
+
+def _kill_session(proc) -> None:
+    """SIGKILL every process of the visit's session, until none is left (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        pids = _session_pids(proc.pid)
+        if not pids or time.monotonic() > deadline:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_visit_keeps_the_archive_of_earlier_phases(tmp_path, how):
+    proc, outdir = _start_and_wait_for_speed(tmp_path)
+    try:
+        if how == "SIGTERM":  # the visit itself: its trap stops the phase and packs
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=60) == 143
+    finally:
+        _kill_session(proc)  # SIGKILL: everything at once, nothing can pack
+    assert not _session_pids(proc.pid)
+    content = _read(_archive(outdir))
+    verdicts = _verdicts(content)
+    assert verdicts["facts"]["verdict"] == "passed"
+    assert "torch:" in content["logs/facts.log"]
+    summary = content["summary.md"]
+    if how == "SIGTERM":
+        assert verdicts["speed"]["verdict"] == "interrupted"
+        assert "| report | not run |" in summary
+    else:
+        assert "speed" not in verdicts
+        assert "| speed | not run |" in summary and "| report | not run |" in summary
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    for args, needle in ((["--fast"], "unknown option --fast"),
+                         (["a", "b"], "one OUTDIR at most")):  # fmt: skip
+        done = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, capture_output=True,
+                              text=True, env=_env(tmp_path / "w"), timeout=60)  # fmt: skip
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path / "o")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env=_env(tmp_path / "w", VISIT_CAP_SPEED="ten"))  # fmt: skip
+    assert done.returncode == 2 and "VISIT_CAP_SPEED must be a whole number" in done.stderr
+    assert "got 'ten'" in done.stderr
