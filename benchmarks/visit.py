@@ -50,6 +50,8 @@ def facts() -> int:
     """The GPU, its driver and clocks, the toolchain and package versions."""
     print("date (UTC):", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
     print("nvidia-smi:", _command(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv"]))
+    print("nvidia-smi -q -d CLOCK,PERFORMANCE:")
+    print(_command(["nvidia-smi", "-q", "-d", "CLOCK,PERFORMANCE"]))
     print("nvcc:", _command(["nvcc", "--version"]).splitlines()[-1])
     sanitizer = shutil.which("compute-sanitizer") or "not on PATH"
     print("compute-sanitizer:", sanitizer)
@@ -172,7 +174,7 @@ def summary(work: str, results: list, title: str, dry_run: bool, planned=()) -> 
     facts_log = os.path.join(work, "logs", "facts.log")
     if os.path.exists(facts_log):
         with open(facts_log, encoding="utf-8", errors="replace") as f:
-            lines += ["```", *f.read().splitlines()[:30], "```", ""]
+            lines += ["```", *f.read().splitlines()[:80], "```", ""]
     lines += ["| phase | verdict | seconds | cap (s) | reason | log |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for p in phases:

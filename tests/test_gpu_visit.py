@@ -185,3 +185,43 @@ def test_bad_arguments_are_refused(tmp_path):
                           env=_env(tmp_path / "w", VISIT_CAP_SPEED="ten"))  # fmt: skip
     assert done.returncode == 2 and "VISIT_CAP_SPEED must be a whole number" in done.stderr
     assert "got 'ten'" in done.stderr
+
+
+STAND_IN_SMI = '#!/bin/sh\necho "NVIDIA H100 80GB HBM3"\n'
+# compute-sanitizer's closing lines: racecheck's verdict comes from the test's parameter.
+STAND_IN_SANITIZER = """#!/bin/sh
+case "$*" in
+  *racecheck*) printf '%s\\n' "$RACECHECK_SAYS"; exit "${RACECHECK_EXIT:-0}" ;;
+  *) echo "========= ERROR SUMMARY: 0 errors" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("says, code, verdict, status", [
+    ("========= ERROR SUMMARY: 0 errors", "0", "passed", 0),
+    ("Error: ERR_NVGPUCTRPERM - The user does not have permission", "1", "refused", 0),
+    ("========= ERROR SUMMARY: 2 errors", "9", "failed", 1),
+])  # fmt: skip
+def test_gpu_path_with_stand_in_tools(tmp_path, says, code, verdict, status):
+    """The non-dry path (names, sanitizer verdicts, exit status) with stand-ins for
+    nvidia-smi and compute-sanitizer: the sanitizers' verdicts are read from their output."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("nvidia-smi", STAND_IN_SMI), ("compute-sanitizer", STAND_IN_SANITIZER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(tmp_path / "work", VISIT_PHASES="sanitizer,report", RACECHECK_SAYS=says,
+               RACECHECK_EXIT=code)  # fmt: skip
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    outdir = tmp_path / "out"
+    done = subprocess.run(["bash", str(SCRIPT), str(outdir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == status, done.stdout + done.stderr
+    archive = _archive(outdir)
+    assert archive.name.endswith("-h100-80gb-hbm3.tar.gz")
+    content = _read(archive)
+    verdicts = _verdicts(content)
+    assert verdicts["sanitizer"]["verdict"] == verdict, verdicts["sanitizer"]
+    assert verdicts["report"]["verdict"] == "skipped"
+    assert says in content["logs/sanitizer-racecheck.txt"]
+    assert "ERROR SUMMARY: 0 errors" in content["logs/sanitizer-memcheck.txt"]
