@@ -5,12 +5,14 @@
 #
 # Phases, most important first, each under `timeout` with its own cap (seconds; defaults sum
 # to 540 s; README.md "A GPU visit" gives the estimate behind each):
-#   facts      GPU, driver, clocks, torch/triton/CUDA/cuDNN versions     VISIT_CAP_FACTS=30
+#   facts      GPU, driver, clocks, torch/triton/CUDA/cuDNN versions     VISIT_CAP_FACTS=15
 #   build      csrc/ (the persistent CUDA LSTM), started at once in the
 #              background so that it overlaps the phases after it        VISIT_CAP_BUILD=300
 #   check      python -m sha_rnn_kernels.check: every kernel, dtype and
 #              backend against PyTorch, the paper's LSTM shape            VISIT_CAP_CHECK=120
-#   tests      the GPU parity tests chosen below (TRITON_INTERPRET=0)      VISIT_CAP_TESTS=120
+#   tests      the GPU parity tests chosen below (TRITON_INTERPRET=0)      VISIT_CAP_TESTS=110
+#   paths      small-shape parity tests that reach the other launch paths
+#              (chunked attention, detached keys, narrow Boom, odd LSTMs)  VISIT_CAP_PATHS=40
 #   sanitizer  compute-sanitizer memcheck, racecheck and synccheck on
 #              the persistent LSTM at a small shape ("refused" when the
 #              machine forbids it)                                          VISIT_CAP_SANITIZER=60
@@ -18,7 +20,7 @@
 #              LSTM vs cuDNN, attention vs SDPA, Boom, one layer, the
 #              epoch estimate (each row written the moment it is timed)    VISIT_CAP_SPEED=110
 #   compile    the torch.compile baselines of attention and the Boom,
-#              bf16 then fp16                                               VISIT_CAP_COMPILE=90
+#              bf16 then fp16                                               VISIT_CAP_COMPILE=75
 #   report     the speed-of-light report joined with the rows             VISIT_CAP_REPORT=10
 # (the build's cap is not in the sum: it runs beside the others).
 #
@@ -33,7 +35,7 @@
 # and the sanitizer are skipped with that reason) and writes the same layout; CI runs it.
 #
 # Variables: VISIT_CAP_<PHASE> (above); VISIT_PHASES=facts,check,... (a subset, in this order);
-# VISIT_TESTS (pytest arguments of the tests phase); VISIT_OPS / VISIT_COMPILE_OPS (ops of the
+# VISIT_TESTS / VISIT_PATH_TESTS (pytest arguments of the tests and paths phases); VISIT_OPS / VISIT_COMPILE_OPS (ops of the
 # speed and compile phases); BENCH_ARGS (more arguments for benchmarks/run.py); VISIT_WORK (the
 # working folder, default a new temporary one). Exit status: 0 when no phase failed or timed
 # out, 1 otherwise, 2 on bad arguments.
@@ -52,8 +54,14 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 # torch.compile). VISIT_TESTS replaces this list (shell words: quotes group).
 GPU_TESTS="tests/test_launch_configs.py tests/test_boom.py tests/test_attention.py \
 tests/test_lstm.py tests/test_lstm_cuda.py -m gpu -k 'not compile'"
+# The paths phase: the launch paths the paper shape does not take, at small odd shapes: the
+# attention's chunked (recomputing) backward and detached memory keys, the Boom's narrow (E = 1,
+# 2) tiles in both designs, the Triton LSTM at B = 1 and odd sizes in fp32, fp16 and bf16.
+PATH_TESTS="tests/test_attention.py tests/test_boom.py tests/test_lstm.py -k 'parity_chunked \
+or detached_keys_parity or narrow_and_single_row or fp32_matches_torch_lstm or lstm_low_precision'"
 # The dry run's: the interpreter parity of one op at tiny shapes, in seconds.
 DRY_TESTS="tests/test_boom.py -k test_parity_without_bias"
+DRY_PATH_TESTS="tests/test_lstm.py -k 'fp32_matches_torch_lstm and 1-1-16-20'"
 
 die() { echo "gpu_visit.sh: $*" >&2; exit 2; }
 
@@ -82,11 +90,26 @@ phase_check() {
     fi
 }
 
-phase_tests() {
-    local tests args
-    if [ "$DRY" = 1 ]; then tests="${VISIT_TESTS:-$DRY_TESTS}"; else tests="${VISIT_TESTS:-$GPU_TESTS}"; fi
-    eval "args=($tests)" || { echo "VISIT_TESTS: not a list of shell words: $tests"; exit 1; }
+pytest_words() {  # pytest_words VARIABLE_NAME WORDS: pytest on a string of shell words
+    local args
+    eval "args=($2)" || { echo "$1: not a list of shell words: $2"; exit 1; }
     python -m pytest "${args[@]}" -q -p no:cacheprovider -rfEs --durations=10
+}
+
+phase_tests() {
+    if [ "$DRY" = 1 ]; then
+        pytest_words VISIT_TESTS "${VISIT_TESTS:-$DRY_TESTS}"
+    else
+        pytest_words VISIT_TESTS "${VISIT_TESTS:-$GPU_TESTS}"
+    fi
+}
+
+phase_paths() {
+    if [ "$DRY" = 1 ]; then
+        pytest_words VISIT_PATH_TESTS "${VISIT_PATH_TESTS:-$DRY_PATH_TESTS}"
+    else
+        pytest_words VISIT_PATH_TESTS "${VISIT_PATH_TESTS:-$PATH_TESTS}"
+    fi
 }
 
 phase_sanitizer() {
@@ -102,7 +125,7 @@ phase_sanitizer() {
     if [ -f "$WORK/build.rc" ] && [ "$(cat "$WORK/build.rc")" != 0 ]; then
         skip "the CUDA build failed (logs/build.log)"
     fi
-    local tool rc out status=0 each=$(( ${VISIT_CAP_SANITIZER:-60} / 3 - 2 ))
+    local tool rc out status=0 each=$(( PHASE_CAP / 3 - 2 ))
     [ "$each" -ge 1 ] || each=1
     for tool in memcheck racecheck synccheck; do
         out="$WORK/logs/sanitizer-$tool.txt"
@@ -193,17 +216,21 @@ WORK="${VISIT_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-visit.XXXXXX")}"
 mkdir -p "$WORK/logs" || die "cannot create VISIT_WORK $WORK"
 rm -f "$WORK/phases.tsv" "$WORK"/reason.* "$WORK"/build.*
 
-ALL_PHASES="facts build check tests sanitizer speed compile report"
+ALL_PHASES="facts build check tests paths sanitizer speed compile report"
 PHASES=",${VISIT_PHASES:-${ALL_PHASES// /,}},"
 for name in ${PHASES//,/ }; do
     case " $ALL_PHASES " in *" $name "*) ;; *) die "VISIT_PHASES: unknown phase $name (choose from $ALL_PHASES)" ;; esac
 done
-declare -A CAP=(
-    [facts]="${VISIT_CAP_FACTS:-30}" [build]="${VISIT_CAP_BUILD:-300}"
-    [check]="${VISIT_CAP_CHECK:-120}" [tests]="${VISIT_CAP_TESTS:-120}"
-    [sanitizer]="${VISIT_CAP_SANITIZER:-60}" [speed]="${VISIT_CAP_SPEED:-110}"
-    [compile]="${VISIT_CAP_COMPILE:-90}" [report]="${VISIT_CAP_REPORT:-10}"
-)
+# The default caps are an H100 host's; a dry run on a small CPU gets three times as long.
+scale=1
+[ "$DRY" = 1 ] && scale=3
+declare -A CAP=()
+for pair in facts:15 build:300 check:120 tests:110 paths:40 sanitizer:60 speed:110 compile:75 \
+            report:10; do
+    name="${pair%%:*}" variable="VISIT_CAP_${pair%%:*}"
+    variable="${variable^^}"
+    CAP[$name]="${!variable:-$(( ${pair##*:} * scale ))}"
+done
 for name in $ALL_PHASES; do
     [[ "${CAP[$name]}" =~ ^[1-9][0-9]*$ ]] || die "VISIT_CAP_${name^^} must be a whole number of seconds >= 1; got '${CAP[$name]}'"
 done
@@ -263,7 +290,7 @@ run_phase() {  # run_phase NAME: in the foreground, under its cap
     selected "$name" || return 0
     echo "-- $name (cap ${CAP[$name]} s)"
     CURRENT="$name" CURRENT_START=$SECONDS
-    timeout -k 10 "${CAP[$name]}" bash "$SELF" __phase "$name" > "$WORK/logs/$name.log" 2>&1 &
+    PHASE_CAP="${CAP[$name]}" timeout -k 10 "${CAP[$name]}" bash "$SELF" __phase "$name" > "$WORK/logs/$name.log" 2>&1 &
     CURRENT_PID=$!
     wait "$CURRENT_PID"
     local rc=$?
@@ -307,6 +334,7 @@ run_phase facts
 start_build
 run_phase check
 run_phase tests
+run_phase paths
 finish_build
 run_phase sanitizer
 run_phase speed

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_visit.sh"
-PHASES = ["facts", "build", "check", "tests", "sanitizer", "speed", "compile", "report"]
+PHASES = ["facts", "build", "check", "tests", "paths", "sanitizer", "speed", "compile", "report"]
 
 
 def _env(work: Path, **extra) -> dict:
@@ -85,7 +85,7 @@ def test_dry_run_leaves_one_archive_with_every_phase(dry_run):
         assert "dry run" in verdicts[name]["reason"]
     assert verdicts["compile"]["verdict"] == "skipped", verdicts["compile"]
     assert verdicts["compile"]["reason"] == "no ops chosen"
-    for name in ("facts", "check", "tests", "speed", "report"):
+    for name in ("facts", "check", "tests", "paths", "speed", "report"):
         assert verdicts[name]["verdict"] == "passed", (name, content.get(f"logs/{name}.log"))
         assert f"logs/{name}.log" in content
     summary = content["summary.md"]
