@@ -19,8 +19,8 @@
 #   speed      the paper's shape, bf16 then fp16, training config: our
 #              LSTM vs cuDNN, attention vs SDPA, Boom, one layer, the
 #              epoch estimate (each row written the moment it is timed)    VISIT_CAP_SPEED=110
-#   compile    the torch.compile baselines of attention and the Boom,
-#              bf16 then fp16                                               VISIT_CAP_COMPILE=75
+#   compile    the torch.compile baselines of attention and the Boom in
+#              bf16 (VISIT_COMPILE_DTYPES="bf16 fp16" adds fp16)            VISIT_CAP_COMPILE=75
 #   report     the speed-of-light report joined with the rows             VISIT_CAP_REPORT=10
 # (the build's cap is not in the sum: it runs beside the others).
 #
@@ -155,10 +155,10 @@ phase_sanitizer() {
 }
 
 # One benchmarks/run.py call per dtype, so that bf16's rows of every op come before fp16's.
-bench() {  # bench OPS IMPLS
+bench() {  # bench OPS IMPLS DTYPES
     local ops="$1" impls="$2" dtype status=0 args
     [ -n "$ops" ] || skip "no ops chosen"
-    for dtype in $DTYPES; do
+    for dtype in $3; do
         if [ "$DRY" = 1 ]; then
             args="--small --device cpu --rep-ms 5 --min-reps 2 --warmup 1"
         else
@@ -173,14 +173,16 @@ bench() {  # bench OPS IMPLS
 }
 
 phase_speed() {
-    bench "${VISIT_OPS-lstm,attention,boom,layer,epoch}" "sha_rnn_kernels,cudnn,sdpa,original"
+    bench "${VISIT_OPS-lstm,attention,boom,layer,epoch}" "sha_rnn_kernels,cudnn,sdpa,original" \
+        "$DTYPES"
 }
 
 phase_compile() {
-    # Inductor on the CPU compiles C++ for minutes: the dry run compiles the Boom only.
-    local ops=attention,boom
-    [ "$DRY" = 1 ] && ops=boom
-    bench "${VISIT_COMPILE_OPS-$ops}" compile
+    # Inductor on the CPU compiles C++ for minutes: the dry run compiles the Boom only. On the
+    # GPU bf16 only by default: Inductor takes 20-40 s per op and dtype (VISIT_COMPILE_DTYPES).
+    local ops=attention,boom dtypes="${VISIT_COMPILE_DTYPES:-bf16}"
+    [ "$DRY" = 1 ] && ops=boom dtypes="$DTYPES"
+    bench "${VISIT_COMPILE_OPS-$ops}" compile "$dtypes"
 }
 
 phase_report() {
