@@ -304,7 +304,12 @@ run_phase() {  # run_phase NAME: in the foreground, under its cap
 start_build() {
     selected build || return 0
     BUILD_EPOCH=$(date +%s)
-    ( timeout -k 10 "${CAP[build]}" bash "$SELF" __phase build > "$WORK/logs/build.log" 2>&1
+    # timeout's own pid goes to build.pid: a stopped visit stops the build through it (timeout
+    # runs the build in a process group of its own, which a signal to this subshell misses).
+    ( PHASE_CAP="${CAP[build]}" timeout -k 10 "${CAP[build]}" bash "$SELF" __phase build \
+          > "$WORK/logs/build.log" 2>&1 &
+      echo $! > "$WORK/build.pid"
+      wait $!
       echo "$? $(( $(date +%s) - BUILD_EPOCH ))" > "$WORK/build.done"
       cut -d' ' -f1 "$WORK/build.done" > "$WORK/build.rc" ) &
     BUILD_PID=$!
@@ -325,8 +330,11 @@ on_signal() {
     trap - TERM INT HUP
     echo "gpu_visit: stopped by a signal${CURRENT:+ during $CURRENT}"
     [ -n "$CURRENT_PID" ] && kill -TERM "$CURRENT_PID" 2> /dev/null
-    [ -n "$BUILD_PID" ] && kill -TERM "$BUILD_PID" 2> /dev/null
+    if [ -n "$BUILD_PID" ] && [ -f "$WORK/build.pid" ]; then
+        kill -TERM "$(cat "$WORK/build.pid")" 2> /dev/null
+    fi
     [ -n "$CURRENT" ] && record "$CURRENT" 143 $((SECONDS - CURRENT_START))
+    [ -n "$BUILD_PID" ] && [ ! -f "$WORK/build.done" ] && record build 143 $(( $(date +%s) - BUILD_EPOCH ))
     pack
     exit 143
 }
