@@ -119,19 +119,19 @@ def _session_pids(session: int) -> list:
     return pids
 
 
-def _start_and_wait_for_speed(tmp_path: Path):
+def _start_and_wait(tmp_path: Path, path: str):
+    """Start a visit and return once ``path`` (under its folder) exists, inside the speed
+    phase: the Boom's rows come in a second, the epoch's builds then take seconds more."""
     outdir, work = tmp_path / "out", tmp_path / "work"
-    # The epoch op takes seconds on the CPU: the visit is surely inside the speed phase then.
-    env = _env(work, VISIT_PHASES="facts,speed,report", VISIT_OPS="epoch")
+    env = _env(work, VISIT_PHASES="facts,speed,report", VISIT_OPS="boom,epoch")
     proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run", str(outdir)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
-    while not (work / "logs" / "speed.log").exists():
-        assert proc.poll() is None, "the visit ended before its speed phase"
-        assert time.monotonic() < deadline, "the speed phase did not start in 240 s"
-        time.sleep(0.2)
-    time.sleep(1.0)
+    while not (tmp_path / path).exists():
+        assert proc.poll() is None, f"the visit ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear in 240 s"
+        time.sleep(0.1)
     return proc, outdir
 
 
@@ -153,7 +153,10 @@ def _kill_session(proc) -> None:
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_killed_visit_keeps_the_archive_of_earlier_phases(tmp_path, how):
-    proc, outdir = _start_and_wait_for_speed(tmp_path)
+    # SIGKILL once the first row is written (each row is saved the moment it is measured);
+    # SIGTERM once the speed phase has started.
+    wait_for = "out/cpu-smoke.json" if how == "SIGKILL" else "work/logs/speed.log"
+    proc, outdir = _start_and_wait(tmp_path, wait_for)
     try:
         if how == "SIGTERM":  # the visit itself: its trap stops the phase and packs
             os.kill(proc.pid, signal.SIGTERM)
@@ -172,6 +175,9 @@ def test_killed_visit_keeps_the_archive_of_earlier_phases(tmp_path, how):
     else:
         assert "speed" not in verdicts
         assert "| speed | not run |" in summary and "| report | not run |" in summary
+        rows = json.loads((outdir / "cpu-smoke.json").read_text())
+        assert rows and {r["op"] for r in rows} <= {"boom", "epoch"}, rows
+        assert ("epoch", "sha_rnn_kernels") not in {(r["op"], r["impl"]) for r in rows}
 
 
 def test_bad_arguments_are_refused(tmp_path):
