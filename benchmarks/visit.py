@@ -182,7 +182,7 @@ def summary(work: str, results: list, title: str, dry_run: bool, planned=()) -> 
                      f"{_cell(p['reason'])} | {p['log']} |")  # fmt: skip
     logs = os.path.join(work, "logs")
     lines += _section(os.path.join(logs, "check.log"), "Device checks", "op ")
-    lines += _section(os.path.join(logs, "sanitizer.log"), "compute-sanitizer", "==")
+    lines += _section(os.path.join(logs, "sanitizer.log"), "compute-sanitizer")
     lines += ["", "## Measured", "", *measured_table(work, results)]
     report = os.path.join(logs, "report.log")
     if os.path.exists(report):

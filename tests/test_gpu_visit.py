@@ -231,3 +231,5 @@ def test_gpu_path_with_stand_in_tools(tmp_path, says, code, verdict, status):
     assert verdicts["report"]["verdict"] == "skipped"
     assert says in content["logs/sanitizer-racecheck.txt"]
     assert "ERROR SUMMARY: 0 errors" in content["logs/sanitizer-memcheck.txt"]
+    summary = content["summary.md"]
+    assert all(f"== {tool} (exit" in summary for tool in ("memcheck", "racecheck", "synccheck"))
