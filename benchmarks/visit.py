@@ -52,7 +52,7 @@ def facts() -> int:
     print("nvidia-smi:", _command(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv"]))
     print("nvidia-smi -q -d CLOCK,PERFORMANCE:")
     print(_command(["nvidia-smi", "-q", "-d", "CLOCK,PERFORMANCE"]))
-    print("nvcc:", _command(["nvcc", "--version"]).splitlines()[-1])
+    print("nvcc:", (_command(["nvcc", "--version"]) or "no output").splitlines()[-1])
     sanitizer = shutil.which("compute-sanitizer") or "not on PATH"
     print("compute-sanitizer:", sanitizer)
     import torch
@@ -153,7 +153,9 @@ def measured_table(work: str, results: list) -> list:
         from benchmarks import output
 
         lines = ["ms: median of do_bench (CPU timer in a dry run); speedup = baseline ms / "
-                 "impl ms, same device, same run.", *output.table_lines(rows, markdown=True)]
+                 "impl ms, same device, same results file. The file merges these rows with "
+                 "those of earlier runs on this device (each row records its commit).",
+                 *output.table_lines(rows, markdown=True)]  # fmt: skip
     else:
         lines = ["No row measured yet."]
     with open(cache, "w", encoding="utf-8") as f:
