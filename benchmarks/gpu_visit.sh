@@ -34,9 +34,10 @@
 # --dry-run runs every phase on the CPU through the Triton interpreter at tiny shapes (the build
 # and the sanitizer are skipped with that reason) and writes the same layout; CI runs it.
 #
-# Variables: VISIT_CAP_<PHASE> (above); VISIT_PHASES=facts,check,... (a subset, in this order);
-# VISIT_TESTS / VISIT_PATH_TESTS (pytest arguments of the tests and paths phases); VISIT_OPS / VISIT_COMPILE_OPS (ops of the
-# speed and compile phases); BENCH_ARGS (more arguments for benchmarks/run.py); VISIT_WORK (the
+# Variables: VISIT_CAP_<PHASE> (above; a dry run triples each default); VISIT_PHASES=facts,check
+# (a subset, run in the order above); VISIT_TESTS / VISIT_PATH_TESTS (pytest arguments of the
+# tests and paths phases); VISIT_OPS / VISIT_COMPILE_OPS / VISIT_COMPILE_DTYPES (what the speed
+# and compile phases time); BENCH_ARGS (more arguments for benchmarks/run.py); VISIT_WORK (the
 # working folder, default a new temporary one). Exit status: 0 when no phase failed or timed
 # out, 1 otherwise, 2 on bad arguments.
 set -uo pipefail
