@@ -74,9 +74,13 @@ def load(path: str) -> list:
 
 
 def write_json(path: str, rows: list) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Written to a temporary name, then renamed: a run killed mid-write (a time limit) leaves
+    the previous complete file, never half of one."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump([order_row(r) for r in sort_rows(rows)], f, indent=1)
         f.write("\n")
+    os.replace(partial, path)
 
 
 def sort_rows(rows: Iterable[dict]) -> list:

@@ -8,9 +8,10 @@ Usage (from the repository root)::
     python benchmarks/run.py --small --device cpu                     # a CPU smoke test (~1 min)
 
 Prints a header (device, torch, triton, CUDA, commit), one line per measured configuration and
-a table with the speedups against the op's baselines, then writes
+a table with the speedups against the op's baselines, and writes
 ``benchmarks/results/<device>.json`` (rows merged with those already there; ``--fresh`` starts
-over), ``<device>.md`` and ``<device>_<op>.png``. CPU runs write ``cpu-smoke.*`` and ``--small``
+over) again after every measured row, so a run stopped by a time limit keeps its rows; at the
+end ``<device>.md`` and ``<device>_<op>.png``. CPU runs write ``cpu-smoke.*`` and ``--small``
 GPU runs ``<device>-small.*``: neither is a product figure. Impls that cannot run here (no GPU,
 a package missing) leave their rows out; ``-v`` says why. A configuration that fails for any
 other reason is reported and makes the exit status 1, after the other configurations ran.
@@ -144,8 +145,10 @@ def run_case(case, opts: Options, env: dict) -> dict:
     return row
 
 
-def run(opts: Options, ops: tuple, fail_fast: bool = False) -> tuple:
-    """Every selected configuration; returns (rows, failures, absent)."""
+def run(opts: Options, ops: tuple, fail_fast: bool = False, on_row=None) -> tuple:
+    """Every selected configuration; returns (rows, failures, absent). ``on_row(rows)`` is
+    called with every row measured so far the moment a new one is (so a run cut short by a
+    time limit keeps what it measured)."""
     modules = output.op_modules()
     env = harness.environment(opts.device)
     print(harness.header(env), flush=True)
@@ -174,6 +177,8 @@ def run(opts: Options, ops: tuple, fail_fast: bool = False) -> tuple:
             finally:
                 _free(opts.device)
             op_rows.append(row)
+            if on_row is not None:
+                on_row(rows + op_rows)
             took = time.perf_counter() - started
             print(f"  {row['ms_median']:>10.3f} ms  (run 2 {row['ms_median_run2']:.3f})  "
                   f"{case.label}  [{took:.1f} s]", flush=True)  # fmt: skip
@@ -199,16 +204,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     opts = make_options(args)
     torch.manual_seed(0)
-    rows, failures, absent = run(opts, args.ops, fail_fast=args.fail_fast)
+    stem = args.out or harness.file_stem(opts.device, opts.small)
+    os.makedirs(args.results_dir, exist_ok=True)
+    json_path = os.path.join(args.results_dir, f"{stem}.json")
+    old_rows = [] if args.fresh else output.load(json_path)
+
+    def save(measured: list) -> None:  # after every row: a killed run keeps its rows
+        output.write_json(json_path, output.merge(old_rows, measured))
+
+    rows, failures, absent = run(opts, args.ops, fail_fast=args.fail_fast, on_row=save)
     env_header = harness.header(harness.environment(opts.device))
     for line in output.table_lines(rows):
         print(line)
     if absent and not opts.verbose:
         print(f"\n{len(absent)} configurations absent (impl unavailable here); -v lists why")
-    stem = args.out or harness.file_stem(opts.device, opts.small)
-    os.makedirs(args.results_dir, exist_ok=True)
-    json_path = os.path.join(args.results_dir, f"{stem}.json")
-    all_rows = rows if args.fresh else output.merge(output.load(json_path), rows)
+    all_rows = output.merge(old_rows, rows)
     if rows or args.fresh:
         output.write_json(json_path, all_rows)
         output.write_markdown(os.path.join(args.results_dir, f"{stem}.md"), all_rows,

@@ -26,6 +26,13 @@ Usage::
     python tools/compile_triton.py --quick         # bf16, one config and variant per kernel
     python tools/compile_triton.py --kernels attention --arch 90 --dtypes bf16 --verbose
 
+Two Triton releases: the machines measured on run torch 2.11 with triton 3.6, whose register
+allocation differs from the current release's (three Boom tiles spilled under 3.6 only), so check
+both with ``--max-spill 0``; a CPU wheel of torch is enough, no GPU::
+
+    python3 -m venv /tmp/triton36 && /tmp/triton36/bin/pip install torch triton==3.6.0
+    /tmp/triton36/bin/python tools/compile_triton.py --max-spill 0   # then the same under 3.9
+
 Exit status: 0 when everything compiled and fits; 1 on a compile error or a launch that does not
 fit (shared memory over the per-block limit, registers x threads over the register file), or
 spills over ``--max-spill`` when that is given; 2 on bad arguments or a missing ptxas.

@@ -145,15 +145,16 @@ def _prune(configs, named_args, **kwargs):
     tools/compile_triton.py, sm_90 and sm_80, paper shape): fp32 (IEEE dots) keeps only
     64x64x32; sm_8x drops 128x128; E <= 32 keeps only the 16-wide tile (wider ones are mostly
     masked work, and spill); otherwise tiles taller than the row bucket go when a shorter one
-    remains; in training (h saved) the tiles that spill go too. The first config kept is the
-    one a CUDA-graph capture launches untuned."""
+    remains; in training (h saved) the tiles that spill under triton 3.6 or 3.9 go too. The
+    first config kept is the one a CUDA-graph capture launches untuned."""
     if len(configs) == 1:  # the interpreter's single config
         return configs
     x = named_args["X"]
     fp32 = x.dtype == torch.float32
     # Training (the tile also writes h, and usually draws dropout) adds live registers: the
-    # configs that spill there go (tools/compile_triton.py: 128x128 spills 8-72 B on sm_90 and
-    # 168-200 B on sm_80; 64x64x64 20 B on sm_80 with dropout; fp32's 64x64x32 4-60 B).
+    # configs that spill there go (tools/compile_triton.py --max-spill 0: 128x128 spills 8-72 B
+    # on sm_90 and 168-200 B on sm_80; 64x64x64 with dropout 20 B on sm_80 under triton 3.9
+    # and 32 B on sm_90 under 3.6; 64x64x32 4 B on sm_80 under 3.6; fp32's 64x64x32 4-60 B).
     training = bool(kwargs.get("SAVE_PRE", False))
     dropout = bool(kwargs.get("HAS_DROPOUT", False))
     width, rows = named_args["E"], named_args["ROWS_BUCKET"]
@@ -175,7 +176,9 @@ def _prune(configs, named_args, **kwargs):
             return False
         if (ampere or training) and block_m * block_n > 128 * 64:
             return False
-        if ampere and training and dropout and (block_m, block_n, block_k) == (64, 64, 64):
+        if training and dropout and (block_m, block_n, block_k) == (64, 64, 64):
+            return False
+        if ampere and training and (block_m, block_n, block_k) == (64, 64, 32):
             return False
         return block_m <= max(64, rows)
 
@@ -379,6 +382,10 @@ def _elementwise_blocks(width: int) -> tuple[int, int, int]:
         return 16, max(16, min(32, triton.next_power_of_2(width))), 1
     # 8 K elements per program and chunk: rows of 256 B of bf16.
     block_n = max(16, min(128, triton.next_power_of_2(width)))
+    if block_n == 16:
+        # E <= 16: 64 x 16 on 4 warps. 128 x 16 on 8 warps spilled 4 B in the backward with
+        # dropout on sm_90 under triton 3.6 (tools/compile_triton.py --max-spill 0).
+        return 64, 16, 4
     return min(128, 8192 // block_n), block_n, 8
 
 
