@@ -150,9 +150,10 @@ def roofline_section(paths: list, include_smoke: bool) -> list:
         if estimates:
             lines += [
                 f"Design estimates on the {roofline.GPUS[key]['name']} (not measurements: each "
-                "kernel's figure is derived in its docstring from FLOP and byte counts, compiled "
-                "registers and latency budgets). The second step and epoch are what \"auto\" "
-                "gives when the CUDA LSTM cannot run and cuDNN's bf16 LSTM takes its place.",
+                "kernel's figure is derived in docs/design/<op>.md from FLOP and byte counts, "
+                "compiled registers and latency budgets). The second step and epoch are what "
+                "\"auto\" gives when the CUDA LSTM cannot run and cuDNN's bf16 LSTM takes its "
+                "place.",
                 "",
                 *estimates,
                 "",

@@ -289,8 +289,8 @@ def rows(gpu_key: str, shape: Optional[dict] = None, rates: str = "achievable") 
 ESTIMATES = {
     "h100": [
         ("lstm", 3.3, 5.4, "CUDA kernel, one layer: the per-step budget in docs/design/lstm.md"),
-        ("attention", 1.33, 1.52, "sha_rnn_kernels/ops/attention.py, segment form"),
-        ("boom", 0.68, 0.71, "sha_rnn_kernels/ops/boom.py, cuBLAS GEMM + fused sum pass"),
+        ("attention", 1.33, 1.52, "docs/design/attention.md, segment form"),
+        ("boom", 0.68, 0.71, "docs/design/boom.md, cuBLAS GEMM + fused sum pass"),
     ],
 }
 # cuDNN's bf16 LSTM (step by step), one layer: what "auto" falls back to when the CUDA kernel
