@@ -361,11 +361,13 @@ class SingleHeadAttention(nn.Module):
         value: Optional[Tensor] = None,
         detached_keys: int = 0,
         segment: Optional[Tensor] = None,
+        _segment_is_tail: bool = False,
     ) -> Tensor:
         """``detached_keys``: the first n keys and values get no gradient (earlier segments'
         memory); ``segment``: with ``key`` and ``value`` one tensor ``cat([memory, segment])``,
         their gradient goes to ``segment`` in one piece (see
-        :func:`sha_rnn_kernels.functional.single_head_attention`)."""
+        :func:`sha_rnn_kernels.functional.single_head_attention`, which checks that
+        ``key[detached_keys:]`` holds the segment's values)."""
         if value is None:
             value = key
         e = self.embed_dim
@@ -387,6 +389,7 @@ class SingleHeadAttention(nn.Module):
             batch_first=self.batch_first, backend=self.backend,
             key_gate=torch.sigmoid(self.ks).reshape(e), value_gate=self.value_gate(),
             value_dropout=self.dropout, detached_keys=detached_keys, segment=segment,
+            _segment_is_tail=_segment_is_tail,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -521,8 +524,12 @@ class SHALayer(nn.Module):
                 big = torch.cat([mem if dtype is None else mem.to(dtype), mh], 0)
             new_mem = big[-self.max_positions :]
             # The memory is detached: its keys and values need no dK/dV products, and the
-            # gradient of the segment's keys and values reaches mh in one piece.
-            attended = self.attn(h, big, big, detached_keys=memory_len, segment=mh)
+            # gradient of the segment's keys and values reaches mh in one piece. big ends in
+            # mh by construction, so the functional's check of that (a read and a sync) is
+            # skipped.
+            attended = self.attn(
+                h, big, big, detached_keys=memory_len, segment=mh, _segment_is_tail=True
+            )
             h = F.dropout(attended, p, training) + h
         ff_in = _layer_norm(self.lnxff, h, dtype)
         h = _layer_norm(self.lnff, h, dtype)

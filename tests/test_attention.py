@@ -846,3 +846,61 @@ def test_launches_on_the_inputs_device(ops, cuda):
                                 value_dropout_p=0.1, seed=1)
     assert torch.equal(out, out_ref)
     assert all(g.device == device and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_segment_that_is_not_the_tail_of_kv_raises(device, backend):
+    """``segment`` must be ``kv[n:]``'s values: another tensor (which would get the keys'
+    gradient while the real segment got none) raises, on both backends and batch first; the
+    segment kv was built from, its view ``kv[n:]``, and a copy of its values pass, and the
+    gradient reaches the segment."""
+    import sha_rnn_kernels.functional as SF
+
+    seq_len, memory_len, batch, width = 5, 8, 2, 8
+    q = torch.randn(seq_len, batch, width, device=device)
+    memory = torch.randn(memory_len, batch, width, device=device)
+    segment = torch.randn(seq_len, batch, width, device=device, requires_grad=True)
+    kv = torch.cat([memory, segment])
+    wrong = torch.randn(seq_len, batch, width, device=device, requires_grad=True)
+    for bad in (wrong, segment.detach() + 1e-3, kv[memory_len - 1 : -1]):
+        with pytest.raises(ValueError, match=r"must hold the values of k\[detached_keys:\]"):
+            SF.single_head_attention(q, kv, kv, detached_keys=memory_len, segment=bad,
+                                     backend=backend)
+    with pytest.raises(ValueError, match=r"k\[8:\]"):
+        kv_bf = kv.transpose(0, 1)
+        SF.single_head_attention(q.transpose(0, 1), kv_bf, kv_bf, detached_keys=memory_len,
+                                 segment=wrong.transpose(0, 1), batch_first=True, backend=backend)
+    assert wrong.grad is None
+    out = SF.single_head_attention(q, kv, kv, detached_keys=memory_len, segment=segment,
+                                   backend=backend)
+    out.sum().backward()
+    assert segment.grad is not None and torch.isfinite(segment.grad).all()
+    leaf = kv.detach().requires_grad_()
+    SF.single_head_attention(q, leaf, leaf, detached_keys=memory_len, segment=leaf[memory_len:],
+                             backend=backend)  # the view itself
+    nan_segment = segment.detach().clone()
+    nan_segment[0, 0, 0] = float("nan")
+    kv_nan = torch.cat([memory, nan_segment])
+    SF.single_head_attention(q, kv_nan, kv_nan, detached_keys=memory_len,
+                             segment=nan_segment.clone(), backend=backend)  # NaN equals itself
+
+
+def test_segment_check_under_torch_compile(device):
+    """Under ``torch.compile(fullgraph=True)`` the check is a device assert (no graph break):
+    the right segment compiles and runs, another one stops the call."""
+    import sha_rnn_kernels.functional as SF
+
+    memory = torch.randn(4, 2, 8, device=device)
+    q = torch.randn(3, 2, 8, device=device)
+
+    def run(q, segment, given):
+        kv = torch.cat([memory, segment])
+        return SF.single_head_attention(q, kv, kv, detached_keys=4, segment=given,
+                                        backend="reference")
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    segment = torch.randn(3, 2, 8, device=device, requires_grad=True)
+    out = compiled(q, segment, segment)
+    torch.testing.assert_close(out, run(q, segment, segment), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="segment must hold the values"):
+        compiled(q, segment, torch.randn(3, 2, 8, device=device, requires_grad=True))
