@@ -571,12 +571,13 @@ def _first_use_lstm(device, dtype, shape, batch, weight_ih, weight_hh):
 
 def _check_state(op: str, name: str, t, batch: int, hidden_size: int) -> Tensor:
     _check_tensor(op, name, t)
+    given = _shape(t)  # the shape as passed, not the squeezed one
     if t.dim() == 3 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 2 or tuple(t.shape) != (batch, hidden_size):
         raise ValueError(
-            f"{op}: {name} must be [B, H] or [1, B, H] with B = {batch}, H = {hidden_size}; "
-            f"got {_shape(t)}"
+            f"{op}: {name} must be [1, B, H] = [1, {batch}, {hidden_size}] (or [B, H]) with "
+            f"B = {batch}, H = {hidden_size} (B from x, H from weight_hh); got {given}"
         )
     return t
 
@@ -629,10 +630,16 @@ def lstm(
     gates, hidden_size = weight_hh.shape[0], weight_hh.shape[1]
     if gates != 4 * hidden_size or hidden_size < 1:
         raise ValueError(f"{op}: weight_hh must be [4H, H]; got {_shape(weight_hh)}")
-    if tuple(weight_ih.shape) != (gates, input_size):
+    if weight_ih.shape[0] != gates:
         raise ValueError(
-            f"{op}: weight_ih must be [4H, I] = [{gates}, {input_size}] (I from x); "
-            f"got {_shape(weight_ih)}"
+            f"{op}: weight_ih must be [4H, I] with 4H = {gates} (from weight_hh); got "
+            f"{_shape(weight_ih)}"
+        )
+    if weight_ih.shape[1] != input_size:
+        raise ValueError(
+            f"{op}: x's last dimension (the input size) is {input_size} but weight_ih is "
+            f"{_shape(weight_ih)}: x must be [T, B, {weight_ih.shape[1]}] for this weight_ih, "
+            f"or weight_ih must be [4H, I] = [{gates}, {input_size}] for this x"
         )
     for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
         if b is not None:

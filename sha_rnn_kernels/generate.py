@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend, reference
+from . import _backend, cli, reference
 from ._backend import BackendUnavailableError, triton_reason, warn_once
 from .evaluate import DEFAULT_CHECKPOINT, DTYPES, _Parser, load_model, pick_device
 from .ops._common import dtype_reason
@@ -150,8 +150,10 @@ class Decoder:
         model.eval()
         try:
             mems = self._mems_for_forward()
-            for start in range(0, ids.shape[0], segment_len):
-                h, self.hidden, mems = model(ids[start : start + segment_len], self.hidden, mems)
+            with model._time_major():  # the ring buffers and ids here are time-major
+                for start in range(0, ids.shape[0], segment_len):
+                    segment = ids[start : start + segment_len]
+                    h, self.hidden, mems = model(segment, self.hidden, mems)
         finally:
             model.train(was_training)
         for i, mem in enumerate(mems):
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sha-rnn-generate",
         description="Sample bytes from a trained SHA-RNN, streaming them to stdout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a checkpoint of train")
     prompt = p.add_mutually_exclusive_group()
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompt segment length (default: the training bptt)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--threads", type=int, default=None, help=cli.threads_help())
     return p
 
 
@@ -377,11 +379,10 @@ def _run(args, out) -> None:
         raise ValueError("the prompt is empty: give at least one byte")
     if args.length < 1:
         raise ValueError(f"--length must be >= 1; got {args.length}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
     device = pick_device(args.device)
+    cli.set_threads(args.threads, device)
     model, config = load_model(args.checkpoint, device, DTYPES[args.dtype])
     model.check_token_ids = False  # ids are checked once, up front, by generate()
     if model.ntoken > 256:

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import cli
 from . import data as data_lib
 from ._backend import backend_for, format_backend
 from .optim import Lamb
@@ -135,7 +136,7 @@ class UsageError(ValueError):
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 # Settings that belong to the machine, not the run: never taken from a checkpoint.
-_MACHINE_KEYS = ("device", "quiet", "threads")
+_MACHINE_KEYS = ("device", "quiet", "threads", "overwrite")
 
 
 def _backend_arg(value: str) -> str:
@@ -149,7 +150,7 @@ def _backend_arg(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line. Every option defaults to None: unset options come from the preset or,
     on ``--resume``, from the checkpoint."""
-    p = argparse.ArgumentParser(
+    p = cli.OneLineParser(
         prog="sha-rnn-train",
         description="Train the SHA-RNN byte-level language model (Merity 2019).",
         epilog="Defaults are the 'default' preset's; where the 'enwik8' preset differs it is "
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="hyperparameter set: 'default' (small, ~2 min on CPU) or 'enwik8' "
+        help="hyperparameter set: 'default' (small, about a minute on a CPU) or 'enwik8' "
         "(the paper's); defaults to 'enwik8' when --data names enwik8",
     )
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
@@ -235,13 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--log-interval", type=int, default=None, help="progress update every N steps")
     g.add_argument("--save", default=None, help="checkpoint path ('' disables checkpoints)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an existing --save file that this run does not --resume (without it, "
+        "such a run stops before training)",
+    )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     g.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for PyTorch (default: PyTorch's choice)",
+        help=cli.threads_help(),
     )
     g.add_argument(
         "--dtype",
@@ -271,6 +279,7 @@ _DEFAULT_NOTES = {
     "device": None,
     "threads": None,
     "quiet": None,
+    "overwrite": None,
 }
 
 
@@ -333,6 +342,7 @@ def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] =
     config.setdefault("device", None)
     config.setdefault("threads", None)
     config["quiet"] = bool(given.get("quiet", False))
+    config["overwrite"] = bool(given.get("overwrite", False))
     _validate_config(config)
     return config
 
@@ -362,11 +372,40 @@ def _validate_config(c: dict) -> None:
         raise UsageError("--epochs plus --final-epochs must be at least 1")
     if not 0.0 <= c["reset_prob"] <= 1.0:
         raise UsageError(f"--reset-prob must lie in [0, 1]; got {c['reset_prob']}")
+    _validate_ranges(c)
     if c["bptt"] > c["max_positions"]:
         raise UsageError(
             f"--bptt {c['bptt']} exceeds --max-positions {c['max_positions']}: a segment must "
             f"fit in the attention window"
         )
+
+
+# The numeric flags' valid intervals: (low, high, low_open, high_open).
+_RANGES: dict[str, tuple] = {
+    "dropout": (0.0, 1.0, False, True),
+    "dropouth": (0.0, 1.0, False, True),
+    "dropouti": (0.0, 1.0, False, True),
+    "lr": (0.0, math.inf, True, True),
+    "final_lr": (0.0, math.inf, True, True),
+    "beta1": (0.0, 1.0, False, True),
+    "beta2": (0.0, 1.0, False, True),
+    "eps": (0.0, math.inf, True, True),
+    "min_trust": (0.0, math.inf, False, True),
+    "wdecay": (0.0, math.inf, False, True),
+    "clip": (0.0, math.inf, False, True),
+    "max_bytes": (1, math.inf, False, True),
+    # numpy's RandomState takes seeds in [0, 2**32).
+    "seed": (0, 2**32 - 1, False, False),
+}
+
+
+def _validate_ranges(c: dict) -> None:
+    for key, (low, high, low_open, high_open) in _RANGES.items():
+        problem = cli.range_error(
+            "--" + key.replace("_", "-"), c.get(key), low, high, low_open, high_open
+        )
+        if problem is not None:
+            raise UsageError(problem)
 
 
 def learning_rate(config: dict, step: int, epoch: int) -> float:
@@ -791,10 +830,12 @@ def run(
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     config = resolve_config(args, None if checkpoint is None else checkpoint["config"])
     ddp, device = _setup_distributed(config["device"])
-    threads = torch.get_num_threads()
-    if config["threads"] is not None:
-        torch.set_num_threads(config["threads"])
+    threads = cli.set_threads(config["threads"], device)
     try:
+        # Before any data is read or model built: a backend that cannot run here.
+        problem = cli.backend_error(config["backend"], device)
+        if problem is not None:
+            raise UsageError(problem)
         # Handed over in a list so that _train can drop the only reference once it has copied
         # the weights and optimizer state in (they are large for the paper's model).
         loaded = [checkpoint] if checkpoint is not None else []
@@ -803,6 +844,12 @@ def run(
             lock, failed = SaveLock(config["save"] if ddp.is_main else None), None
             try:
                 stack.enter_context(lock)
+                if ddp.is_main:  # under the lock: no other run can write the file meanwhile
+                    problem = cli.replacement_error(
+                        config["save"], args.resume, config["overwrite"]
+                    )
+                    if problem is not None:
+                        raise UsageError(problem)
             except UsageError as exc:
                 failed = exc
             if _any_rank(failed is not None, ddp, device):  # every rank stops, not only rank 0
@@ -951,7 +998,8 @@ def _train(
     say(
         f"SHARNN E={config['emsize']} F={config['nhid']} blocks={config['nlayers']}: "
         f"{n_params / 1e6:.2f}M parameters | preset {config['preset']} | device {device} x"
-        f"{ddp.world_size} | {dtype_name}{' compiled' if config.get('compile') else ''} | "
+        f"{ddp.world_size}{_threads_note(device)} | {dtype_name}"
+        f"{' compiled' if config.get('compile') else ''} | "
         f"batch {config['batch_size']} x bptt "
         f"{config['bptt']} | lr {config['lr']} warm-up {config['warmup']}"
         + (f" | resumed from {resume_path} at step {step}" if resume_path else "")
@@ -959,17 +1007,22 @@ def _train(
 
     rows = train_src.shape[0]
     total_epochs = config["epochs"] + config["final_epochs"]
-    steps_per_epoch = max(1, (rows - 2) // config["bptt"])
+    steps_per_epoch = data_lib.expected_steps(rows, config["bptt"])
     max_steps = config["max_steps"]
-    total = max_steps if max_steps is not None else total_epochs * steps_per_epoch
+    # Epochs end where the jittered segments run out of data: their step count is known only
+    # approximately, and is shown as such (~N); --max-steps below that is exact.
+    exact = max_steps is not None and max_steps < total_epochs * steps_per_epoch
+    total = max_steps if exact else total_epochs * steps_per_epoch
+    of_total = f"{'' if exact else '~'}{total}"
     save_path = config["save"] or None
     no_save = "none (--save '')"
     say(
-        f"length: {total} steps "
+        f"length: {'' if exact else 'about '}{total} steps "
         + (
             f"(--max-steps {max_steps}; an epoch is about {steps_per_epoch} steps)"
-            if max_steps is not None
-            else f"({total_epochs} epochs of about {steps_per_epoch} steps)"
+            if exact
+            else f"({total_epochs} epoch{'s' if total_epochs > 1 else ''} of about "
+            f"{steps_per_epoch} steps)"
         )
         + f" | checkpoint: {save_path or no_save}"
     )
@@ -977,10 +1030,7 @@ def _train(
         os.path.abspath(save_path) == os.path.abspath(resume_path)
     )
     if save_path is not None and os.path.exists(save_path) and not continues_resumed:
-        say(
-            f"note: {save_path} exists and this run will replace it (continue it with "
-            f"--resume {save_path}, or pick another --save)"
-        )
+        say(f"note: {save_path} exists; this run replaces it (--overwrite)")
     result = TrainResult(config=config, start_step=step, step=step, epoch=epoch, model=model)
     result.valid_bpc = history_valid
 
@@ -1053,14 +1103,7 @@ def _train(
             say(f"| {label} | step {step} | epoch {epoch + 1} | valid bpc {bpc:.4f}")
         return bpc
 
-    progress = tqdm(
-        total=total,
-        initial=step,
-        disable=not verbose or not interactive,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-    )
+    progress = cli.progress_bar(total, initial=step, enabled=verbose and interactive)
     tokens_since, time_since = 0, time.perf_counter()
 
     with StopSignal() as signals:
@@ -1130,7 +1173,7 @@ def _train(
                 )  # fmt: skip
                 if not interactive:
                     say(
-                        f"| step {step}/{total} | loss {mean:.4f} | bpc {mean / LN2:.4f} | "
+                        f"| step {step}/{of_total} | loss {mean:.4f} | bpc {mean / LN2:.4f} | "
                         f"lr {lr:.2e} | {tokens_since / max(elapsed, 1e-9):,.0f} tok/s"
                     )
                 tokens_since, time_since = 0, time.perf_counter()
@@ -1191,6 +1234,13 @@ def _train(
                 + ")"
             )
     return result
+
+
+def _threads_note(device: torch.device) -> str:
+    if device.type != "cpu":
+        return ""
+    n = torch.get_num_threads()
+    return f", {n} CPU thread{'s' if n > 1 else ''} (--threads)"
 
 
 def _checkpoint_step(path: str):
