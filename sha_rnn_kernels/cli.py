@@ -65,6 +65,36 @@ def range_error(flag: str, value: Any, low: float, high: float = math.inf,
     return f"{flag} must lie in {lo}, {hi}; got {value}"
 
 
+# The trainer's numeric settings and their valid intervals: (low, high, low_open, high_open).
+TRAIN_RANGES: dict[str, tuple] = {
+    "dropout": (0.0, 1.0, False, True),
+    "dropouth": (0.0, 1.0, False, True),
+    "dropouti": (0.0, 1.0, False, True),
+    "lr": (0.0, math.inf, True, True),
+    "final_lr": (0.0, math.inf, True, True),
+    "beta1": (0.0, 1.0, False, True),
+    "beta2": (0.0, 1.0, False, True),
+    "eps": (0.0, math.inf, True, True),
+    "min_trust": (0.0, math.inf, False, True),
+    "wdecay": (0.0, math.inf, False, True),
+    "clip": (0.0, math.inf, False, True),
+    "max_bytes": (1, math.inf, False, True),
+    # numpy's RandomState takes seeds in [0, 2**32).
+    "seed": (0, 2**32 - 1, False, False),
+}
+
+
+def ranges_error(config: dict, ranges: dict) -> Optional[str]:
+    """The first setting of ``config`` outside its interval in ``ranges``, as a one-line
+    complaint naming its flag; None when all are inside."""
+    for key, (low, high, low_open, high_open) in ranges.items():
+        flag = "--" + key.replace("_", "-")
+        problem = range_error(flag, config.get(key), low, high, low_open, high_open)
+        if problem is not None:
+            return problem
+    return None
+
+
 def terminal_sized(stream) -> bool:
     """Whether the stream is a terminal that reports its size. A pseudo-terminal that nobody
     sized (``script``, ``docker run -t``, some CI runners) reports 0 x 0, from which tqdm

@@ -1,7 +1,8 @@
 """Train the SHA-RNN on bytes: ``python -m sha_rnn_kernels.train`` (or ``sha-rnn-train``).
 
 With no arguments it trains a small SHA-RNN on the Python standard library's source (no
-download) for about two minutes on a laptop CPU and prints the validation bpc as it falls.
+download) for about a minute on a 2-core CPU (one CPU thread; ``--threads``) and prints the
+validation bpc as it falls.
 ``--preset enwik8 --data enwik8.zip`` is the paper's recipe (E=1024, F=4096, 4 blocks, LAMB with
 minimum trust 0.25, lr 2e-3 with 800 warm-up steps, batch 16, bptt 1024 with jitter, clip 0.25,
 weight decay 1.2e-6, 32 epochs then 5 at lr 1e-3). Every hyperparameter is also a flag; flags
@@ -17,9 +18,10 @@ CPU the resumed losses equal those of an uninterrupted run bit for bit.
 A ``--data`` file is read whole (``--max-bytes`` cuts it) and, with the default preset, trained
 on for full epochs; the run prints what it read, the split sizes and its length. ``--save`` is
 checked before training (its folder is created and a lock file ``PATH.lock`` with the process id
-is held while the run may write it, so a second run on the same path stops at once); replacing
-an existing checkpoint is announced. When stdout is not a terminal, one plain line is printed
-per ``--log-interval`` steps instead of a progress bar.
+is held while the run may write it, so a second run on the same path stops at once). A run
+refuses to replace an existing ``--save`` file that it does not ``--resume`` (exit status 2)
+unless ``--overwrite`` is given. When stdout is not a terminal, one plain line is printed per
+``--log-interval`` steps instead of a progress bar.
 
 Exit status: 0 done; 2 a bad argument or file (one line on stderr, no traceback); 3 the loss
 became NaN or infinite (training stops and the last checkpoint with finite weights is kept);
@@ -103,7 +105,7 @@ BASE_CONFIG: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     "enwik8": {},
-    # About two minutes on a 2-core CPU: 0.9M parameters, 600 steps of 16 x 64 bytes at the
+    # About a minute on a 2-core CPU: 0.9M parameters, 600 steps of 16 x 64 bytes at the
     # paper's learning rate (higher rates stall LAMB near the unigram entropy at this size).
     "default": {
         "max_bytes": 1_000_000,
@@ -372,40 +374,14 @@ def _validate_config(c: dict) -> None:
         raise UsageError("--epochs plus --final-epochs must be at least 1")
     if not 0.0 <= c["reset_prob"] <= 1.0:
         raise UsageError(f"--reset-prob must lie in [0, 1]; got {c['reset_prob']}")
-    _validate_ranges(c)
+    problem = cli.ranges_error(c, cli.TRAIN_RANGES)
+    if problem is not None:
+        raise UsageError(problem)
     if c["bptt"] > c["max_positions"]:
         raise UsageError(
             f"--bptt {c['bptt']} exceeds --max-positions {c['max_positions']}: a segment must "
             f"fit in the attention window"
         )
-
-
-# The numeric flags' valid intervals: (low, high, low_open, high_open).
-_RANGES: dict[str, tuple] = {
-    "dropout": (0.0, 1.0, False, True),
-    "dropouth": (0.0, 1.0, False, True),
-    "dropouti": (0.0, 1.0, False, True),
-    "lr": (0.0, math.inf, True, True),
-    "final_lr": (0.0, math.inf, True, True),
-    "beta1": (0.0, 1.0, False, True),
-    "beta2": (0.0, 1.0, False, True),
-    "eps": (0.0, math.inf, True, True),
-    "min_trust": (0.0, math.inf, False, True),
-    "wdecay": (0.0, math.inf, False, True),
-    "clip": (0.0, math.inf, False, True),
-    "max_bytes": (1, math.inf, False, True),
-    # numpy's RandomState takes seeds in [0, 2**32).
-    "seed": (0, 2**32 - 1, False, False),
-}
-
-
-def _validate_ranges(c: dict) -> None:
-    for key, (low, high, low_open, high_open) in _RANGES.items():
-        problem = cli.range_error(
-            "--" + key.replace("_", "-"), c.get(key), low, high, low_open, high_open
-        )
-        if problem is not None:
-            raise UsageError(problem)
 
 
 def learning_rate(config: dict, step: int, epoch: int) -> float:
