@@ -13,11 +13,12 @@ only launch kernels. The measurements behind the choice are in the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -50,6 +51,17 @@ def set_threads(requested: Optional[int], device: torch.device) -> int:
     return before
 
 
+@contextlib.contextmanager
+def keep_threads() -> Iterator[None]:
+    """Restore PyTorch's thread count on leaving the block (a command called from Python
+    leaves the caller's setting as it was)."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def range_error(flag: str, value: Any, low: float, high: float = math.inf,
                 low_open: bool = False, high_open: bool = False) -> Optional[str]:  # fmt: skip
     """The one-line complaint when ``value`` lies outside the interval from ``low`` to
@@ -61,7 +73,7 @@ def range_error(flag: str, value: Any, low: float, high: float = math.inf,
     if inside:  # NaN fails both comparisons
         return None
     lo = ("(" if low_open else "[") + f"{low:g}"
-    hi = ("inf)" if high == math.inf else f"{high:g}" + (")" if high_open else "]"))
+    hi = "inf)" if high == math.inf else f"{high:g}" + (")" if high_open else "]")
     return f"{flag} must lie in {lo}, {hi}; got {value}"
 
 

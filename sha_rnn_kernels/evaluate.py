@@ -206,7 +206,6 @@ class _Parser(argparse.ArgumentParser):
 def _progress_printer(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A tqdm bar on a terminal; otherwise a plain line at every 10%."""
     if sys.stderr.isatty():
-
         bar: list[Any] = []
 
         def update(done: int, total: int) -> None:
@@ -265,16 +264,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1; got {args.threads}")
-    cli.set_threads(args.threads, torch.device(cli.device_type(args.device)))
     update, close = (None, lambda: None)
     if not args.quiet:
         update, close = _progress_printer(f"{args.split}")
     try:
-        bpc = evaluate_checkpoint(
-            args.checkpoint, split=args.split, data=args.data, max_bytes=args.max_bytes,
-            batch_size=args.batch_size, bptt=args.bptt, device=args.device, dtype=args.dtype,
-            progress=update,
-        )  # fmt: skip
+        with cli.keep_threads():
+            cli.set_threads(args.threads, torch.device(cli.device_type(args.device)))
+            bpc = evaluate_checkpoint(
+                args.checkpoint, split=args.split, data=args.data, max_bytes=args.max_bytes,
+                batch_size=args.batch_size, bptt=args.bptt, device=args.device,
+                dtype=args.dtype, progress=update,
+            )  # fmt: skip
     except (ValueError, OSError) as exc:
         close()
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

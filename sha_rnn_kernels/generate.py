@@ -407,7 +407,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = sys.stdout.buffer
     try:
-        _run(args, out)
+        with cli.keep_threads():
+            _run(args, out)
     except (ValueError, TypeError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # e.g. `| head`: the reader has gone
             _silence_stdout()
