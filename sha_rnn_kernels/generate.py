@@ -379,6 +379,14 @@ def _run(args, out) -> None:
         raise ValueError("the prompt is empty: give at least one byte")
     if args.length < 1:
         raise ValueError(f"--length must be >= 1; got {args.length}")
+    # Named by their flags here (generate() names its Python arguments).
+    for problem in (
+        cli.range_error("--temperature", args.temperature, 0.0, math.inf, True, True),
+        cli.range_error("--top-k", args.top_k, 1, 256),
+        cli.range_error("--segment-len", args.segment_len, 1),
+    ):
+        if problem is not None:
+            raise ValueError(problem)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
     device = pick_device(args.device)

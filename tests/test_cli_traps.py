@@ -90,6 +90,23 @@ def test_bad_values_in_process(capsys, monkeypatch, args, match):
     assert match in err
 
 
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--temperature", "0"], "--temperature must lie in (0, inf); got 0.0"),
+        (["--top-k", "0"], "--top-k must lie in [1, 256]; got 0"),
+        (["--segment-len", "0"], "--segment-len must lie in [1, inf); got 0"),
+    ],
+)
+def test_generate_flags_are_named_as_flags(capsys, args, match):
+    from sha_rnn_kernels import generate
+
+    assert generate.main(["--prompt", "x", "--checkpoint", "unused.pt", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [f"sha-rnn-generate: error: {match}"]
+
+
 # ---- 2: running the README's command twice keeps the first model ------------------------------
 
 
@@ -194,8 +211,10 @@ def test_progress_shows_in_a_pseudo_terminal(corpus, tmp_path):
     out = b"".join(chunks).decode("utf-8", "replace")
     end = out.index("| end |")
     bar = out[:end]
-    assert "train:" in bar and "20/20" in bar, out
-    assert any(f"{n}/20" in bar for n in range(1, 20)), out  # updated during the run
+    # Drawn before the first step (0/20) and brought up to date by the last (20/20), before the
+    # end lines; between, tqdm redraws at most every 0.5 s, so how often depends on the speed.
+    start, done = bar.find("| 0/20 ["), bar.find("| 20/20 [")
+    assert "train:" in bar and 0 <= start < done, out
     assert "Traceback" not in out
 
 
