@@ -242,9 +242,10 @@ _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _check_segment_is_tail(op: str, tail_view: bool, k: Tensor, n: int, segment: Tensor) -> None:
     """``segment`` must hold ``k[n:]``'s values: the kernel reads the keys from ``k`` but sends
     their gradient to ``segment``, so another tensor would get a gradient it did not cause (and
-    the real segment none). The bits are compared (so NaNs and -0.0 compare as the same
-    values). Eagerly: one read of both and a ``ValueError``; under torch.compile or CUDA-graph
-    capture, where a host sync is not allowed, an asynchronous device assert."""
+    the real segment none). The bits are compared, so a NaN equals itself (a copy made by
+    ``torch.cat`` keeps every bit). Eagerly: one read of both and a ``ValueError``; under
+    torch.compile or CUDA-graph capture, where a host sync is not allowed, an asynchronous
+    device assert."""
     if tail_view:
         return
     int_dtype = _SAME_SIZE_INT[k.element_size()]
