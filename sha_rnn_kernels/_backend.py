@@ -154,6 +154,19 @@ def _single(backend: BackendSpec) -> str:
     return spec
 
 
+def is_compiling() -> bool:
+    """True while torch.compile (Dynamo) traces the caller."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return False  # pragma: no cover - torch < 2.3
+
+
+def capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

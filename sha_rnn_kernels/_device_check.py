@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._backend import capturing, is_compiling  # noqa: F401 - used here and re-exported
 from .testing import ATOL, max_error
 
 CACHE_ENV = "SHA_RNN_KERNELS_CACHE_DIR"
@@ -222,17 +223,6 @@ def check_batches(batch: int) -> Tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def is_compiling() -> bool:
-    """True while torch.compile (Dynamo) traces the caller."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return False  # pragma: no cover - torch < 2.3
-
-
-def capturing(device: torch.device) -> bool:
-    """True while a CUDA graph is being captured on the current stream of ``device``."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def checks_enabled() -> bool:

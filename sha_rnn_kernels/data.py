@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import sysconfig
 import warnings
@@ -225,6 +226,16 @@ def sample_seq_len(rng: np.random.RandomState, bptt: int) -> int:
     """
     base = bptt if rng.random_sample() < 0.95 else bptt / 2.0
     return min(max(5, int(rng.normal(base, 5))), bptt)
+
+
+def expected_steps(rows: int, bptt: int) -> int:
+    """About how many :func:`sample_seq_len` segments cover ``rows - 2`` rows (an epoch of
+    the trainer): the rows over the mean jittered length, which is a little under ``bptt``
+    (a fixed-seed sample of 4096 draws estimates it)."""
+    rng = np.random.RandomState(0)
+    base = np.where(rng.random_sample(4096) < 0.95, float(bptt), bptt / 2.0)
+    lengths = np.clip(np.trunc(rng.normal(base, 5)), 5, bptt)
+    return max(1, math.ceil((rows - 2) / min(float(lengths.mean()), bptt)))
 
 
 def get_batch(

@@ -31,8 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from . import cli, train
 from . import data as data_lib
-from . import train
 from .checkpoint import CheckpointError
 from .pretrained import from_pretrained, is_pretrained
 
@@ -259,13 +259,11 @@ class _Parser(argparse.ArgumentParser):
 def _progress_printer(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A tqdm bar on a terminal; otherwise a plain line at every 10%."""
     if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
         bar: list[Any] = []
 
         def update(done: int, total: int) -> None:
             if not bar:
-                bar.append(tqdm(total=total, desc=label, unit="seg", file=sys.stderr))
+                bar.append(cli.progress_bar(total, desc=label, unit="seg"))
             bar[0].update(done - bar[0].n)
 
         return update, lambda: bar and bar[0].close()
@@ -286,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sha-rnn-evaluate",
         description="Bits per byte of a trained SHA-RNN on a split, with the paper's protocol "
         "(state and memory carried across the whole split).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument(
         "--checkpoint", default=DEFAULT_CHECKPOINT,
@@ -304,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, help="corpus file (default: the one the checkpoint trained on)"
     )
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="the split to score")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -319,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="autocast dtype (default: the run's on CUDA, fp32 on the CPU)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--threads", type=int, default=None, help=cli.threads_help())
     p.add_argument("--quiet", action="store_true", help="no progress, only the result")
     return p
 
@@ -329,10 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1; got {args.threads}")
     update, close = (None, lambda: None)
     if not args.quiet:
         update, close = _progress_printer(f"{args.split}")
@@ -340,11 +336,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     custom = [f"{flag} {value}" for flag, value in (("--batch-size", args.batch_size),
               ("--bptt", args.bptt)) if value is not None]  # fmt: skip
     try:
-        bpc = evaluate_checkpoint(
-            args.checkpoint, split=args.split, data=args.data, max_bytes=args.max_bytes,
-            batch_size=args.batch_size, bptt=args.bptt, device=args.device, dtype=args.dtype,
-            progress=update, protocol=args.protocol, label="--checkpoint", details=details,
-        )  # fmt: skip
+        with cli.keep_threads():
+            cli.set_threads(args.threads, torch.device(cli.device_type(args.device)))
+            bpc = evaluate_checkpoint(
+                args.checkpoint, split=args.split, data=args.data, max_bytes=args.max_bytes,
+                batch_size=args.batch_size, bptt=args.bptt, device=args.device,
+                dtype=args.dtype, progress=update, protocol=args.protocol,
+                label="--checkpoint", details=details,
+            )  # fmt: skip
     except (ValueError, OSError) as exc:
         close()
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

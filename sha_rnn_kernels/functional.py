@@ -186,6 +186,46 @@ def _gates_like(op: str, q: Tensor, key_gate, value_gate) -> tuple:
     return tuple(None if g is None else g.to(q.dtype) for g in (key_gate, value_gate))
 
 
+def _is_view_of(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are the same elements of one storage (metadata only; False while
+    torch.compile traces, where fake tensors have no storage to compare)."""
+    if _backend.is_compiling():
+        return False
+    return (
+        a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+    )
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _check_segment_is_tail(op: str, tail_view: bool, k: Tensor, n: int, segment: Tensor) -> None:
+    """``segment`` must hold ``k[n:]``'s values: the kernel reads the keys from ``k`` but sends
+    their gradient to ``segment``, so another tensor would get a gradient it did not cause (and
+    the real segment none). The bits are compared, so a NaN equals itself (a copy made by
+    ``torch.cat`` keeps every bit). Eagerly: one read of both and a ``ValueError``; under
+    torch.compile or CUDA-graph capture, where a host sync is not allowed, an asynchronous
+    device assert."""
+    if tail_view:
+        return
+    int_dtype = _SAME_SIZE_INT[k.element_size()]
+    tail, seg = k[n:].view(int_dtype), segment.view(int_dtype)
+    message = (
+        f"{op}: segment must hold the values of k[detached_keys:] = k[{n}:] (k = v = "
+        f"cat([memory, segment])), but it differs from them: its gradient would be that of "
+        f"another tensor. Pass the segment that k was built from (or no segment)"
+    )
+    if _backend.is_compiling() or _backend.capturing(k.device):
+        torch._assert_async(torch.eq(tail, seg).all(), message)
+    elif not torch.equal(tail, seg):
+        raise ValueError(message)
+
+
 def single_head_attention(
     q: Tensor,
     k: Tensor,
@@ -201,6 +241,7 @@ def single_head_attention(
     seed: Optional[int] = None,
     detached_keys: int = 0,
     segment: Optional[Tensor] = None,
+    _segment_is_tail: bool = False,
 ) -> Tensor:
     """One attention head of width ``E`` over ``K >= T`` keys (memory, then the segment).
 
@@ -231,8 +272,12 @@ def single_head_attention(
             values ``n..`` goes to ``segment`` (as ``dk + dv``), none to ``kv``. The result is
             that of ``cat([kv[:n].detach(), segment])`` for both keys and values; the Triton
             backward then never writes zero rows for the memory nor a [K, B, E] dk and dv for
-            autograd to add. ``kv[n:]`` must hold ``segment``'s values (not checked: that would
-            cost a pass over them); ``[K - n, B, E]`` (``[B, K - n, E]`` with ``batch_first``).
+            autograd to add. ``[K - n, B, E]`` (``[B, K - n, E]`` with ``batch_first``).
+            ``kv[n:]`` must hold ``segment``'s values, or a ``ValueError`` says so: free when
+            ``segment`` is the view ``kv[n:]``, otherwise one comparison of their bits (a read
+            of both and, on a GPU, one sync; under torch.compile or CUDA-graph capture an
+            asynchronous device assert instead). ``SHALayer``, which builds ``kv`` from the
+            segment itself, skips it.
 
     Returns:
         ``[T, B, E]`` (``[B, T, E]`` with ``batch_first``).
@@ -288,6 +333,9 @@ def single_head_attention(
             f"{layout.format(key_len - detached_keys)} with B = {batch}, E = {width}; got "
             f"{_shape(segment.transpose(0, 1) if batch_first else segment)}"
         )
+    # Whether the caller passed segment as the view kv[n:] (checked on the tensors as given,
+    # before autocast makes copies of both).
+    tail_view = segment is not None and _is_view_of(segment, k[detached_keys:])
     key_gate = _gate(op, "key_gate", key_gate, width)
     value_gate = _gate(op, "value_gate", value_gate, width)
     p = check_probability("dropout", dropout, op)
@@ -299,6 +347,8 @@ def single_head_attention(
     _check_same(
         op, [("q", q), ("k", k), ("v", v), ("segment", segment)], check_dtype=not autocast_on
     )
+    if segment is not None and not _segment_is_tail:
+        _check_segment_is_tail(op, tail_view, k, detached_keys, segment)
     key_gate, value_gate = _gates_like(op, q, key_gate, value_gate)
     if not training:
         p = pv = 0.0
@@ -315,12 +365,13 @@ def single_head_attention(
 # --------------------------------------------------------------------------------------------
 def _check_state(op: str, name: str, t, batch: int, hidden_size: int) -> Tensor:
     _check_tensor(op, name, t)
+    given = _shape(t)  # the shape as passed, not the squeezed one
     if t.dim() == 3 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 2 or tuple(t.shape) != (batch, hidden_size):
         raise ValueError(
-            f"{op}: {name} must be [B, H] or [1, B, H] with B = {batch}, H = {hidden_size}; "
-            f"got {_shape(t)}"
+            f"{op}: {name} must be [1, B, H] = [1, {batch}, {hidden_size}] (or [B, H]) with "
+            f"B = {batch}, H = {hidden_size} (B from x, H from weight_hh); got {given}"
         )
     return t
 
@@ -373,10 +424,16 @@ def lstm(
     gates, hidden_size = weight_hh.shape[0], weight_hh.shape[1]
     if gates != 4 * hidden_size or hidden_size < 1:
         raise ValueError(f"{op}: weight_hh must be [4H, H]; got {_shape(weight_hh)}")
-    if tuple(weight_ih.shape) != (gates, input_size):
+    if weight_ih.shape[0] != gates:
         raise ValueError(
-            f"{op}: weight_ih must be [4H, I] = [{gates}, {input_size}] (I from x); "
-            f"got {_shape(weight_ih)}"
+            f"{op}: weight_ih must be [4H, I] with 4H = {gates} (from weight_hh); got "
+            f"{_shape(weight_ih)}"
+        )
+    if weight_ih.shape[1] != input_size:
+        raise ValueError(
+            f"{op}: x's last dimension (the input size) is {input_size} but weight_ih is "
+            f"{_shape(weight_ih)}: x must be [T, B, {weight_ih.shape[1]}] for this weight_ih, "
+            f"or weight_ih must be [4H, I] = [{gates}, {input_size}] for this x"
         )
     for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
         if b is not None:

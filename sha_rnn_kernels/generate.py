@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import dispatch, reference
+from . import cli, dispatch, reference
 from .evaluate import DEFAULT_CHECKPOINT, DTYPES, _Parser, load_model, pick_device
 
 __all__ = ["Decoder", "generate", "next_token_probs", "main"]
@@ -123,8 +123,10 @@ class Decoder:
         model.eval()
         try:
             mems = self._mems_for_forward()
-            for start in range(0, ids.shape[0], segment_len):
-                h, self.hidden, mems = model(ids[start : start + segment_len], self.hidden, mems)
+            with model._time_major():  # the ring buffers and ids here are time-major
+                for start in range(0, ids.shape[0], segment_len):
+                    segment = ids[start : start + segment_len]
+                    h, self.hidden, mems = model(segment, self.hidden, mems)
         finally:
             model.train(was_training)
         for i, mem in enumerate(mems):
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sha-rnn-generate",
         description="Sample bytes from a trained SHA-RNN, streaming them to stdout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument(
         "--checkpoint", default=DEFAULT_CHECKPOINT,
@@ -380,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompt segment length (default: the training bptt)",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--threads", type=int, default=None, help=cli.threads_help())
     return p
 
 
@@ -403,12 +405,19 @@ def _run(args, out) -> None:
         raise ValueError("the prompt is empty: give at least one byte")
     if args.length < 1:
         raise ValueError(f"--length must be >= 1; got {args.length}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    # Named by their flags here (generate() names its Python arguments).
+    for problem in (
+        cli.range_error("--temperature", args.temperature, 0.0, math.inf, True, True),
+        cli.range_error("--top-k", args.top_k, 1, 256),
+        cli.range_error("--segment-len", args.segment_len, 1),
+    ):
+        if problem is not None:
+            raise ValueError(problem)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
     device = pick_device(args.device)
     top_p = check_top_p(args.top_p, "--top-p")
+    cli.set_threads(args.threads, device)
     model, config = load_model(args.checkpoint, device, DTYPES[args.dtype], label="--checkpoint")
     model.check_token_ids = False  # ids are checked once, up front, by generate()
     if model.ntoken > 256:
@@ -433,7 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = sys.stdout.buffer
     try:
-        _run(args, out)
+        with cli.keep_threads():
+            _run(args, out)
     except (ValueError, TypeError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # e.g. `| head`: the reader has gone
             _silence_stdout()

@@ -12,6 +12,7 @@ kernels of Boom and attention, which have no CUDA C++ kernel. The modules pass i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -240,6 +241,7 @@ class LSTM(nn.Module):
                 "LSTM does not take a PackedSequence; pass the padded [T, B, I] tensor "
                 "(torch.nn.utils.rnn.pad_packed_sequence) and ignore the outputs past each length"
             )
+        self._check_input(input)
         unbatched = input.dim() == 2
         if unbatched:
             input = input.unsqueeze(0 if self.batch_first else 1)
@@ -253,6 +255,17 @@ class LSTM(nn.Module):
             out = out.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return out, (h_n, c_n)
+
+    def _check_input(self, input: Tensor) -> None:
+        """The input's own shape against this module's input_size (the weights are right by
+        construction, so a mismatch is the input's)."""
+        i = self.input_size
+        if not isinstance(input, Tensor) or input.dim() not in (2, 3) or input.shape[-1] != i:
+            layout = "[B, T, I]" if self.batch_first else "[T, B, I]"
+            raise ValueError(
+                f"input must be {layout} (or unbatched [T, I]) with I = input_size = {i}: its "
+                f"last dimension must be {i}; got {SF.describe(input)}"
+            )
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -361,11 +374,13 @@ class SingleHeadAttention(nn.Module):
         value: Optional[Tensor] = None,
         detached_keys: int = 0,
         segment: Optional[Tensor] = None,
+        _segment_is_tail: bool = False,
     ) -> Tensor:
         """``detached_keys``: the first n keys and values get no gradient (earlier segments'
         memory); ``segment``: with ``key`` and ``value`` one tensor ``cat([memory, segment])``,
         their gradient goes to ``segment`` in one piece (see
-        :func:`sha_rnn_kernels.functional.single_head_attention`)."""
+        :func:`sha_rnn_kernels.functional.single_head_attention`, which checks that
+        ``key[detached_keys:]`` holds the segment's values)."""
         if value is None:
             value = key
         e = self.embed_dim
@@ -387,6 +402,7 @@ class SingleHeadAttention(nn.Module):
             batch_first=self.batch_first, backend=self.backend,
             key_gate=torch.sigmoid(self.ks).reshape(e), value_gate=self.value_gate(),
             value_dropout=self.dropout, detached_keys=detached_keys, segment=segment,
+            _segment_is_tail=_segment_is_tail,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -521,8 +537,12 @@ class SHALayer(nn.Module):
                 big = torch.cat([mem if dtype is None else mem.to(dtype), mh], 0)
             new_mem = big[-self.max_positions :]
             # The memory is detached: its keys and values need no dK/dV products, and the
-            # gradient of the segment's keys and values reaches mh in one piece.
-            attended = self.attn(h, big, big, detached_keys=memory_len, segment=mh)
+            # gradient of the segment's keys and values reaches mh in one piece. big ends in
+            # mh by construction, so the functional's check of that (a read and a sync) is
+            # skipped.
+            attended = self.attn(
+                h, big, big, detached_keys=memory_len, segment=mh, _segment_is_tail=True
+            )
             h = F.dropout(attended, p, training) + h
         ff_in = _layer_norm(self.lnxff, h, dtype)
         h = _layer_norm(self.lnff, h, dtype)
@@ -537,6 +557,9 @@ class SHALayer(nn.Module):
             f"embed_dim={self.embed_dim}, use_attn={self.use_attn}, dropout={self.dropout}, "
             f"max_positions={self.max_positions}, batch_first={self.batch_first}"
         )
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 class SHARNN(nn.Module):
@@ -554,6 +577,8 @@ class SHARNN(nn.Module):
         max_positions: the attention sees at most this many keys (memory plus segment).
         tie_weights: share the decoder's weight with the embedding.
         backend: see the module docstring.
+        batch_first: token ids ``[B, T]``, ``h`` and logits ``[B, T, ...]`` and memories
+            ``[B, M, E]``; the LSTM states stay ``[1, B, E]`` (as ``torch.nn.LSTM``'s do).
 
     ``forward(x [T, B] token ids, hidden=None, mems=None)`` returns ``(h [T, B, E], new_hidden,
     new_mems)``: ``new_hidden`` one ``(h_n, c_n)`` per block, ``new_mems`` one entry per block
@@ -583,6 +608,7 @@ class SHARNN(nn.Module):
         max_positions: int = 5000,
         tie_weights: bool = True,
         backend: BackendSpec = None,
+        batch_first: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(ntoken, str):
@@ -600,6 +626,7 @@ class SHARNN(nn.Module):
         self.dropouti = SF.check_probability("dropouti", dropouti)
         self.max_positions = _check_positive("max_positions", max_positions)
         self.backend = _check_backend(backend)
+        self.batch_first = bool(batch_first)
         # Check every call's token ids against the vocabulary. It reads the ids' range back to
         # the host (one device sync per call); a caller whose ids are valid by construction may
         # turn it off.
@@ -635,22 +662,37 @@ class SHARNN(nn.Module):
                     nn.init.zeros_(p)
 
     def _check_tokens(self, x: Tensor) -> None:
+        layout = "[B, T]" if self.batch_first else "[T, B]"
         if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"x must be a [T, B] tensor of token ids; got {SF.describe(x)}")
-        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"x must be a {layout} tensor of token ids; got {SF.describe(x)}")
+        if x.dtype not in _ID_DTYPES:
             raise TypeError(f"x must hold integer token ids; got dtype {x.dtype}")
         if x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"x must have T >= 1 and B >= 1; got {list(x.shape)}")
-        if x.shape[0] > self.max_positions:
-            raise ValueError(
-                f"x has T = {x.shape[0]} positions > max_positions = {self.max_positions}"
-            )
+        steps = x.shape[1 if self.batch_first else 0]
+        if steps > self.max_positions:
+            raise ValueError(f"x has T = {steps} positions > max_positions = {self.max_positions}")
+        self._check_id_range("x", x)
+
+    def _check_id_range(self, name: str, ids: Tensor) -> None:
         if not self.check_token_ids or _is_compiling():
-            return  # the range check below syncs with the device and would split the graph
-        low, high = int(x.min()), int(x.max())
+            return  # the range check syncs with the device and would split the graph
+        low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= self.ntoken:
             bad = low if low < 0 else high
-            raise ValueError(f"x holds token id {bad} outside the vocabulary [0, {self.ntoken})")
+            raise ValueError(
+                f"{name} holds token id {bad} outside the vocabulary [0, {self.ntoken})"
+            )
+
+    @contextlib.contextmanager
+    def _time_major(self):
+        """Within the block, ``forward`` takes and returns the time-major layout whatever
+        ``batch_first`` says (for code that drives the model step by step, as generation)."""
+        batch_first, self.batch_first = self.batch_first, False
+        try:
+            yield self
+        finally:
+            self.batch_first = batch_first
 
     def forward(
         self,
@@ -660,6 +702,8 @@ class SHARNN(nn.Module):
         return_h: bool = False,
     ) -> tuple:
         self._check_tokens(x)
+        if self.batch_first:  # the blocks run time-major: views, no copies
+            x = x.t()
         steps = x.shape[0]
         if hidden is not None and len(hidden) != self.nlayers:
             raise ValueError(f"hidden must hold {self.nlayers} states; got {len(hidden)}")
@@ -667,6 +711,8 @@ class SHARNN(nn.Module):
             mems = None
         if mems is not None:
             self._check_mems(mems)
+            if self.batch_first:
+                mems = [m.transpose(0, 1) if isinstance(m, Tensor) else m for m in mems]
             mems = [self._cut_memory(m, self.max_positions - steps) for m in mems]
         h = F.dropout(self.encoder(x.long()), self.dropouti, self.training)
         new_hidden, new_mems = [], []
@@ -676,6 +722,9 @@ class SHARNN(nn.Module):
             new_hidden.append(nh)
             new_mems.append(m)
         h = F.dropout(h, self.dropout, self.training)
+        if self.batch_first:
+            h = h.transpose(0, 1)
+            new_mems = [None if m is None else m.transpose(0, 1) for m in new_mems]
         if return_h:  # the original's 5-result form; its last two were always None
             return h, new_hidden, new_mems, None, None
         return h, new_hidden, new_mems
@@ -729,11 +778,15 @@ class SHARNN(nn.Module):
         hidden: Optional[list] = None,
         mems: Optional[list] = None,
     ) -> tuple[Tensor, list, list]:
-        """Mean cross-entropy (nats) of ``targets [T, B]``: ``(loss, new_hidden, new_mems)``."""
+        """Mean cross-entropy (nats) of ``targets`` (x's shape): ``(loss, new_hidden,
+        new_mems)``."""
         if not isinstance(targets, Tensor) or targets.shape != x.shape:
             raise ValueError(
                 f"targets must have x's shape {SF.describe(x)}; got {SF.describe(targets)}"
             )
+        if targets.dtype not in _ID_DTYPES:
+            raise TypeError(f"targets must hold integer token ids; got dtype {targets.dtype}")
+        self._check_id_range("targets", targets)
         logits, new_hidden, new_mems = self.logits(x, hidden, mems)
         loss = F.cross_entropy(logits.float().reshape(-1, self.ntoken), targets.reshape(-1).long())
         return loss, new_hidden, new_mems
@@ -784,4 +837,5 @@ class SHARNN(nn.Module):
         return (
             f"ntoken={self.ntoken}, ninp={self.ninp}, nhid={self.nhid}, nlayers={self.nlayers}, "
             f"max_positions={self.max_positions}"
+            + (", batch_first=True" if self.batch_first else "")
         )

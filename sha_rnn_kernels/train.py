@@ -1,7 +1,8 @@
 """Train the SHA-RNN on bytes: ``python -m sha_rnn_kernels.train`` (or ``sha-rnn-train``).
 
 With no arguments it trains a small SHA-RNN on the Python standard library's source (no
-download) for about two minutes on a laptop CPU and prints the validation bpc as it falls.
+download) for about a minute on a 2-core CPU (one CPU thread; ``--threads``) and prints the
+validation bpc as it falls.
 ``--preset enwik8 --data enwik8.zip`` is phase 1 of the paper's recipe as the original code ran it
 (E=1024, F=4096, 4 blocks, LAMB with minimum trust 0.25, lr 2e-3 with 800 warm-up steps, batch
 16, bptt 1024 with jitter, clip 0.25, weight decay 1.2e-6, seed 5512, 32 epochs); ``--preset
@@ -19,9 +20,10 @@ CPU the resumed losses equal those of an uninterrupted run bit for bit.
 A ``--data`` file is read whole (``--max-bytes`` cuts it) and, with the default preset, trained
 on for full epochs; the run prints what it read, the split sizes and its length. ``--save`` is
 checked before training (its folder is created and a lock file ``PATH.lock`` with the process id
-is held while the run may write it, so a second run on the same path stops at once); replacing
-an existing checkpoint is announced. When stdout is not a terminal, one plain line is printed
-per ``--log-interval`` steps instead of a progress bar.
+is held while the run may write it, so a second run on the same path stops at once). A run
+refuses to replace an existing ``--save`` file that it does not ``--resume`` (exit status 2)
+unless ``--overwrite`` is given. When stdout is not a terminal, one plain line is printed per
+``--log-interval`` steps instead of a progress bar.
 
 Exit status: 0 done; 2 a bad argument or file (one line on stderr, no traceback); 3 the loss
 became NaN or infinite (training stops and the last checkpoint with finite weights is kept);
@@ -56,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import cli
 from . import data as data_lib
 from ._backend import backend_for, format_backend
 from .checkpoint import numpy_state_from_plain, numpy_state_to_plain
@@ -122,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 5,
         "save": "checkpoints/sha-rnn-enwik8-phase2.pt",
     },
-    # About two minutes on a 2-core CPU: 0.9M parameters, 600 steps of 16 x 64 bytes at the
+    # About a minute on a 2-core CPU: 0.9M parameters, 600 steps of 16 x 64 bytes at the
     # paper's learning rate (higher rates stall LAMB near the unigram entropy at this size).
     "default": {
         "max_bytes": 1_000_000,
@@ -157,7 +160,7 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 # Settings that belong to the machine or to one invocation, not the run: never taken from a
 # checkpoint (a resumed run writes its pretrained folder only when asked again).
-_MACHINE_KEYS = ("device", "quiet", "threads", "save_pretrained")
+_MACHINE_KEYS = ("device", "quiet", "threads", "overwrite", "save_pretrained")
 
 
 def _backend_arg(value: str) -> str:
@@ -171,7 +174,7 @@ def _backend_arg(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command line. Every option defaults to None: unset options come from the preset or,
     on ``--resume``, from the checkpoint."""
-    p = argparse.ArgumentParser(
+    p = cli.OneLineParser(
         prog="sha-rnn-train",
         description="Train the SHA-RNN byte-level language model (Merity 2019).",
         epilog="Defaults are the 'default' preset's; where the 'enwik8' preset differs it is "
@@ -183,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="hyperparameter set: 'default' (small, ~2 min on CPU), 'enwik8' (phase 1 of "
-        "the paper's recipe; needs --data) or 'enwik8-phase2' (its second run: needs --data "
-        "and --init-from PHASE1); defaults to 'enwik8' when --data names enwik8",
+        help="hyperparameter set: 'default' (small, about a minute on a CPU), 'enwik8' "
+        "(phase 1 of the paper's recipe; needs --data) or 'enwik8-phase2' (its second run: "
+        "needs --data and --init-from PHASE1); defaults to 'enwik8' when --data names enwik8",
     )
     p.add_argument(
         "--init-from",
@@ -277,13 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="at the end also write this folder: config.json + model.safetensors (shareable; "
         "loads with SHARNN.from_pretrained)",
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an existing --save file that this run does not --resume (without it, "
+        "such a run stops before training)",
+    )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     g.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for PyTorch (default: PyTorch's choice)",
+        help=cli.threads_help(),
     )
     g.add_argument(
         "--dtype",
@@ -315,6 +325,7 @@ _DEFAULT_NOTES = {
     "device": None,
     "threads": None,
     "quiet": None,
+    "overwrite": None,
 }
 
 
@@ -379,6 +390,7 @@ def resolve_config(args: argparse.Namespace, checkpoint_config: Optional[dict] =
     config.setdefault("device", None)
     config.setdefault("threads", None)
     config["quiet"] = bool(given.get("quiet", False))
+    config["overwrite"] = bool(given.get("overwrite", False))
     _validate_config(config)
     return config
 
@@ -425,6 +437,9 @@ def _validate_config(c: dict) -> None:
         raise UsageError("--epochs plus --final-epochs must be at least 1")
     if not 0.0 <= c["reset_prob"] <= 1.0:
         raise UsageError(f"--reset-prob must lie in [0, 1]; got {c['reset_prob']}")
+    problem = cli.ranges_error(c, cli.TRAIN_RANGES)
+    if problem is not None:
+        raise UsageError(problem)
     if c["bptt"] > c["max_positions"]:
         raise UsageError(
             f"--bptt {c['bptt']} exceeds --max-positions {c['max_positions']}: a segment must "
@@ -856,10 +871,12 @@ def run(
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     config = resolve_config(args, None if checkpoint is None else checkpoint["config"])
     ddp, device = _setup_distributed(config["device"])
-    threads = torch.get_num_threads()
-    if config["threads"] is not None:
-        torch.set_num_threads(config["threads"])
+    threads = cli.set_threads(config["threads"], device)
     try:
+        # Before any data is read or model built: a backend that cannot run here.
+        problem = cli.backend_error(config["backend"], device)
+        if problem is not None:
+            raise UsageError(problem)
         # Handed over in a list so that _train can drop the only reference once it has copied
         # the weights and optimizer state in (they are large for the paper's model).
         loaded = [checkpoint] if checkpoint is not None else []
@@ -868,6 +885,12 @@ def run(
             lock, failed = SaveLock(config["save"] if ddp.is_main else None), None
             try:
                 stack.enter_context(lock)
+                if ddp.is_main:  # under the lock: no other run can write the file meanwhile
+                    problem = cli.replacement_error(
+                        config["save"], args.resume, config["overwrite"]
+                    )
+                    if problem is not None:
+                        raise UsageError(problem)
             except UsageError as exc:
                 failed = exc
             if _any_rank(failed is not None, ddp, device):  # every rank stops, not only rank 0
@@ -1015,7 +1038,8 @@ def _train(
     say(
         f"SHARNN E={config['emsize']} F={config['nhid']} blocks={config['nlayers']}: "
         f"{n_params / 1e6:.2f}M parameters | preset {config['preset']} | device {device} x"
-        f"{ddp.world_size} | {dtype_name}{' compiled' if config.get('compile') else ''} | "
+        f"{ddp.world_size}{_threads_note(device)} | {dtype_name}"
+        f"{' compiled' if config.get('compile') else ''} | "
         f"batch {config['batch_size']} x bptt "
         f"{config['bptt']} | lr {config['lr']} warm-up {config['warmup']}"
         + (f" | resumed from {resume_path} at step {step}" if resume_path else "")
@@ -1023,17 +1047,22 @@ def _train(
 
     rows = train_src.shape[0]
     total_epochs = config["epochs"] + config["final_epochs"]
-    steps_per_epoch = max(1, (rows - 2) // config["bptt"])
+    steps_per_epoch = data_lib.expected_steps(rows, config["bptt"])
     max_steps = config["max_steps"]
-    total = max_steps if max_steps is not None else total_epochs * steps_per_epoch
+    # Epochs end where the jittered segments run out of data: their step count is known only
+    # approximately, and is shown as such (~N); --max-steps below that is exact.
+    exact = max_steps is not None and max_steps < total_epochs * steps_per_epoch
+    total = max_steps if exact else total_epochs * steps_per_epoch
+    of_total = f"{'' if exact else '~'}{total}"
     save_path = config["save"] or None
     no_save = "none (--save '')"
     say(
-        f"length: {total} steps "
+        f"length: {'' if exact else 'about '}{total} steps "
         + (
             f"(--max-steps {max_steps}; an epoch is about {steps_per_epoch} steps)"
-            if max_steps is not None
-            else f"({total_epochs} epochs of about {steps_per_epoch} steps)"
+            if exact
+            else f"({total_epochs} epoch{'s' if total_epochs > 1 else ''} of about "
+            f"{steps_per_epoch} steps)"
         )
         + f" | checkpoint: {save_path or no_save}"
     )
@@ -1041,10 +1070,7 @@ def _train(
         os.path.abspath(save_path) == os.path.abspath(resume_path)
     )
     if save_path is not None and os.path.exists(save_path) and not continues_resumed:
-        say(
-            f"note: {save_path} exists and this run will replace it (continue it with "
-            f"--resume {save_path}, or pick another --save)"
-        )
+        say(f"note: {save_path} exists; this run replaces it (--overwrite)")
     result = TrainResult(config=config, start_step=step, step=step, epoch=epoch, model=model)
     result.valid_bpc = history_valid
 
@@ -1120,14 +1146,7 @@ def _train(
             )
         return bpc
 
-    progress = tqdm(
-        total=total,
-        initial=step,
-        disable=not verbose or not interactive,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-    )
+    progress = cli.progress_bar(total, initial=step, enabled=verbose and interactive)
     tokens_since, time_since = 0, time.perf_counter()
 
     with StopSignal() as signals:
@@ -1194,7 +1213,7 @@ def _train(
                 )  # fmt: skip
                 if not interactive:
                     say(
-                        f"| step {step}/{total} | loss {mean:.4f} | bpc {mean / LN2:.4f} | "
+                        f"| step {step}/{of_total} | loss {mean:.4f} | bpc {mean / LN2:.4f} | "
                         f"lr {lr:.2e} | {tokens_since / max(elapsed, 1e-9):,.0f} tok/s"
                     )
                 tokens_since, time_since = 0, time.perf_counter()
@@ -1317,6 +1336,13 @@ def _init_weights(model: nn.Module, path: str) -> None:
             f"--init-from {path}: its weights do not fit this model "
             f"({str(exc).splitlines()[-1].strip()}); give the same --emsize/--nhid/--nlayers"
         ) from None
+
+
+def _threads_note(device: torch.device) -> str:
+    if device.type != "cpu":
+        return ""
+    n = torch.get_num_threads()
+    return f", {n} CPU thread{'s' if n > 1 else ''} (--threads)"
 
 
 def _checkpoint_step(path: str):

@@ -497,16 +497,27 @@ def test_segment_gradient_parity(ops, device, monkeypatch, chunked, dropout, dty
         grads = torch.autograd.grad(out, leaves + [full], grad_out, allow_unused=True)
         assert grads[-1] is None, "kv got a gradient"
 
-        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-        kv64 = torch.cat([kv[:n].double(), ref_leaves[1]])
-        out64 = reference(ref_leaves[0], kv64, kv64, ref_leaves[2], ref_leaves[3],
-                          detached_keys=n, **masks)
-        grads64 = torch.autograd.grad(out64, ref_leaves, grad_out.double())
-        assert_parity(f"out (n={n})", out, out64, dtype=dtype)
+        out64, grads64 = _segment_reference(leaves, kv[:n], grad_out, torch.float64, n, masks)
+        # The 2x rule of the other low-precision tests: the same formula run in the kernel's
+        # dtype gives PyTorch's own error, and the kernel may be off by at most twice that.
+        lowp_out, lowp_grads = None, [None] * len(grads64)
+        if dtype != torch.float32:
+            lowp_out, lowp_grads = _segment_reference(leaves, kv[:n], grad_out, dtype, n, masks)
+        assert_parity(f"out (n={n})", out, out64, lowp=lowp_out, dtype=dtype)
         names = ["dq", "d segment", "d key_gate", "d value_gate"]
-        for name, got, want in zip(names, grads, grads64):
+        for name, got, want, lowp in zip(names, grads, grads64, lowp_grads):
             assert got.shape == want.shape, name
-            assert_parity(f"{name} (n={n})", got, want, dtype=dtype)
+            assert_parity(f"{name} (n={n})", got, want, lowp=lowp, dtype=dtype)
+
+
+def _segment_reference(leaves, memory, grad_out, dtype, n, masks):
+    """The formula on ``cat([memory, segment])`` in ``dtype``: the output and the gradients of
+    the leaves (q, segment, key gate, value gate)."""
+    ref_leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    kv_ref = torch.cat([memory.to(dtype), ref_leaves[1]])
+    out = reference(ref_leaves[0], kv_ref, kv_ref, ref_leaves[2], ref_leaves[3],
+                    detached_keys=n, **masks)
+    return out.detach(), torch.autograd.grad(out, ref_leaves, grad_out.to(dtype))
 
 
 def test_segment_errors(ops, device):
@@ -835,3 +846,61 @@ def test_launches_on_the_inputs_device(ops, cuda):
                                 value_dropout_p=0.1, seed=1)
     assert torch.equal(out, out_ref)
     assert all(g.device == device and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_segment_that_is_not_the_tail_of_kv_raises(device, backend):
+    """``segment`` must be ``kv[n:]``'s values: another tensor (which would get the keys'
+    gradient while the real segment got none) raises, on both backends and batch first; the
+    segment kv was built from, its view ``kv[n:]``, and a copy of its values pass, and the
+    gradient reaches the segment."""
+    import sha_rnn_kernels.functional as SF
+
+    seq_len, memory_len, batch, width = 5, 8, 2, 8
+    q = torch.randn(seq_len, batch, width, device=device)
+    memory = torch.randn(memory_len, batch, width, device=device)
+    segment = torch.randn(seq_len, batch, width, device=device, requires_grad=True)
+    kv = torch.cat([memory, segment])
+    wrong = torch.randn(seq_len, batch, width, device=device, requires_grad=True)
+    for bad in (wrong, segment.detach() + 1e-3, kv[memory_len - 1 : -1]):
+        with pytest.raises(ValueError, match=r"must hold the values of k\[detached_keys:\]"):
+            SF.single_head_attention(q, kv, kv, detached_keys=memory_len, segment=bad,
+                                     backend=backend)
+    with pytest.raises(ValueError, match=r"k\[8:\]"):
+        kv_bf = kv.transpose(0, 1)
+        SF.single_head_attention(q.transpose(0, 1), kv_bf, kv_bf, detached_keys=memory_len,
+                                 segment=wrong.transpose(0, 1), batch_first=True, backend=backend)
+    assert wrong.grad is None
+    out = SF.single_head_attention(q, kv, kv, detached_keys=memory_len, segment=segment,
+                                   backend=backend)
+    out.sum().backward()
+    assert segment.grad is not None and torch.isfinite(segment.grad).all()
+    leaf = kv.detach().requires_grad_()
+    SF.single_head_attention(q, leaf, leaf, detached_keys=memory_len, segment=leaf[memory_len:],
+                             backend=backend)  # the view itself
+    nan_segment = segment.detach().clone()
+    nan_segment[0, 0, 0] = float("nan")
+    kv_nan = torch.cat([memory, nan_segment])
+    SF.single_head_attention(q, kv_nan, kv_nan, detached_keys=memory_len,
+                             segment=nan_segment.clone(), backend=backend)  # NaN equals itself
+
+
+def test_segment_check_under_torch_compile(device):
+    """Under ``torch.compile(fullgraph=True)`` the check is a device assert (no graph break):
+    the right segment compiles and runs, another one stops the call."""
+    import sha_rnn_kernels.functional as SF
+
+    memory = torch.randn(4, 2, 8, device=device)
+    q = torch.randn(3, 2, 8, device=device)
+
+    def run(q, segment, given):
+        kv = torch.cat([memory, segment])
+        return SF.single_head_attention(q, kv, kv, detached_keys=4, segment=given,
+                                        backend="reference")
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    segment = torch.randn(3, 2, 8, device=device, requires_grad=True)
+    out = compiled(q, segment, segment)
+    torch.testing.assert_close(out, run(q, segment, segment), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="segment must hold the values"):
+        compiled(q, segment, torch.randn(3, 2, 8, device=device, requires_grad=True))

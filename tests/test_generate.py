@@ -258,7 +258,7 @@ def test_generation_leaves_mode_and_grad_alone(checkpoint):
         ("empty_prompt", "the prompt is empty"),
         ("zero_length", "--length must be >= 1; got 0"),
         ("no_prompt", "--prompt TEXT or --prompt-file FILE"),
-        ("bad_top_k", "top_k must be None or an int in"),
+        ("bad_top_k", "--top-k must lie in [1, 256]; got 0"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_status_2(checkpoint, tmp_path, capsysbinary, case, match):

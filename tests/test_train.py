@@ -306,7 +306,7 @@ def test_a_user_file_is_read_whole_and_logged_plainly(corpus, capsys):
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "read all 3,950 bytes; split 3,556 train / 197 valid / 197 test bytes" in out
-    assert "length: 4 steps (--max-steps 4" in out
+    assert "length: 4 steps (--max-steps 4" in out  # exact: fewer than an epoch
     # stdout is not a terminal here: one plain line per log interval, no progress bar.
     assert "\r" not in out
     steps = re.findall(r"^\| step (\d+)/4 \| loss [\d.]+ \| bpc [\d.]+ \| lr ", out, re.M)
@@ -345,7 +345,7 @@ def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path,
     assert train.load_checkpoint(ckpt)["step"] >= kept["step"]
 
 
-def test_checkpoint_path_is_locked_and_replacement_is_announced(corpus, tmp_path, capsys):
+def test_checkpoint_path_is_locked_and_overwriting_is_announced(corpus, tmp_path, capsys):
     ckpt = tmp_path / "ck.pt"
     lock = tmp_path / "ck.pt.lock"
     argv = [a for a in TINY if a != "--quiet"]
@@ -361,14 +361,15 @@ def test_checkpoint_path_is_locked_and_replacement_is_announced(corpus, tmp_path
     assert f"another run (pid {os.getpid()}) is writing this checkpoint" in line
     assert lock.exists()  # not ours to remove
 
-    # A lock left by a process that has exited is taken over; the replacement is announced.
+    # A lock left by a process that has exited is taken over; replacing the checkpoint needs
+    # --overwrite, and is announced.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lock.write_text(f"{gone.pid}\n")
-    assert train.main(argv) == 0
+    assert train.main(argv + ["--overwrite"]) == 0
     out = capsys.readouterr().out
     assert f"took over the stale lock of pid {gone.pid}" in out
-    assert f"{ckpt} exists and this run will replace it" in out
+    assert f"{ckpt} exists; this run replaces it (--overwrite)" in out
     assert "replaced the earlier file" in out and not lock.exists()
 
     # Continuing the same file with --resume is not announced as replacing it.

@@ -264,13 +264,15 @@ def _triangle_blocks(seq_len: int, key_len: int) -> List[Tuple[int, int, int]]:
     return _blocks(seq_len, key_len, rows)
 
 
-def _score_budget() -> int:
-    """``SCORE_BUDGET_BYTES`` of :mod:`.attention`, read at each call: it is a setting of the public
-    module (tests and tools/compile_triton.py lower it there). Imported here, not at the top, as
-    that module imports this one."""
-    from . import attention
+# Largest [B, T_chunk, K_chunk] score buffer, in bytes: larger problems run in chunks of queries.
+# The one copy of the setting; ``ops.attention.SCORE_BUDGET_BYTES`` reads and writes it (tests
+# and tools/compile_triton.py lower it there to force the chunked path).
+SCORE_BUDGET_BYTES = 1 << 29
 
-    return attention.SCORE_BUDGET_BYTES
+
+def _score_budget() -> int:
+    """:data:`SCORE_BUDGET_BYTES`, read at each call so that a changed setting takes effect."""
+    return SCORE_BUDGET_BYTES
 
 
 def _plan(batch: int, seq_len: int, key_len: int, dtype: torch.dtype) -> List[Tuple[int, int, int]]:

@@ -48,6 +48,8 @@ segment form), the FLOP, byte and instruction budgets, the estimates with their 
 date, and the alternatives weighed: docs/design/attention.md.
 """
 
+import sys
+import types
 from typing import Optional, Tuple
 
 import torch
@@ -57,6 +59,7 @@ from .._backend import triton_reason
 # The kernels and launchers live in the files below; this module is the op's one address, so it
 # names them all: tools/compile_triton.py and _backend's interpreter-mode check find the kernels
 # here, the tests the query plan.
+from . import _attention_common
 from ._attention_bwd import _attention_bwd_kernel, attention_backward  # noqa: F401
 from ._attention_common import (
     TRIANGLE_BLOCKS,
@@ -75,13 +78,28 @@ __all__ = [
     "unsupported_reason",
     "attention_forward",
     "attention_backward",
-    "SCORE_BUDGET_BYTES",
+    "SCORE_BUDGET_BYTES",  # noqa: F822 - a property of the module class (below)
     "TRIANGLE_BLOCKS",
 ]
 
-# Largest [B, T_chunk, K_chunk] score buffer, in bytes. Larger problems are processed in chunks
-# of queries. Tests lower it to force the chunked path.
-SCORE_BUDGET_BYTES = 1 << 29
+
+
+class _OpModule(types.ModuleType):
+    """This module's class: ``SCORE_BUDGET_BYTES`` (the largest [B, T_chunk, K_chunk] score
+    buffer, in bytes; larger problems run in chunks of queries) is the setting kept in
+    ``_attention_common``, which plans the chunks; reading or setting it here reaches that one
+    copy, so the parts need not import this module back."""
+
+    @property
+    def SCORE_BUDGET_BYTES(self) -> int:  # noqa: N802 - a module constant's name
+        return _attention_common.SCORE_BUDGET_BYTES
+
+    @SCORE_BUDGET_BYTES.setter
+    def SCORE_BUDGET_BYTES(self, value: int) -> None:  # noqa: N802
+        _attention_common.SCORE_BUDGET_BYTES = int(value)
+
+
+sys.modules[__name__].__class__ = _OpModule
 
 
 @torch.library.custom_op("sha_rnn_kernels::attention_fwd", mutates_args=())
