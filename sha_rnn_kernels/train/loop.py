@@ -113,12 +113,12 @@ def fit(
     trainer = Trainer(config, ddp, device, resume_path, step_callback)
     trainer.build(loaded)
     trainer.announce()
-    return trainer.fit()
+    return trainer.train()
 
 
 class Trainer:
     """One training run, in the order it happens: ``build`` (data, model, optimizer, resume),
-    ``announce``, then ``fit`` (the step loop, then ``finish``: final validation, test,
+    ``announce``, then ``train`` (the step ``loop``, then ``finish``: final validation, test,
     pretrained folder, last checkpoint). Its attributes are the run's state that a checkpoint
     saves: ``step``, ``epoch``, ``position`` in the training columns, the carried ``hidden``
     LSTM states and attention ``mems``, and ``data_rng``."""
@@ -300,7 +300,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def fit(self) -> TrainResult:
+    def train(self) -> TrainResult:
+        """The step loop and the end of the run, under the progress bar and ``StopSignal``."""
         self.progress = cli.progress_bar(
             self.total, initial=self.step, enabled=self.verbose and self.interactive
         )
