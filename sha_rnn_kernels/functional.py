@@ -226,6 +226,45 @@ def _check_segment_is_tail(op: str, tail_view: bool, k: Tensor, n: int, segment:
         raise ValueError(message)
 
 
+def _check_attention_shapes(
+    op: str, q: Tensor, k: Tensor, v: Tensor, segment: Optional[Tensor], detached_keys,
+    batch_first: bool,
+) -> int:
+    """Shapes of time-major q, k, v and segment (messages in the caller's layout); returns E."""
+    layout = "[B, {}, E]" if batch_first else "[{}, B, E]"
+    query_len, batch, width = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have one shape; got {_shape(k)} and {_shape(v)}")
+    key_len = k.shape[0]
+    if k.shape[1] != batch or k.shape[2] != width:
+        raise ValueError(
+            f"{op}: k must be {layout.format('K')} with B = {batch}, E = {width} (from q); "
+            f"got {_shape(k.transpose(0, 1) if batch_first else k)}"
+        )
+    if query_len < 1 or batch < 1 or width < 1:
+        raise ValueError(f"{op}: q must have T, B, E >= 1; got {_shape(q)}")
+    if key_len < query_len:
+        raise ValueError(
+            f"{op}: k must hold at least as many keys as there are queries (K >= T, the segment's "
+            f"own keys come last); got K = {key_len}, T = {query_len}"
+        )
+    if (
+        isinstance(detached_keys, bool)
+        or not isinstance(detached_keys, int)
+        or not 0 <= detached_keys <= key_len
+    ):
+        raise ValueError(
+            f"{op}: detached_keys must be an int in [0, K = {key_len}]; got {detached_keys!r}"
+        )
+    if segment is not None and tuple(segment.shape) != (key_len - detached_keys, batch, width):
+        raise ValueError(
+            f"{op}: segment must be {layout.format('K - detached_keys')} = "
+            f"{layout.format(key_len - detached_keys)} with B = {batch}, E = {width}; got "
+            f"{_shape(segment.transpose(0, 1) if batch_first else segment)}"
+        )
+    return width
+
+
 def single_head_attention(
     q: Tensor,
     k: Tensor,
@@ -302,37 +341,7 @@ def single_head_attention(
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = k if same_kv else v.transpose(0, 1)
         segment = None if segment is None else segment.transpose(0, 1)
-    layout = "[B, {}, E]" if batch_first else "[{}, B, E]"
-    query_len, batch, width = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{op}: k and v must have one shape; got {_shape(k)} and {_shape(v)}")
-    key_len = k.shape[0]
-    if k.shape[1] != batch or k.shape[2] != width:
-        raise ValueError(
-            f"{op}: k must be {layout.format('K')} with B = {batch}, E = {width} (from q); "
-            f"got {_shape(k.transpose(0, 1) if batch_first else k)}"
-        )
-    if query_len < 1 or batch < 1 or width < 1:
-        raise ValueError(f"{op}: q must have T, B, E >= 1; got {_shape(q)}")
-    if key_len < query_len:
-        raise ValueError(
-            f"{op}: k must hold at least as many keys as there are queries (K >= T, the segment's "
-            f"own keys come last); got K = {key_len}, T = {query_len}"
-        )
-    if (
-        isinstance(detached_keys, bool)
-        or not isinstance(detached_keys, int)
-        or not 0 <= detached_keys <= key_len
-    ):
-        raise ValueError(
-            f"{op}: detached_keys must be an int in [0, K = {key_len}]; got {detached_keys!r}"
-        )
-    if segment is not None and tuple(segment.shape) != (key_len - detached_keys, batch, width):
-        raise ValueError(
-            f"{op}: segment must be {layout.format('K - detached_keys')} = "
-            f"{layout.format(key_len - detached_keys)} with B = {batch}, E = {width}; got "
-            f"{_shape(segment.transpose(0, 1) if batch_first else segment)}"
-        )
+    width = _check_attention_shapes(op, q, k, v, segment, detached_keys, batch_first)
     # Whether the caller passed segment as the view kv[n:] (checked on the tensors as given,
     # before autocast makes copies of both).
     tail_view = segment is not None and _is_view_of(segment, k[detached_keys:])
