@@ -125,7 +125,8 @@ def _optimizer(impl: str, params: list):
 
 
 class TrainStep:
-    """One optimizer step of ``model`` in ``dtype`` (GradScaler for fp16), like train.py."""
+    """One optimizer step of ``model`` in ``dtype`` (GradScaler for fp16), like the trainer's
+    ``Trainer.train_step`` (sha_rnn_kernels/train/loop.py)."""
 
     def __init__(self, impl: str, model, dtype: str, device: torch.device) -> None:
         self.model, self.dtype, self.device = model, dtype, device
