@@ -5,7 +5,7 @@ a checkpoint a run did not write.
 The thread count: on a CPU these models are small (E = 128 in the default run), so each op's
 work is a few microseconds and PyTorch's intra-op threads mostly wait for one another; when
 another program also keeps the cores busy, every op waits for a descheduled thread, and a run
-of about a minute took twelve. The tools therefore default to one CPU thread on the CPU
+of under two minutes took twelve. The tools therefore default to one CPU thread on the CPU
 (``--threads N`` changes it) and leave PyTorch's choice alone on a GPU, where the host threads
 only launch kernels. The measurements behind the choice are in the README.
 """
@@ -145,6 +145,21 @@ def replacement_error(save: Optional[str], resume: Optional[str], overwrite: boo
     return (
         f"{flag} {save} exists and holds a model this run did not write; continue it with "
         f"--resume {save}, choose another {flag}, or add --overwrite to replace it"
+    )
+
+
+def folder_replacement_error(directory: Optional[str], overwrite: bool,
+                             flag: str = "--save-pretrained") -> Optional[str]:  # fmt: skip
+    """The one-line refusal when ``directory`` already holds a pretrained model (its
+    ``model.safetensors``) and ``overwrite`` was not given; None otherwise. Checked before any
+    data is read, so a run never ends by replacing a shared model it was not asked to."""
+    from .pretrained import WEIGHTS_NAME
+
+    if not directory or overwrite or not os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
+        return None
+    return (
+        f"{flag} {directory} already holds a model ({WEIGHTS_NAME}); choose another folder or "
+        f"add --overwrite to replace it"
     )
 
 

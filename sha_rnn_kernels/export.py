@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
+from .cli import folder_replacement_error
 
 __all__ = ["InferenceStep", "export_program", "export_checkpoint", "main"]
 
@@ -127,6 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a --save file of train (or a folder)")
     p.add_argument("outdir", metavar="OUTDIR", help="the folder to write")
     p.add_argument("--torch-export", action="store_true", help="also write OUTDIR/model.pt2")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a model OUTDIR already holds"
+    )
     p.add_argument("--segment", type=int, default=None, help="traced T (default: training bptt)")
     p.add_argument("--batch", type=int, default=1, help="traced batch")
     p.add_argument(
@@ -136,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="traced memory length (default: max_positions - T; 0: the first segment's program)",
     )
     args = p.parse_args(argv)
+    problem = folder_replacement_error(args.outdir, args.overwrite, flag="OUTDIR")
+    if problem is not None:
+        print(f"{p.prog}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         written = export_checkpoint(
             args.checkpoint, args.outdir, args.torch_export, args.segment, args.batch,

@@ -135,6 +135,28 @@ def test_an_existing_checkpoint_is_not_replaced(corpus, tmp_path, capsys):
     assert train.load_checkpoint(str(ckpt))["step"] == 1
 
 
+def test_an_existing_pretrained_folder_is_not_replaced(corpus, tmp_path, capsys):
+    """--save-pretrained (train) and OUTDIR (export) keep a model already in the folder."""
+    from sha_rnn_kernels import export
+
+    folder, ckpt = tmp_path / "shared", tmp_path / "model.pt"
+    run = TINY + ["--data", corpus, "--quiet", "--max-steps", "1", "--save-pretrained", str(folder)]
+    assert train.main(run + ["--save", str(ckpt)]) == 0
+    weights = (folder / "model.safetensors").read_bytes()
+    # Refused before training, whatever --save says, and the folder's model kept.
+    assert train.main(run + ["--save", ""]) == 2
+    err = capsys.readouterr().err
+    assert f"--save-pretrained {folder} already holds a model" in err, err
+    assert len(err.strip().splitlines()) == 1 and "--overwrite" in err
+    assert export.main([str(ckpt), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"OUTDIR {folder} already holds a model" in err and "Traceback" not in err
+    assert (folder / "model.safetensors").read_bytes() == weights
+    # --overwrite replaces it on purpose.
+    assert export.main([str(ckpt), str(folder), "--overwrite"]) == 0
+    assert train.main(run + ["--save", "", "--overwrite"]) == 0
+
+
 # ---- 1: one CPU thread by default on the CPU --------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Train the SHA-RNN on bytes: ``python -m sha_rnn_kernels.train`` (or ``sha-rnn-train``).
 
 With no arguments it trains a small SHA-RNN on the Python standard library's source (no
-download) for about a minute on a 2-core CPU (one CPU thread; ``--threads``) and prints the
+download) in under two minutes on a 2-core CPU (one CPU thread; ``--threads``) and prints the
 validation bpc as it falls.
 ``--preset enwik8 --data enwik8.zip`` is phase 1 of the paper's recipe as the original code ran it
 (E=1024, F=4096, 4 blocks, LAMB with minimum trust 0.25, lr 2e-3 with 800 warm-up steps, batch

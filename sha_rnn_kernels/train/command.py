@@ -52,6 +52,8 @@ def run(
                 if ddp.is_main:  # under the lock: no other run can write the file meanwhile
                     problem = cli.replacement_error(
                         config["save"], args.resume, config["overwrite"]
+                    ) or cli.folder_replacement_error(
+                        config["save_pretrained"], config["overwrite"]
                     )
                     if problem is not None:
                         raise UsageError(problem)

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="hyperparameter set: 'default' (small, about a minute on a CPU), 'enwik8' "
+        help="hyperparameter set: 'default' (small, under two minutes on a CPU), 'enwik8' "
         "(phase 1 of the paper's recipe; needs --data) or 'enwik8-phase2' (its second run: "
         "needs --data and --init-from PHASE1); defaults to 'enwik8' when --data names enwik8",
     )
@@ -245,8 +245,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         default=None,
-        help="replace an existing --save file that this run does not --resume (without it, "
-        "such a run stops before training)",
+        help="replace an existing --save file that this run does not --resume, and a model "
+        "in the --save-pretrained folder (without it, such a run stops before training)",
     )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
