@@ -506,6 +506,52 @@ __device__ __forceinline__ void load_bwd_inputs(float (&in)[kOwned][7], const Ls
   }
 }
 
+// The backward's carried gradients for the thread's elements at the sequence end: dh_s = d_hn,
+// dc_s = d_cn (zero for the padded units past H).
+template <typename T, int kUnits, int kOwned>
+__device__ __forceinline__ void init_bwd_state(float* dh_s, float* dc_s, const LstmBwdParams& p,
+                                               int unit0) {
+  const int B = p.batch, H = p.hidden;
+  const T* d_hn = static_cast<const T*>(p.d_hn);
+  const T* d_cn = static_cast<const T*>(p.d_cn);
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    if (b >= B) continue;
+    dh_s[e] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
+    dc_s[e] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
+  }
+}
+
+// Step t's elementwise backward for the thread's elements (both backward kernels): from
+// dh = d_out[t] + dh_s and the carried dc, the four gate gradients into dgates_t (model dtype);
+// dc_s becomes dc * f, which at t = 0 is d_c0.
+template <typename T, int kUnits, int kOwned>
+__device__ __forceinline__ void bwd_elementwise(const float (&in)[kOwned][7], const float* dh_s,
+                                                float* dc_s, T* dg_t, const LstmBwdParams& p,
+                                                int unit0, int t) {
+  const int B = p.batch, H = p.hidden, G4 = 4 * H;
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int e = threadIdx.x + i * kThreads;
+    const int b = e / kUnits, j = unit0 + e % kUnits;
+    if (b >= B || j >= H) continue;
+    const float ig = in[i][0], fg = in[i][1], gg = in[i][2], og = in[i][3];
+    const float c = in[i][4], c_prev = in[i][5];
+    const float tc = tanhf(c);
+    const float dh = in[i][6] + dh_s[e];
+    const float dc = dc_s[e] + dh * og * (1.0f - tc * tc);
+    T* dg = dg_t + size_t(b) * G4 + j;
+    dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
+    dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
+    dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
+    dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
+    dc_s[e] = dc * fg;
+    if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
+  }
+}
+
 // Backward. Grid and ownership as the forward; shared memory row u holds column
 // g*kUnits + u of W_hh (all 4H gate rows of it, zero past H), i.e. W_hh^T restricted to the
 // block's units, so the block produces dh_{t-1} for exactly the units whose gates it owns.
@@ -534,8 +580,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int unit0 = blockIdx.x * kUnits;
   const T* w_hh = static_cast<const T*>(p.w_hh);
-  const T* d_hn = static_cast<const T*>(p.d_hn);
-  const T* d_cn = static_cast<const T*>(p.d_cn);
   T* d_gates = static_cast<T*>(p.d_gates);
 
   // Transposed gather, once per launch: consecutive threads read consecutive units of a row.
@@ -543,38 +587,14 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
     const int r = idx / kUnits, u = idx % kUnits, j = unit0 + u;
     w_s[u * ldw + r] = j < H ? w_hh[size_t(r) * H + j] : from_float<T>(0.0f);
   }
-#pragma unroll
-  for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
-    if (b >= B) continue;
-    dh_s[e] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
-    dc_s[e] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
-  }
+  init_bwd_state<T, kUnits, kOwned>(dh_s, dc_s, p, unit0);
   float in[kOwned][7];
   load_bwd_inputs<T, kUnits>(in, p, T_len - 1, unit0);
   __syncthreads();
 
   for (int t = T_len - 1; t >= 0; --t) {
     T* dg_t = d_gates + size_t(t) * B * G4;
-#pragma unroll
-    for (int i = 0; i < kOwned; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int b = e / kUnits, j = unit0 + e % kUnits;
-      if (b >= B || j >= H) continue;
-      const float ig = in[i][0], fg = in[i][1], gg = in[i][2], og = in[i][3];
-      const float c = in[i][4], c_prev = in[i][5];
-      const float tc = tanhf(c);
-      const float dh = in[i][6] + dh_s[e];
-      const float dc = dc_s[e] + dh * og * (1.0f - tc * tc);
-      T* dg = dg_t + size_t(b) * G4 + j;
-      dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
-      dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
-      dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
-      dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
-      dc_s[e] = dc * fg;
-      if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
-    }
+    bwd_elementwise<T, kUnits, kOwned>(in, dh_s, dc_s, dg_t, p, unit0, t);
     const unsigned epoch = T_len - t;
     grid_signal(p.flags, epoch);  // dgates_t of this block's units published
     // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
@@ -654,8 +674,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
   const int unit0 = blockIdx.x * kUnits;
   const int cluster_unit0 = (blockIdx.x / C) * kClusterUnits;
   const T* w_hh = static_cast<const T*>(p.w_hh);
-  const T* d_hn = static_cast<const T*>(p.d_hn);
-  const T* d_cn = static_cast<const T*>(p.d_cn);
   T* d_gates = static_cast<T*>(p.d_gates);
 
   // w_s[u][k] = W_hh[k_begin + k, cluster_unit0 + u]: consecutive threads read consecutive
@@ -664,14 +682,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
     const int k = idx / kClusterUnits, u = idx % kClusterUnits, j = cluster_unit0 + u;
     w_s[u * ldw + k] = j < H ? w_hh[size_t(k_begin + k) * H + j] : from_float<T>(0.0f);
   }
-#pragma unroll
-  for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
-    if (b >= B) continue;
-    dh_s[e] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
-    dc_s[e] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
-  }
+  init_bwd_state<T, kUnits, kOwned>(dh_s, dc_s, p, unit0);
   float in[kOwned][7];
   load_bwd_inputs<T, kUnits>(in, p, T_len - 1, unit0);
   __syncthreads();
@@ -679,24 +690,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
   bool arrived = false;  // an arrive at the cluster barrier whose wait is still due
   for (int t = T_len - 1; t >= 0; --t) {
     T* dg_t = d_gates + size_t(t) * B * G4;
-#pragma unroll
-    for (int i = 0; i < kOwned; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int b = e / kUnits, j = unit0 + e % kUnits;
-      if (b >= B || j >= H) continue;
-      const float ig = in[i][0], fg = in[i][1], gg = in[i][2], og = in[i][3];
-      const float c = in[i][4], c_prev = in[i][5];
-      const float tc = tanhf(c);
-      const float dh = in[i][6] + dh_s[e];
-      const float dc = dc_s[e] + dh * og * (1.0f - tc * tc);
-      T* dg = dg_t + size_t(b) * G4 + j;
-      dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
-      dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
-      dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
-      dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
-      dc_s[e] = dc * fg;
-      if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
-    }
+    bwd_elementwise<T, kUnits, kOwned>(in, dh_s, dc_s, dg_t, p, unit0, t);
     const unsigned epoch = T_len - t;
     grid_signal(p.flags, epoch);
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
