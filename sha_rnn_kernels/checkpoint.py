@@ -31,11 +31,13 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "CheckpointError",
     "check_file",
     "load_tensors",
     "numpy_state_to_plain",
     "numpy_state_from_plain",
+    "save_checkpoint",
     "upgrade",
     "main",
 ]
@@ -173,6 +175,30 @@ def _plain_rng(rng: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Writing a training checkpoint
+
+# What a training checkpoint of this version holds: tensors and plain data only (see the trainer).
+CHECKPOINT_FORMAT = 2
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync,
+    then ``os.replace``, so a crash never leaves a half-written checkpoint behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
 # Converting a trusted older checkpoint
 
 
@@ -181,8 +207,6 @@ def upgrade(old: str, new: str) -> None:
 
     This unpickles ``old`` in full (it may run code): call it only for files you made or trust.
     """
-    from . import train
-
     old = check_file(old, "OLD")
     payload = torch.load(old, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
@@ -190,8 +214,8 @@ def upgrade(old: str, new: str) -> None:
     payload = dict(payload)
     if "rng" in payload:
         payload["rng"] = _plain_rng(payload["rng"])
-    payload["format"] = train.CHECKPOINT_FORMAT
-    train.save_checkpoint(new, payload)
+    payload["format"] = CHECKPOINT_FORMAT
+    save_checkpoint(new, payload)
     load_tensors(new, "NEW")  # proves the result loads safely
 
 

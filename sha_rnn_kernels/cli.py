@@ -148,21 +148,6 @@ def replacement_error(save: Optional[str], resume: Optional[str], overwrite: boo
     )
 
 
-def folder_replacement_error(directory: Optional[str], overwrite: bool,
-                             flag: str = "--save-pretrained") -> Optional[str]:  # fmt: skip
-    """The one-line refusal when ``directory`` already holds a pretrained model (its
-    ``model.safetensors``) and ``overwrite`` was not given; None otherwise. Checked before any
-    data is read, so a run never ends by replacing a shared model it was not asked to."""
-    from .pretrained import WEIGHTS_NAME
-
-    if not directory or overwrite or not os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
-        return None
-    return (
-        f"{flag} {directory} already holds a model ({WEIGHTS_NAME}); choose another folder or "
-        f"add --overwrite to replace it"
-    )
-
-
 def backend_error(backend, device: torch.device, flag: str = "--backend") -> Optional[str]:
     """Why an explicitly named backend cannot run on ``device`` (checked before any data is
     read or model built), or None. Only what is known without tensors is checked: Triton

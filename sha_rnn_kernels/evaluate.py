@@ -34,6 +34,7 @@ import torch
 from . import cli, train
 from . import data as data_lib
 from .checkpoint import CheckpointError
+from .modules import SHARNN
 from .pretrained import from_pretrained, is_pretrained
 
 __all__ = ["CheckpointError", "load_model", "evaluate_checkpoint", "main"]
@@ -111,7 +112,7 @@ def load_model(
             checkpoint or folder.
     """
     if is_pretrained(path):
-        model, saved = from_pretrained(path, device, dtype, backend, label)
+        model, saved = from_pretrained(SHARNN, path, device, dtype, backend, label)
         config = dict(_FOLDER_DEFAULTS, bptt=min(1024, model.max_positions))
         config.update(saved.get("training", {}))
         return model, config

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .cli import folder_replacement_error
+from .pretrained import replacement_error
 
 __all__ = ["InferenceStep", "export_program", "export_checkpoint", "main"]
 
@@ -140,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="traced memory length (default: max_positions - T; 0: the first segment's program)",
     )
     args = p.parse_args(argv)
-    problem = folder_replacement_error(args.outdir, args.overwrite, flag="OUTDIR")
+    problem = replacement_error(args.outdir, args.overwrite, flag="OUTDIR")
     if problem is not None:
         print(f"{p.prog}: error: {problem}", file=sys.stderr)
         return 2

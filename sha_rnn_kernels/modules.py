@@ -809,7 +809,7 @@ class SHARNN(nn.Module):
             >>> g = torch.Generator().manual_seed(0)
             >>> ids = list(model.generate(list(b"Hello"), 20, top_k=5, generator=g))
         """
-        from .generate import generate
+        from .sampling import generate
 
         return generate(
             self, prompt_ids, length, temperature=temperature, top_k=top_k,
@@ -831,7 +831,7 @@ class SHARNN(nn.Module):
         no code from the folder runs). Raises ``CheckpointError`` saying what is wrong."""
         from .pretrained import from_pretrained
 
-        return from_pretrained(directory, device=device, dtype=dtype, backend=backend)[0]
+        return from_pretrained(cls, directory, device=device, dtype=dtype, backend=backend)[0]
 
     def extra_repr(self) -> str:
         return (

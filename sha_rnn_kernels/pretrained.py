@@ -48,9 +48,8 @@ def save_pretrained(model, directory: str, training: Optional[dict] = None) -> N
     """
     from safetensors.torch import save_model
 
-    from .modules import SHARNN
-
-    if not isinstance(model, SHARNN):
+    # A SHARNN by what it holds (this module sits below modules.py and does not import it).
+    if not isinstance(model, torch.nn.Module) or not all(hasattr(model, n) for n in _ARGS):
         raise TypeError(f"model must be a SHARNN; got {type(model).__name__}")
     if not isinstance(directory, (str, os.PathLike)) or os.fspath(directory) == "":
         raise ValueError(f"directory must be a folder path; got {directory!r}")
@@ -76,6 +75,19 @@ def save_pretrained(model, directory: str, training: Optional[dict] = None) -> N
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def replacement_error(directory: Optional[str], overwrite: bool,
+                      flag: str = "--save-pretrained") -> Optional[str]:  # fmt: skip
+    """The one-line refusal when ``directory`` already holds a pretrained model (its
+    ``model.safetensors``) and ``overwrite`` was not given; None otherwise. Checked before any
+    data is read, so a run never ends by replacing a shared model it was not asked to."""
+    if not directory or overwrite or not os.path.exists(os.path.join(directory, WEIGHTS_NAME)):
+        return None
+    return (
+        f"{flag} {directory} already holds a model ({WEIGHTS_NAME}); choose another folder or "
+        f"add --overwrite to replace it"
+    )
 
 
 def is_pretrained(path: Any) -> bool:
@@ -114,14 +126,16 @@ def read_config(directory: str, label: str = "directory") -> dict:
 
 
 def from_pretrained(
+    model_class: type,
     directory: str,
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     backend: Any = None,
     label: str = "directory",
 ) -> tuple:
-    """``(model, config)``: the :class:`~sha_rnn_kernels.SHARNN` saved in ``directory``, in
-    eval mode, and its ``config.json``. ``backend`` (None: the saved one) picks the kernels.
+    """``(model, config)``: the model saved in ``directory`` (built as ``model_class``, i.e.
+    :class:`~sha_rnn_kernels.SHARNN`, which passes itself), in eval mode, and its
+    ``config.json``. ``backend`` (None: the saved one) picks the kernels.
 
     Raises:
         CheckpointError: a missing folder or file, a config that is not ours, weights that are
@@ -129,8 +143,6 @@ def from_pretrained(
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
-
-    from .modules import SHARNN
 
     config = read_config(directory, label)
     directory = os.fspath(directory)
@@ -140,7 +152,7 @@ def from_pretrained(
     if os.path.getsize(weights) == 0:
         raise CheckpointError(f"{label} {directory}: {WEIGHTS_NAME} is empty")
     try:
-        model = SHARNN(
+        model = model_class(
             **{name: config[name] for name in _ARGS},
             tie_weights=bool(config.get("tie_weights", True)),
             backend=backend if backend is not None else config.get("backend"),

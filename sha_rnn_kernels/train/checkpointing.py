@@ -20,29 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import numpy_state_from_plain, numpy_state_to_plain
+from ..checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and save_checkpoint re-exported
+    CHECKPOINT_FORMAT,
+    numpy_state_from_plain,
+    numpy_state_to_plain,
+    save_checkpoint,
+)
 from .distributed import Dist
 from .settings import UsageError
 
 # 2: RNG states as plain data, so that the file loads with weights_only=True.
-CHECKPOINT_FORMAT = 2
-
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync,
-    then ``os.replace``, so a crash never leaves a half-written checkpoint behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path: str, label: str = "--resume") -> dict:
@@ -208,14 +195,21 @@ def _init_weights(model: nn.Module, path: str) -> None:
     """Copy the weights of a checkpoint or pretrained folder into ``model`` (--init-from);
     nothing in the file runs code."""
     from ..checkpoint import CheckpointError
-    from ..evaluate import load_model
+    from ..pretrained import from_pretrained, is_pretrained
 
+    label = "--init-from"
+    if is_pretrained(path):
+        try:
+            state = from_pretrained(type(model), path, label=label)[0].state_dict()
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        payload = load_checkpoint(path, label)
+        if "model" not in payload:
+            raise UsageError(f"{label} {path}: not a training checkpoint of sha_rnn_kernels")
+        state = payload["model"]
     try:
-        source, _ = load_model(path, label="--init-from")
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        model.load_state_dict(source.state_dict(), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UsageError(
             f"--init-from {path}: its weights do not fit this model "

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .. import cli
+from .. import cli, pretrained
 from .checkpointing import SaveLock, load_checkpoint
 from .distributed import _any_rank, _setup_distributed
 from .loop import TrainResult, fit
@@ -52,7 +52,7 @@ def run(
                 if ddp.is_main:  # under the lock: no other run can write the file meanwhile
                     problem = cli.replacement_error(
                         config["save"], args.resume, config["overwrite"]
-                    ) or cli.folder_replacement_error(
+                    ) or pretrained.replacement_error(
                         config["save_pretrained"], config["overwrite"]
                     )
                     if problem is not None:
