@@ -344,7 +344,8 @@ def single_head_attention(
     width = _check_attention_shapes(op, q, k, v, segment, detached_keys, batch_first)
     # Whether the caller passed segment as the view kv[n:] (checked on the tensors as given,
     # before autocast makes copies of both).
-    tail_view = segment is not None and _is_view_of(segment, k[detached_keys:])
+    check_tail = segment is not None and not _segment_is_tail
+    tail_view = check_tail and _is_view_of(segment, k[detached_keys:])
     key_gate = _gate(op, "key_gate", key_gate, width)
     value_gate = _gate(op, "value_gate", value_gate, width)
     p = check_probability("dropout", dropout, op)
@@ -356,7 +357,7 @@ def single_head_attention(
     _check_same(
         op, [("q", q), ("k", k), ("v", v), ("segment", segment)], check_dtype=not autocast_on
     )
-    if segment is not None and not _segment_is_tail:
+    if check_tail:
         _check_segment_is_tail(op, tail_view, k, detached_keys, segment)
     key_gate, value_gate = _gates_like(op, q, key_gate, value_gate)
     if not training:

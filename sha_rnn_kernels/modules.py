@@ -803,7 +803,7 @@ class SHARNN(nn.Module):
     ):
         """Sample ``length`` token ids after ``prompt_ids``: an iterator yielding each id (an
         int) as soon as it is drawn. Each new id is one ``T = 1`` step that carries the LSTM
-        states and the attention memory. See :func:`sha_rnn_kernels.generate.generate`.
+        states and the attention memory. See :func:`sha_rnn_kernels.sampling.generate`.
 
         Example:
             >>> g = torch.Generator().manual_seed(0)
