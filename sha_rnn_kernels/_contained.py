@@ -225,7 +225,10 @@ def first_use_verdict(op: str, backend: str, device: torch.device, dtype: torch.
         # Once per process: every rank reaches this point at the same first use.
         if key_text in store.agreed:
             return store.agreed[key_text]
-        verdict = store.lookup(key)
+        # Only the ranks that check read the node's cache: another local rank takes the verdict
+        # through the agreement alone, whether or not local rank 0 has written it to the shared
+        # cache yet (reading it would make that rank's reason depend on that race).
+        verdict = store.lookup(key) if world[1] else None
         if verdict is None and world[1]:
             store.runs += 1
             verdict = run_check(job)
