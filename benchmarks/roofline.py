@@ -288,7 +288,7 @@ def rows(gpu_key: str, shape: Optional[dict] = None, rates: str = "achievable") 
 # counts, compiled registers and latency budgets: (op, low ms, high ms, where it is derived).
 ESTIMATES = {
     "h100": [
-        ("lstm", 3.3, 5.4, "CUDA kernel, one layer: the per-step budget in docs/design/lstm.md"),
+        ("lstm", 2.5, 4.2, "CUDA kernel, one layer: the per-step budget in docs/design/lstm.md"),
         ("attention", 1.33, 1.52, "docs/design/attention.md, segment form"),
         ("boom", 0.68, 0.71, "docs/design/boom.md, cuBLAS GEMM + fused sum pass"),
     ],

@@ -23,15 +23,13 @@ namespace {
 using sha_rnn::LstmDtype;
 
 void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                  const at::Device& device, at::IntArrayRef shape, bool aligned) {
+                  const at::Device& device, at::IntArrayRef shape) {
   TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  if (aligned) {
-    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, name,
-                " must be 16-byte aligned (the kernel reads it with 16-byte vectors)");
-  }
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, name,
+              " must be 16-byte aligned (the kernels access it in 16-byte vectors and pairs)");
 }
 
 LstmDtype kernel_dtype(const at::Tensor& t) {
@@ -56,18 +54,18 @@ at::Tensor lstm_forward(const at::Tensor& xproj, const at::Tensor& w_hh, const a
   const auto dev = xproj.device();
   TORCH_CHECK(xproj.dim() == 3, "xproj must be [T, B, 4H]");
   const int64_t T = xproj.size(0), B = xproj.size(1), H = w_hh.size(1);
-  check_tensor(xproj, "xproj", st, dev, {T, B, 4 * H}, false);
-  check_tensor(w_hh, "w_hh", st, dev, {4 * H, H}, true);
-  check_tensor(h0, "h0", st, dev, {B, H}, true);
-  check_tensor(c0, "c0", st, dev, {B, H}, false);
-  check_tensor(out, "out", st, dev, {T, B, H}, true);
-  check_tensor(c_n, "c_n", st, dev, {B, H}, false);
+  check_tensor(xproj, "xproj", st, dev, {T, B, 4 * H});
+  check_tensor(w_hh, "w_hh", st, dev, {4 * H, H});
+  check_tensor(h0, "h0", st, dev, {B, H});
+  check_tensor(c0, "c0", st, dev, {B, H});
+  check_tensor(out, "out", st, dev, {T, B, H});
+  check_tensor(c_n, "c_n", st, dev, {B, H});
   const bool save = gates.has_value() && gates->defined();
   TORCH_CHECK(save == (cells.has_value() && cells->defined()),
               "gates and cells are saved together");
   if (save) {
-    check_tensor(*gates, "gates", at::kFloat, dev, {T, B, 4 * H}, false);
-    check_tensor(*cells, "cells", at::kFloat, dev, {T, B, H}, false);
+    check_tensor(*gates, "gates", at::kFloat, dev, {T, B, 4 * H});
+    check_tensor(*cells, "cells", at::kFloat, dev, {T, B, H});
   }
   const c10::cuda::CUDAGuard guard(dev);
   sha_rnn::LstmFwdParams p{};
@@ -81,24 +79,22 @@ at::Tensor lstm_forward(const at::Tensor& xproj, const at::Tensor& w_hh, const a
   p.cells = save ? cells->data_ptr<float>() : nullptr;
   TORCH_CHECK(units >= 1, "units must be >= 1, got ", units);
   TORCH_CHECK(reserve_sms >= 0, "reserve_sms must be >= 0, got ", reserve_sms);
-  // Error word and per-block step flags (the launcher sets them on the stream before the
-  // kernel); returned so that the caller can read the error word.
-  at::Tensor flags = at::empty(
-      {sha_rnn::lstm_step_buffer_words(static_cast<int>(H), static_cast<int>(units))},
-      xproj.options().dtype(at::kInt));
-  p.flags = static_cast<unsigned*>(flags.data_ptr());
+  // The error word (the launcher sets it on the stream before the kernel); returned so that
+  // the caller can read it.
+  at::Tensor status = at::empty({sha_rnn::kLstmStatusWords}, xproj.options().dtype(at::kInt));
+  p.status = static_cast<unsigned long long*>(status.data_ptr());
   p.seq_len = static_cast<int>(T);
   p.batch = static_cast<int>(B);
   p.hidden = static_cast<int>(H);
   p.units = static_cast<int>(units);
   p.reserve_sms = static_cast<int>(reserve_sms);
   sha_rnn::lstm_forward_launch(dtype, p, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
-  return flags;
+  return status;
 }
 
 // Backward of the recurrence. Writes d_gates [T, B, 4H] (gradient of the gate
-// pre-activations), d_h0 and d_c0 [B, H]. Both launchers return the step buffer (int32: the
-// error word in its first two elements, see kLstmWaitLimitCycles).
+// pre-activations), d_h0 and d_c0 [B, H]. Both launchers return the status buffer (int32: the
+// error word in its two elements, see kLstmWaitLimitCycles).
 at::Tensor lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates,
                          const at::Tensor& cells, const at::Tensor& c0, const at::Tensor& d_out,
                          const at::Tensor& d_hn, const at::Tensor& d_cn, at::Tensor d_gates,
@@ -110,16 +106,16 @@ at::Tensor lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates,
   const auto dev = w_hh.device();
   TORCH_CHECK(gates.dim() == 3, "gates must be [T, B, 4H]");
   const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
-  check_tensor(w_hh, "w_hh", st, dev, {4 * H, H}, false);
-  check_tensor(gates, "gates", at::kFloat, dev, {T, B, 4 * H}, false);
-  check_tensor(cells, "cells", at::kFloat, dev, {T, B, H}, false);
-  check_tensor(c0, "c0", st, dev, {B, H}, false);
-  check_tensor(d_out, "d_out", st, dev, {T, B, H}, false);
-  check_tensor(d_hn, "d_hn", st, dev, {B, H}, false);
-  check_tensor(d_cn, "d_cn", st, dev, {B, H}, false);
-  check_tensor(d_gates, "d_gates", st, dev, {T, B, 4 * H}, true);
-  check_tensor(d_h0, "d_h0", st, dev, {B, H}, false);
-  check_tensor(d_c0, "d_c0", st, dev, {B, H}, false);
+  check_tensor(w_hh, "w_hh", st, dev, {4 * H, H});
+  check_tensor(gates, "gates", at::kFloat, dev, {T, B, 4 * H});
+  check_tensor(cells, "cells", at::kFloat, dev, {T, B, H});
+  check_tensor(c0, "c0", st, dev, {B, H});
+  check_tensor(d_out, "d_out", st, dev, {T, B, H});
+  check_tensor(d_hn, "d_hn", st, dev, {B, H});
+  check_tensor(d_cn, "d_cn", st, dev, {B, H});
+  check_tensor(d_gates, "d_gates", st, dev, {T, B, 4 * H});
+  check_tensor(d_h0, "d_h0", st, dev, {B, H});
+  check_tensor(d_c0, "d_c0", st, dev, {B, H});
   const c10::cuda::CUDAGuard guard(dev);
   sha_rnn::LstmBwdParams p{};
   p.w_hh = w_hh.data_ptr();
@@ -134,17 +130,15 @@ at::Tensor lstm_backward(const at::Tensor& w_hh, const at::Tensor& gates,
   p.d_c0 = d_c0.data_ptr();
   TORCH_CHECK(units >= 1, "units must be >= 1, got ", units);
   TORCH_CHECK(reserve_sms >= 0, "reserve_sms must be >= 0, got ", reserve_sms);
-  at::Tensor flags = at::empty(
-      {sha_rnn::lstm_step_buffer_words(static_cast<int>(H), static_cast<int>(units))},
-      w_hh.options().dtype(at::kInt));
-  p.flags = static_cast<unsigned*>(flags.data_ptr());
+  at::Tensor status = at::empty({sha_rnn::kLstmStatusWords}, w_hh.options().dtype(at::kInt));
+  p.status = static_cast<unsigned long long*>(status.data_ptr());
   p.seq_len = static_cast<int>(T);
   p.batch = static_cast<int>(B);
   p.hidden = static_cast<int>(H);
   p.units = static_cast<int>(units);
   p.reserve_sms = static_cast<int>(reserve_sms);
   sha_rnn::lstm_backward_launch(dtype, p, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
-  return flags;
+  return status;
 }
 
 }  // namespace

@@ -1,40 +1,44 @@
 // Persistent LSTM (torch.nn.LSTM semantics, one layer, time-major) for sm_80 and newer.
 //
 // One cooperative launch runs the whole time loop (cooperative for its guarantee that all G
-// blocks are resident at once, which the per-step flags below rely on: a block spinning on a
-// flag never waits for a block that has not started). The grid has G = ceil(H / units) blocks
-// (at most one per SM); block g owns the hidden units j in [g*units, (g+1)*units) and keeps
-// the rows of W_hh those units need in shared memory for the whole sequence, so the recurrent
-// weights are read from HBM once per launch instead of once per step.
+// blocks are resident at once, which the step hand-off below relies on: a block polling for
+// another block's words never waits for a block that has not started). The grid has
+// G = ceil(H / units) blocks (at most one per SM); block g owns the hidden units j in
+// [g*units, (g+1)*units) and keeps the rows of W_hh those units need in shared memory for the
+// whole sequence, so the recurrent weights are read from HBM once per launch instead of once
+// per step.
 //
-// Forward, step t (one grid-wide synchronisation per step: per-block flags, see grid_signal):
+// Step hand-off (no flags, no fences): the launcher fills the buffer a launch publishes into
+// (out, d_gates) with kLstmUnpublished words; a block publishes its values two at a time with
+// 32-bit relaxed stores (pack2 never produces the unpublished word), and a block that needs
+// them polls them with relaxed 16-byte loads until no word reads unpublished (warp_gemm,
+// wait_published). The first poll is the load of the data: a hand-off costs the store's trip
+// to L2 and one poll, not a fence, a flag store, a flag poll and then the data load.
+//
+// Forward, step t:
 //   1. MMA: the block computes its B x 4*units slice of h_{t-1} W_hh^T with mma.sync
 //      m16n8k16 (fp16/bf16 in, fp32 accumulate), one 16-row batch tile after another (B <= 64:
-//      up to 4 tiles; a partial tile clamps its row index). h_{t-1} comes straight from
-//      global memory/L2 (out[t-1], or h0) with ld.global.cg, the W_hh slice from shared
-//      memory. The 8 warps split K (= H) in 32-wide chunks and their partial tiles are summed
-//      in shared memory.
+//      up to 4 tiles; a partial tile clamps its row index). h_{t-1} is polled from out[t-1]
+//      (h0 at t = 0, a plain load), the W_hh slice read from shared memory. The 8 warps split
+//      K (= H) in 32-wide chunks and their partial tiles are summed in shared memory.
 //   2. Gates and cell update for the block's units, fused: pre = partial + xproj[t] (xproj =
 //      x W_ih^T + b_ih + b_hh, a GEMM done before the loop); c stays in fp32 shared memory for
-//      the whole sequence; h_t is written to out[t] (global, so L2), which is where every
-//      block reads it at step t + 1.
-//   3. The block publishes step t (grid_signal), issues the loads of xproj[t + 1], and waits
-//      until every block has published step t (grid_wait): out[t] is then visible.
+//      the whole sequence; h_t is published to out[t], where every block polls it at step t+1.
+//   3. The loads of xproj[t + 1] are issued; they fly during the next step's polls.
 // Saved for backward (only when a gradient is needed): the activated gates i, f, g, o and
 // c_t in fp32; tanh(c_t) is recomputed.
 //
-// Backward, step t from T-1 down to 0 (one grid-wide synchronisation per step):
+// Backward, step t from T-1 down to 0:
 //   1. Elementwise for the block's units: dh = d_out[t] + dh_rec (dh_rec: the block's
 //      columns of dgates_{t+1} W_hh, or d_hn at t = T-1), dc = dc_next + dh o (1 - tanh^2 c),
-//      dgates_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dh tanh(c) o(1-o)] written to
-//      global (also the input of the weight-gradient GEMMs), dc_next = dc f.
-//   2. The block publishes dgates_t, issues the loads of step t-1's gates, cells and d_out,
-//      and waits for every block's dgates_t.
+//      dgates_t = [dc g i(1-i), dc c_{t-1} f(1-f), dc i (1-g^2), dh tanh(c) o(1-o)] published
+//      to d_gates[t] (also the input of the weight-gradient GEMMs), dc_next = dc f.
+//   2. The loads of step t-1's gates, cells and d_out are issued (they fly during the polls).
 //   3. MMA: the block computes its B x units slice of dh_{t-1} = dgates_t W_hh: the block
-//      owns the columns of W_hh of its units (4H x units, resident in shared memory), reads
-//      all of dgates_t (B x 4H) from L2, one 16-row tile after another. On sm_90 the
-//      backward runs in thread block clusters instead (lstm_bwd_cluster_kernel): the blocks
-//      of a cluster split K and each reads 1/C of dgates_t.
+//      owns the columns of W_hh of its units (4H x units, resident in shared memory), polls
+//      all of dgates_t (B x 4H), one 16-row tile after another. On sm_90 the backward runs in
+//      thread block clusters instead (lstm_bwd_cluster_kernel): the blocks of a cluster split
+//      K and each polls 1/C of dgates_t.
 // dW_ih = dgates^T x, dW_hh = dgates^T h_{t-1}, db = sum dgates, dx = dgates W_ih are large
 // GEMMs done after the loop (sha_rnn_kernels/_cuda.py).
 //
@@ -42,21 +46,19 @@
 // x 4 = 79,872 bytes; backward 8 x 4128 x 2 + 4 x 16 x 16 x 4 + 2 x 64 x 8 x 4 = 74,240 bytes
 // (formulas in lstm_persistent.h). 128 blocks fit the 132 SMs of an H100 at one block per SM.
 //
-// Per-step budget (bytes per block and grid from L2 and shared memory, FLOPs, flag traffic,
+// Per-step budget (bytes per block and grid from L2 and shared memory, FLOPs, the hand-off,
 // the latency chain, H100 and A100): docs/design/lstm.md. In short (estimated, H100, bf16,
-// H = 1024, B = 16): the backward's 16.8 MB per step of dgates reads (every block read all of
-// dgates_t) dominated the old kernel; the sm_90 backward runs in clusters that split K, 2.1 MB
-// per step at clusters of 8; the waits poll a lane's flags at once. ~1.3-2.3 us forward +
-// ~1.2-2.3 us backward per step, 3.3-5.4 ms per layer with the four GEMMs around it.
+// H = 1024, B = 16): the hand-off through published words costs ~1.5 L2 round trips where
+// flags cost ~3.5 (fence, flag, poll, data load); the sm_90 backward's clusters cut its L2
+// reads from 16.8 MB to 2.1 MB per step.
 // Not done: saving gates/cells in the model dtype (it would halve their memory, but their
 // stores are off the critical path: no latency gain, and bf16 gates add error to every
 // gradient).
 //
-// Sync points: __syncthreads after the weight slice load; per step and batch tile,
-// __syncthreads between the two halves of the split-K partial sums and before the
-// elementwise phase, one more before a later tile rewrites the partials, then grid_signal /
-// grid_wait (each starts with or ends in a block barrier, so the partial buffer can be
-// rewritten by the next step's MMA). The fp32 state in shared memory is private to its thread (see
+// Sync points: __syncthreads after the weight slice load; per batch tile, __syncthreads before
+// the split-K partials are written (except the very first tile: the previous tile's or step's
+// elementwise phase has read them), between the two halves of the split-K sum and before the
+// elementwise phase. The fp32 state in shared memory is private to its thread (see
 // owned_per_thread). All of this runs on the CPU under csrc/emu/cuda_emu.h
 // (tests/test_lstm_emulation.py), including a ThreadSanitizer build.
 //
@@ -69,6 +71,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <set>
 #include <utility>
@@ -100,6 +103,31 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Two adjacent model-dtype values as one 32-bit word (the lower index in the low half), and
+// back. pack2 never returns kLstmUnpublished: a pair of 0xFFFF NaNs becomes 0xFFFF7FFF.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T a = from_float<T>(lo), b = from_float<T>(hi);
+  uint16_t la, lb;
+  memcpy(&la, &a, 2);
+  memcpy(&lb, &b, 2);
+  const uint32_t word = uint32_t(la) | (uint32_t(lb) << 16);
+  return word == kLstmUnpublished ? 0xFFFF7FFFu : word;
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t word) {
+  const uint16_t la = uint16_t(word & 0xFFFFu), lb = uint16_t(word >> 16);
+  T a, b;
+  memcpy(&a, &la, 2);
+  memcpy(&b, &lb, 2);
+  return make_float2(to_float(a), to_float(b));
+}
+// The pair of model-dtype values at `ptr` (4-byte aligned), as floats.
+template <typename T>
+__device__ __forceinline__ float2 load2(const T* ptr) {
+  return unpack2<T>(*reinterpret_cast<const uint32_t*>(ptr));
+}
+
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 // d = a (16x16, row) * b (16x8, col) + d with fp32 accumulators (PTX fragment layout).
@@ -116,23 +144,26 @@ __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-
 #ifndef SHA_RNN_EXTERN_SMEM
 #define SHA_RNN_EXTERN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
-// The per-step flags: a release store at GPU scope (PTX ISA memory consistency model), and a
-// short back-off while polling.
-#ifndef SHA_RNN_STORE_RELEASE_GPU
-#define SHA_RNN_STORE_RELEASE_GPU(ptr, value) \
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory")
+// The step hand-off (lstm_persistent.h, kLstmUnpublished): a block publishes a pair of
+// model-dtype values with a 32-bit relaxed store at GPU scope and reads its inputs with relaxed
+// 16-byte vector loads (four 32-bit words, each of which is one publishing store: PTX models a
+// vector access as independent scalar accesses, so every word is seen whole, published or not).
+// `step` is the epoch being published (the CPU emulation's planted faults use it). A short
+// back-off between polls.
+#ifndef SHA_RNN_PUBLISH_U32
+#define SHA_RNN_PUBLISH_U32(ptr, value, step) \
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory")
+#endif
+#ifndef SHA_RNN_POLL_V4
+#define SHA_RNN_POLL_V4(ptr, out)                                                  \
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"               \
+               : "=r"((out).x), "=r"((out).y), "=r"((out).z), "=r"((out).w) : "l"(ptr))
+#endif
+#ifndef SHA_RNN_UNPUBLISHED
+#define SHA_RNN_UNPUBLISHED(word) ((word) == kLstmUnpublished)
 #endif
 #ifndef SHA_RNN_SPIN_PAUSE
 #define SHA_RNN_SPIN_PAUSE() __nanosleep(20)
-#endif
-// The waits poll every flag with relaxed loads (all of a lane's loads in flight at once) and
-// acquire what they saw with one fence: PTX's acquire pattern (ld.relaxed; fence.acq_rel).
-#ifndef SHA_RNN_LOAD_RELAXED_GPU
-#define SHA_RNN_LOAD_RELAXED_GPU(ptr, out) \
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(out) : "l"(ptr) : "memory")
-#endif
-#ifndef SHA_RNN_FENCE_ACQUIRE_GPU
-#define SHA_RNN_FENCE_ACQUIRE_GPU() asm volatile("fence.acq_rel.gpu;" ::: "memory")
 #endif
 // The error word: read relaxed, recorded with atomicMin (the earliest step wins).
 #ifndef SHA_RNN_LOAD_RELAXED_GPU_U64
@@ -185,6 +216,73 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t
   SHA_RNN_MMA_M16N8K16("bf16", d, a0, a1, a2, a3, b0, b1);
 }
 
+// Where a warp_gemm's A operand comes from. error == nullptr: an input of the launch (h0),
+// read with plain L2 loads. Otherwise words another block publishes during the launch (h_t,
+// dgates_t): polled until published (see wait_published), for at most `limit` cycles.
+// Column k of A (counted from col0, where the caller's A starts) belongs to block
+// ((col0 + k) % col_period) / cols_per_block, whom the error word names.
+struct PollPlan {
+  unsigned long long* error;
+  long long limit;
+  unsigned epoch;
+  int col0, col_period, cols_per_block;
+};
+
+__device__ __forceinline__ bool unpublished(const uint4& v) {
+  return SHA_RNN_UNPUBLISHED(v.x) || SHA_RNN_UNPUBLISHED(v.y) || SHA_RNN_UNPUBLISHED(v.z) ||
+         SHA_RNN_UNPUBLISHED(v.w);
+}
+
+// Re-poll a lane's A vectors lo[i] / hi[i] (loaded from a_lo + k0_i / a_hi + k0_i) until none
+// holds an unpublished word. The loads were issued once already; a lane whose words were all
+// published (the common case once blocks run in step) leaves at once. Bounded: past
+// plan.limit cycles the lane records the error word (atomicMin of (epoch << 32) | (late block
+// << 16) | this block) and returns; a lane that finds the error word set returns too, so from
+// then on no wait of any block waits and the launch ends on stale data (the host raises).
+template <typename T, int kBatch>
+__device__ __forceinline__ void wait_published(uint4 (&lo)[kBatch], uint4 (&hi)[kBatch],
+                                               const T* a_lo, const T* a_hi, int k_base,
+                                               int k_total, int q, const PollPlan& plan) {
+  constexpr int kStep = kLstmWarps * 32;
+  static_assert(2 * kBatch <= 32, "one pending bit per vector");
+  unsigned pending = 0;  // bit 2i: lo[i], bit 2i + 1: hi[i]
+#pragma unroll
+  for (int i = 0; i < kBatch; ++i) {
+    if (k_base + i * kStep + 8 * q >= k_total) continue;
+    if (unpublished(lo[i])) pending |= 1u << (2 * i);
+    if (unpublished(hi[i])) pending |= 2u << (2 * i);
+  }
+  if (pending == 0) return;
+  const long long start = SHA_RNN_CLOCK64();
+  while (true) {
+    SHA_RNN_SPIN_PAUSE();
+    // The re-polls and the error word's load are in flight together: one round trip a round.
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int k0 = k_base + i * kStep;
+      if (pending & (1u << (2 * i))) SHA_RNN_POLL_V4(a_lo + k0, lo[i]);
+      if (pending & (2u << (2 * i))) SHA_RNN_POLL_V4(a_hi + k0, hi[i]);
+    }
+    unsigned long long recorded = 0;
+    SHA_RNN_LOAD_RELAXED_GPU_U64(plan.error, recorded);
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if ((pending & (1u << (2 * i))) && !unpublished(lo[i])) pending &= ~(1u << (2 * i));
+      if ((pending & (2u << (2 * i))) && !unpublished(hi[i])) pending &= ~(2u << (2 * i));
+    }
+    if (pending == 0) return;
+    if (recorded != kLstmNoError) return;  // another wait gave up: the launch is void
+    if (SHA_RNN_CLOCK64() - start > plan.limit) {
+      const int first = __ffs(pending) - 1;
+      const int k = plan.col0 + k_base + (first >> 1) * kStep + 8 * q;
+      const unsigned late = unsigned(k % plan.col_period) / unsigned(plan.cols_per_block);
+      atomicMin(plan.error, (static_cast<unsigned long long>(plan.epoch) << 32) |
+                                (static_cast<unsigned long long>(late) << 16) | blockIdx.x);
+      return;
+    }
+  }
+}
+
 // One warp's share of C[16 x 8*NT] = A[16 x K] * W^T, where W is [8*NT x K] in shared memory
 // (row stride ldw) and A is in global memory (row stride lda, `rows` valid rows; rows beyond
 // are read as a copy of the last valid row, which only feeds output rows nobody stores).
@@ -198,19 +296,21 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t
 // 8 elements are either all inside K or all outside (then zeros, for A and W alike).
 //
 // Latency: the A loads of kBatch chunks are all issued before the first MMA, so a warp waits
-// for one L2 round trip per kBatch chunks instead of one per chunk; chunk i accumulates into
-// set i % kSets, so a long K (the backward's 4H) runs kSets independent MMA chains. The caller
+// for one L2 round trip per kBatch chunks instead of one per chunk (polled A: the first poll
+// is that load; only unpublished vectors are loaded again); chunk i accumulates into set
+// i % kSets, so a long K (the backward's 4H) runs kSets independent MMA chains. The caller
 // adds the sets. Chunks wholly past K (warp-uniform) issue no MMA.
 template <typename T, int NT, int kBatch, int kSets>
 __device__ __forceinline__ void warp_gemm(const T* __restrict__ a, int lda, int rows, int k_total,
                                           const T* __restrict__ w_s, int ldw, int warp, int lane,
-                                          float (&acc)[kSets][NT][4]) {
+                                          const PollPlan& plan, float (&acc)[kSets][NT][4]) {
   constexpr int kStep = kLstmWarps * 32;
   const int g = lane >> 2;
   const int q = lane & 3;
   const T* a_lo = a + static_cast<size_t>(min(g, rows - 1)) * lda + 8 * q;
   const T* a_hi = a + static_cast<size_t>(min(g + 8, rows - 1)) * lda + 8 * q;
   const T* w_row = w_s + g * ldw + 8 * q;
+  const bool poll = plan.error != nullptr;
   for (int k_base = warp * 32; k_base < k_total; k_base += kBatch * kStep) {
     uint4 lo[kBatch], hi[kBatch];
 #pragma unroll
@@ -219,11 +319,17 @@ __device__ __forceinline__ void warp_gemm(const T* __restrict__ a, int lda, int 
       lo[i] = make_uint4(0u, 0u, 0u, 0u);
       hi[i] = lo[i];
       if (k0 + 8 * q < k_total) {
-        // .cg: served by L2, never by a possibly stale L1 line (other blocks wrote A).
-        lo[i] = __ldcg(reinterpret_cast<const uint4*>(a_lo + k0));
-        hi[i] = __ldcg(reinterpret_cast<const uint4*>(a_hi + k0));
+        if (poll) {
+          SHA_RNN_POLL_V4(a_lo + k0, lo[i]);
+          SHA_RNN_POLL_V4(a_hi + k0, hi[i]);
+        } else {
+          // .cg: served by L2, never by a possibly stale L1 line.
+          lo[i] = __ldcg(reinterpret_cast<const uint4*>(a_lo + k0));
+          hi[i] = __ldcg(reinterpret_cast<const uint4*>(a_hi + k0));
+        }
       }
     }
+    if (poll) wait_published<T, kBatch>(lo, hi, a_lo, a_hi, k_base, k_total, q, plan);
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
       const int k0 = k_base + i * kStep;
@@ -294,98 +400,41 @@ __device__ __forceinline__ float partial_sum(const float* part_s, int cols, int 
   return s;
 }
 
-// Per-step flags instead of a grid-wide barrier. flags[g] counts the steps block g has
-// published. grid_signal: every thread of the block has stored its part of the step (block
-// barrier), then one thread publishes `epoch` with a release store (cumulative over the
-// block's stores, which the barrier ordered before it). grid_wait: lane l of warp 0 watches
-// blocks l, l + 32, ... (at most kLstmMaxFlagsPerLane): it issues the loads of up to four
-// unpublished flags at once (one L2 round trip per poll, not one per block), repeats until
-// each reached `epoch`, then a fence turns the relaxed loads into acquires and a block barrier
-// hands the guarantee to the whole block. Unlike cooperative_groups' grid.sync there is no
-// atomic on one shared counter (128 serialised read-modify-writes) and no second fence. The
-// data a step publishes (out[t], dgates_t) is written once and never overwritten, and a block
-// cannot run ahead of a step whose inputs are missing, so read after write is the only hazard
-// the flags must order.
-//
-// Bounded: a lane that has polled for more than `limit` cycles records the error word
-// (atomicMin of (epoch << 32) | (late block << 16) | this block) and stops waiting; a lane
-// that finds the error word set stops too. From then on no wait of any block waits, so every
-// block runs its remaining steps on stale data and the launch ends; the host reads the error
-// word and raises (the outputs are garbage, never returned). Nothing else in the kernels waits
-// on another block.
-__device__ __forceinline__ void grid_signal(unsigned* step_buffer, unsigned epoch) {
-  __syncthreads();
-  if (threadIdx.x == 0)
-    SHA_RNN_STORE_RELEASE_GPU(step_buffer + kLstmStatusWords + blockIdx.x, epoch);
-}
-
-__device__ __forceinline__ void grid_wait(unsigned* step_buffer, unsigned epoch,
-                                          long long limit) {
-  // Flags a lane polls at once: 4 (one L2 round trip per poll for grids up to 128 blocks; a
-  // second group for larger grids). 8 would keep 4 more registers live across the wait, which
-  // the 32-unit backward (255 registers) cannot spare.
-  constexpr int kGroup = 4;
-  static_assert(kLstmMaxFlagsPerLane % kGroup == 0, "whole groups");
-  if (threadIdx.x < 32) {
-    unsigned long long* error = reinterpret_cast<unsigned long long*>(step_buffer);
-    const unsigned* flags = step_buffer + kLstmStatusWords;
-    const int lane = threadIdx.x;
-    const long long start = SHA_RNN_CLOCK64();
-    bool give_up = false;
-    for (int first = lane; first < int(gridDim.x) && !give_up; first += 32 * kGroup) {
-      unsigned pending = 0;  // bit i: block first + 32 i has not published `epoch` yet
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i)
-        if (first + 32 * i < int(gridDim.x)) pending |= 1u << i;
-      while (true) {
-        unsigned seen[kGroup];
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i)
-          if (pending & (1u << i)) SHA_RNN_LOAD_RELAXED_GPU(flags + first + 32 * i, seen[i]);
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i)
-          if ((pending & (1u << i)) && seen[i] >= epoch) pending &= ~(1u << i);
-        if (pending == 0) break;
-        unsigned long long recorded = 0;
-        SHA_RNN_LOAD_RELAXED_GPU_U64(error, recorded);
-        give_up = recorded != kLstmNoError;  // another wait gave up: the launch is void
-        if (!give_up && SHA_RNN_CLOCK64() - start > limit) {
-          const unsigned late = first + 32 * (__ffs(pending) - 1);
-          atomicMin(error, (static_cast<unsigned long long>(epoch) << 32) |
-                               (static_cast<unsigned long long>(late) << 16) | blockIdx.x);
-          give_up = true;
-        }
-        if (give_up) break;
-        SHA_RNN_SPIN_PAUSE();
-      }
-    }
-    SHA_RNN_FENCE_ACQUIRE_GPU();
-  }
-  __syncthreads();
-}
-
-// The block's elementwise work is the [B x kUnits] grid of (batch row b, unit u); element
-// e = b * kUnits + u belongs to thread e % kThreads at every phase and step, so the fp32 state
-// kept in shared memory (c, dh, dc) is private to its thread and needs no barrier. A thread
-// owns at most kOwned elements (at B = kLstmMaxBatch); its i-th is e = threadIdx.x + i*kThreads.
+// The block's elementwise work is the [B x kUnits / 2] grid of (batch row b, unit pair p: units
+// 2p and 2p + 1, whose values one 32-bit word publishes); pair e = b * kUnits / 2 + p belongs
+// to thread e % kThreads at every phase and step, so the fp32 state kept in shared memory (c,
+// dh, dc) is private to its thread and needs no barrier. A thread owns at most kOwned pairs (at
+// B = kLstmMaxBatch); its i-th is e = threadIdx.x + i * kThreads.
 template <int kUnits>
 __host__ __device__ constexpr int owned_per_thread() {
-  return (kLstmMaxBatch * kUnits + kThreads - 1) / kThreads;
+  return (kLstmMaxBatch * (kUnits / 2) + kThreads - 1) / kThreads;
 }
 
-// xproj[t] of the thread's elements (0 past B or H), all four gates: registers, loaded ahead.
+// Batch row and first unit (within the block) of the thread's i-th pair.
+template <int kUnits>
+__device__ __forceinline__ void owned_pair(int i, int& b, int& u) {
+  const int e = threadIdx.x + i * kThreads;
+  b = e / (kUnits / 2);
+  u = 2 * (e % (kUnits / 2));
+}
+
+// xproj[t] of the thread's pairs (0 past B or H), all four gates: registers, loaded ahead.
 template <typename T, int kUnits, int kOwned>
-__device__ __forceinline__ void load_xproj(float (&xq)[kOwned][4], const T* xproj, int t, int B,
-                                           int H, int unit0) {
+__device__ __forceinline__ void load_xproj(float (&xq)[kOwned][4][2], const T* xproj, int t,
+                                           int B, int H, int unit0) {
   const T* xp = xproj + size_t(t) * B * 4 * H;
 #pragma unroll
   for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
-    const bool live = b < B && j < H;
+    int b, u;
+    owned_pair<kUnits>(i, b, u);
+    const int j = unit0 + u;
+    const bool live = b < B && j < H;  // H % 8 == 0: j + 1 < H too
 #pragma unroll
-    for (int gate = 0; gate < 4; ++gate)
-      xq[i][gate] = live ? to_float(xp[size_t(b) * 4 * H + gate * H + j]) : 0.0f;
+    for (int gate = 0; gate < 4; ++gate) {
+      const float2 v = live ? load2(xp + size_t(b) * 4 * H + gate * H + j) : make_float2(0.f, 0.f);
+      xq[i][gate][0] = v.x;
+      xq[i][gate][1] = v.y;
+    }
   }
 }
 
@@ -427,86 +476,107 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
   }
 #pragma unroll
   for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
-    if (b < B) c_s[e] = j < H ? to_float(c0[b * H + j]) : 0.0f;
+    int b, u;
+    owned_pair<kUnits>(i, b, u);
+    const int j = unit0 + u;
+    if (b >= B) continue;
+    const float2 c = j < H ? load2(c0 + b * H + j) : make_float2(0.f, 0.f);
+    c_s[b * kUnits + u] = c.x;
+    c_s[b * kUnits + u + 1] = c.y;
   }
-  float xq[kOwned][4];
+  float xq[kOwned][4][2];
   load_xproj<T, kUnits>(xq, xproj, 0, B, H, unit0);
   __syncthreads();
 
   for (int t = 0; t < T_len; ++t) {
+    // h_{t-1}: h0 (an input) or out[t-1], which every block publishes during step t-1 (epoch t).
     const T* h_prev = t == 0 ? h0 : out + size_t(t - 1) * B * H;
+    const PollPlan plan{t == 0 ? nullptr : p.status, limit, unsigned(t), 0, H, kUnits};
     for (int row0 = 0; row0 < B; row0 += 16) {
       const int rows = min(16, B - row0);
       float acc[1][kTiles][4];
       zero(acc);
       warp_gemm<T, kTiles, kLstmFwdLoadBatch, 1>(h_prev + size_t(row0) * H, H, rows, H, w_s,
-                                                 ldw, warp, lane, acc);
-      if (row0 > 0) __syncthreads();  // the previous tile's gate phase has read part_s
+                                                 ldw, warp, lane, plan, acc);
+      // The previous tile's (or step's) gate phase has read part_s.
+      if (row0 > 0 || t > 0) __syncthreads();
       reduce_partials<kTiles>(part_s, acc[0], warp, lane);
 
 #pragma unroll
       for (int i = 0; i < kOwned; ++i) {
-        const int e = threadIdx.x + i * kThreads;
-        const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+        int b, u;
+        owned_pair<kUnits>(i, b, u);
+        const int j = unit0 + u;
         if (b < row0 || b >= row0 + rows || j >= H) continue;
-        float pre[4];
+        float h2[2], c2[2], act[2][4];
 #pragma unroll
-        for (int gate = 0; gate < 4; ++gate)
-          pre[gate] = partial_sum(part_s, kRows, b - row0, gate * kUnits + u) + xq[i][gate];
-        const float ig = sigmoid(pre[0]), fg = sigmoid(pre[1]);
-        const float gg = tanhf(pre[2]), og = sigmoid(pre[3]);
-        const float c = fg * c_s[e] + ig * gg;
-        c_s[e] = c;
-        const float h = og * tanhf(c);
-        out[(size_t(t) * B + b) * H + j] = from_float<T>(h);
-        if (p.gates != nullptr) {
-          float* gt = p.gates + (size_t(t) * B + b) * 4 * H + j;
-          gt[0] = ig;
-          gt[H] = fg;
-          gt[2 * H] = gg;
-          gt[3 * H] = og;
+        for (int s = 0; s < 2; ++s) {
+          float pre[4];
+#pragma unroll
+          for (int gate = 0; gate < 4; ++gate)
+            pre[gate] =
+                partial_sum(part_s, kRows, b - row0, gate * kUnits + u + s) + xq[i][gate][s];
+          act[s][0] = sigmoid(pre[0]);
+          act[s][1] = sigmoid(pre[1]);
+          act[s][2] = tanhf(pre[2]);
+          act[s][3] = sigmoid(pre[3]);
+          c2[s] = act[s][1] * c_s[b * kUnits + u + s] + act[s][0] * act[s][2];
+          c_s[b * kUnits + u + s] = c2[s];
+          h2[s] = act[s][3] * tanhf(c2[s]);
         }
-        if (p.cells != nullptr) p.cells[(size_t(t) * B + b) * H + j] = c;
-        if (t == T_len - 1) static_cast<T*>(p.c_n)[b * H + j] = from_float<T>(c);
+        const size_t row = size_t(t) * B + b;
+        SHA_RNN_PUBLISH_U32(out + row * H + j, pack2<T>(h2[0], h2[1]), unsigned(t + 1));
+        if (p.gates != nullptr) {
+#pragma unroll
+          for (int gate = 0; gate < 4; ++gate)
+            *reinterpret_cast<float2*>(p.gates + row * 4 * H + gate * H + j) =
+                make_float2(act[0][gate], act[1][gate]);
+        }
+        if (p.cells != nullptr)
+          *reinterpret_cast<float2*>(p.cells + row * H + j) = make_float2(c2[0], c2[1]);
+        if (t == T_len - 1)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.c_n) + b * H + j) =
+              pack2<T>(c2[0], c2[1]);
       }
     }
-    if (t + 1 < T_len) {
-      grid_signal(p.flags, t + 1);  // out[t] of this block published
-      // xproj[t + 1] does not depend on the recurrence: its loads fly during the wait (issued
-      // after the signal, so that the publishing thread's release never waits for them).
-      load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
-      grid_wait(p.flags, t + 1, limit);  // out[t] of every block visible before step t + 1
-    }
+    // xproj[t + 1] does not depend on the recurrence: its loads fly during the next step's
+    // polls of h_t.
+    if (t + 1 < T_len) load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
   }
 }
 
 // What the backward's elementwise phase of step t reads from global memory for the thread's
-// elements: gates i, f, g, o, c_t, c_{t-1} (c0 at t = 0) and d_out[t]. Loaded one step ahead.
+// pairs: gates i, f, g, o, c_t, c_{t-1} (c0 at t = 0) and d_out[t]. Loaded one step ahead.
 template <typename T, int kUnits, int kOwned>
-__device__ __forceinline__ void load_bwd_inputs(float (&in)[kOwned][7], const LstmBwdParams& p,
+__device__ __forceinline__ void load_bwd_inputs(float (&in)[kOwned][7][2], const LstmBwdParams& p,
                                                 int t, int unit0) {
   const int B = p.batch, H = p.hidden;
   const T* c0 = static_cast<const T*>(p.c0);
   const T* d_out = static_cast<const T*>(p.d_out);
 #pragma unroll
   for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
+    int b, u;
+    owned_pair<kUnits>(i, b, u);
+    const int j = unit0 + u;
     if (b >= B || j >= H) continue;
-    const float* gt = p.gates + (size_t(t) * B + b) * 4 * H + j;
-    in[i][0] = gt[0];
-    in[i][1] = gt[H];
-    in[i][2] = gt[2 * H];
-    in[i][3] = gt[3 * H];
-    in[i][4] = p.cells[(size_t(t) * B + b) * H + j];
-    in[i][5] = t > 0 ? p.cells[(size_t(t - 1) * B + b) * H + j] : to_float(c0[b * H + j]);
-    in[i][6] = to_float(d_out[(size_t(t) * B + b) * H + j]);
+    const size_t row = size_t(t) * B + b;
+    float2 v[7];
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate)
+      v[gate] = *reinterpret_cast<const float2*>(p.gates + row * 4 * H + gate * H + j);
+    v[4] = *reinterpret_cast<const float2*>(p.cells + row * H + j);
+    v[5] = t > 0 ? *reinterpret_cast<const float2*>(p.cells + (row - B) * H + j)
+                 : load2(c0 + b * H + j);
+    v[6] = load2(d_out + row * H + j);
+#pragma unroll
+    for (int k = 0; k < 7; ++k) {
+      in[i][k][0] = v[k].x;
+      in[i][k][1] = v[k].y;
+    }
   }
 }
 
-// The backward's carried gradients for the thread's elements at the sequence end: dh_s = d_hn,
+// The backward's carried gradients for the thread's pairs at the sequence end: dh_s = d_hn,
 // dc_s = d_cn (zero for the padded units past H).
 template <typename T, int kUnits, int kOwned>
 __device__ __forceinline__ void init_bwd_state(float* dh_s, float* dc_s, const LstmBwdParams& p,
@@ -516,39 +586,56 @@ __device__ __forceinline__ void init_bwd_state(float* dh_s, float* dc_s, const L
   const T* d_cn = static_cast<const T*>(p.d_cn);
 #pragma unroll
   for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
+    int b, u;
+    owned_pair<kUnits>(i, b, u);
+    const int j = unit0 + u;
     if (b >= B) continue;
-    dh_s[e] = j < H ? to_float(d_hn[b * H + j]) : 0.0f;
-    dc_s[e] = j < H ? to_float(d_cn[b * H + j]) : 0.0f;
+    const float2 dh = j < H ? load2(d_hn + b * H + j) : make_float2(0.f, 0.f);
+    const float2 dc = j < H ? load2(d_cn + b * H + j) : make_float2(0.f, 0.f);
+    dh_s[b * kUnits + u] = dh.x;
+    dh_s[b * kUnits + u + 1] = dh.y;
+    dc_s[b * kUnits + u] = dc.x;
+    dc_s[b * kUnits + u + 1] = dc.y;
   }
 }
 
-// Step t's elementwise backward for the thread's elements (both backward kernels): from
-// dh = d_out[t] + dh_s and the carried dc, the four gate gradients into dgates_t (model dtype);
-// dc_s becomes dc * f, which at t = 0 is d_c0.
+// Step t's elementwise backward for the thread's pairs (both backward kernels): from
+// dh = d_out[t] + dh_s and the carried dc, the four gate gradients, published into dgates_t
+// (model dtype, epoch T - t); dc_s becomes dc * f, which at t = 0 is d_c0.
 template <typename T, int kUnits, int kOwned>
-__device__ __forceinline__ void bwd_elementwise(const float (&in)[kOwned][7], const float* dh_s,
+__device__ __forceinline__ void bwd_elementwise(const float (&in)[kOwned][7][2], const float* dh_s,
                                                 float* dc_s, T* dg_t, const LstmBwdParams& p,
                                                 int unit0, int t) {
   const int B = p.batch, H = p.hidden, G4 = 4 * H;
+  const unsigned epoch = unsigned(p.seq_len - t);
 #pragma unroll
   for (int i = 0; i < kOwned; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    const int b = e / kUnits, j = unit0 + e % kUnits;
+    int b, u;
+    owned_pair<kUnits>(i, b, u);
+    const int j = unit0 + u;
     if (b >= B || j >= H) continue;
-    const float ig = in[i][0], fg = in[i][1], gg = in[i][2], og = in[i][3];
-    const float c = in[i][4], c_prev = in[i][5];
-    const float tc = tanhf(c);
-    const float dh = in[i][6] + dh_s[e];
-    const float dc = dc_s[e] + dh * og * (1.0f - tc * tc);
-    T* dg = dg_t + size_t(b) * G4 + j;
-    dg[0] = from_float<T>(dc * gg * ig * (1.0f - ig));
-    dg[H] = from_float<T>(dc * c_prev * fg * (1.0f - fg));
-    dg[2 * H] = from_float<T>(dc * ig * (1.0f - gg * gg));
-    dg[3 * H] = from_float<T>(dh * tc * og * (1.0f - og));
-    dc_s[e] = dc * fg;
-    if (t == 0) static_cast<T*>(p.d_c0)[b * H + j] = from_float<T>(dc * fg);
+    float dg[4][2], dc_prev[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const float ig = in[i][0][s], fg = in[i][1][s], gg = in[i][2][s], og = in[i][3][s];
+      const float c = in[i][4][s], c_prev = in[i][5][s];
+      const float tc = tanhf(c);
+      const float dh = in[i][6][s] + dh_s[b * kUnits + u + s];
+      const float dc = dc_s[b * kUnits + u + s] + dh * og * (1.0f - tc * tc);
+      dg[0][s] = dc * gg * ig * (1.0f - ig);
+      dg[1][s] = dc * c_prev * fg * (1.0f - fg);
+      dg[2][s] = dc * ig * (1.0f - gg * gg);
+      dg[3][s] = dh * tc * og * (1.0f - og);
+      dc_prev[s] = dc * fg;
+      dc_s[b * kUnits + u + s] = dc_prev[s];
+    }
+    T* row = dg_t + size_t(b) * G4 + j;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate)
+      SHA_RNN_PUBLISH_U32(row + gate * H, pack2<T>(dg[gate][0], dg[gate][1]), epoch);
+    if (t == 0)
+      *reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_c0) + b * H + j) =
+          pack2<T>(dc_prev[0], dc_prev[1]);
   }
 }
 
@@ -588,45 +675,47 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
     w_s[u * ldw + r] = j < H ? w_hh[size_t(r) * H + j] : from_float<T>(0.0f);
   }
   init_bwd_state<T, kUnits, kOwned>(dh_s, dc_s, p, unit0);
-  float in[kOwned][7];
+  float in[kOwned][7][2];
   load_bwd_inputs<T, kUnits>(in, p, T_len - 1, unit0);
   __syncthreads();
 
   for (int t = T_len - 1; t >= 0; --t) {
     T* dg_t = d_gates + size_t(t) * B * G4;
     bwd_elementwise<T, kUnits, kOwned>(in, dh_s, dc_s, dg_t, p, unit0, t);
-    const unsigned epoch = T_len - t;
-    grid_signal(p.flags, epoch);  // dgates_t of this block's units published
     // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
-    // fly during the wait and the MMA.
+    // fly during the polls and the MMA.
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
-    grid_wait(p.flags, epoch, limit);  // dgates_t of every unit visible
+    // dgates_t column k is unit k % H's gradient, published by block (k % H) / kUnits.
+    const PollPlan plan{p.status, limit, unsigned(T_len - t), 0, H, kUnits};
 
     for (int row0 = 0; row0 < B; row0 += 16) {
       const int rows = min(16, B - row0);
       float acc[2][kTiles][4];
       zero(acc);
       warp_gemm<T, kTiles, kBwdLoadBatch, 2>(dg_t + size_t(row0) * G4, G4, rows, G4, w_s,
-                                                 ldw, warp, lane, acc);
+                                                 ldw, warp, lane, plan, acc);
 #pragma unroll
       for (int n = 0; n < kTiles; ++n)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[0][n][r] += acc[1][n][r];
-      if (row0 > 0) __syncthreads();  // the previous tile's dh phase has read part_s
+      // The previous tile's (or step's) dh phase has read part_s.
+      if (row0 > 0 || t < T_len - 1) __syncthreads();
       reduce_partials<kTiles>(part_s, acc[0], warp, lane);
 
 #pragma unroll
       for (int i = 0; i < kOwned; ++i) {
-        const int e = threadIdx.x + i * kThreads;
-        const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+        int b, u;
+        owned_pair<kUnits>(i, b, u);
+        const int j = unit0 + u;
         if (b < row0 || b >= row0 + rows) continue;
-        const float dh_prev = partial_sum(part_s, kUnits, b - row0, u);
-        dh_s[e] = dh_prev;
-        if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
+        const float d0 = partial_sum(part_s, kUnits, b - row0, u);
+        const float d1 = partial_sum(part_s, kUnits, b - row0, u + 1);
+        dh_s[b * kUnits + u] = d0;
+        dh_s[b * kUnits + u + 1] = d1;
+        if (t == 0 && j < H)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_h0) + b * H + j) = pack2<T>(d0, d1);
       }
     }
-    // part_s is rewritten only after the next grid_signal's block barrier, dh_s/dc_s are
-    // private to their thread: no block barrier needed here.
   }
 }
 
@@ -634,15 +723,15 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
 // multiple of C; block g still owns units [8g, 8g + 8) for the elementwise phase (dgates, dc,
 // dh), but the recurrent product dh_{t-1} = dgates_t W_hh is split by K inside the cluster:
 // rank r of cluster c keeps W_hh^T for the cluster's 8C units and K range [r kr, (r + 1) kr)
-// (kr = lstm_cluster_k_range) and reads only that range of dgates_t from L2 (1/C of the bytes
+// (kr = lstm_cluster_k_range) and polls only that range of dgates_t from L2 (1/C of the bytes
 // of lstm_bwd_kernel), producing a [16 x 8C] fp32 partial. Per 16-row tile: split-K reduce in
 // the block, the block sums its slots into sum_s, cluster barrier, each block gathers the
 // columns of its own 8 units from the C blocks' sum_s (distributed shared memory), then
 // arrives at the cluster barrier whose wait comes just before sum_s is written again (or
 // before the block exits: no block leaves while another may still read its shared memory).
-// Between steps the step flags already order a gather before the next write of sum_s (a block
-// publishes step t - 1 after its gather of step t); the deferred wait is what orders the row
-// tiles of one step (B > 16), and it costs nothing where the flags have already waited.
+// That wait orders every gather before the next write of the sum_s it read; by then the
+// others' gathers are long done (a step's elementwise phase, polls and MMA lie between), so
+// it costs a barrier's latency, not a wait.
 template <typename T, int C>
 __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const LstmBwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -683,7 +772,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
     w_s[u * ldw + k] = j < H ? w_hh[size_t(k_begin + k) * H + j] : from_float<T>(0.0f);
   }
   init_bwd_state<T, kUnits, kOwned>(dh_s, dc_s, p, unit0);
-  float in[kOwned][7];
+  float in[kOwned][7][2];
   load_bwd_inputs<T, kUnits>(in, p, T_len - 1, unit0);
   __syncthreads();
 
@@ -691,23 +780,23 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
   for (int t = T_len - 1; t >= 0; --t) {
     T* dg_t = d_gates + size_t(t) * B * G4;
     bwd_elementwise<T, kUnits, kOwned>(in, dh_s, dc_s, dg_t, p, unit0, t);
-    const unsigned epoch = T_len - t;
-    grid_signal(p.flags, epoch);
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
-    grid_wait(p.flags, epoch, limit);
+    const PollPlan plan{p.status, limit, unsigned(T_len - t), k_begin, H, kUnits};
 
     for (int row0 = 0; row0 < B; row0 += 16) {
       const int rows = min(16, B - row0);
       float acc[kSets][C][4];
       zero(acc);
       warp_gemm<T, C, kBatch, kSets>(dg_t + size_t(row0) * G4 + k_begin, G4, rows, k_len, w_s,
-                                     ldw, warp, lane, acc);
+                                     ldw, warp, lane, plan, acc);
       if constexpr (kSets == 2) {
 #pragma unroll
         for (int n = 0; n < C; ++n)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[0][n][r] += acc[1][n][r];
       }
+      // part_s: every thread of the block read the previous tile's partials (the slot sums)
+      // before the cluster barrier that follows them, which all of them have passed.
       reduce_partials<C>(part_s, acc[0], warp, lane);
       if (arrived) SHA_RNN_CLUSTER_WAIT();  // every block has read the previous sum_s
       for (int idx = threadIdx.x; idx < 16 * kClusterUnits; idx += kThreads)
@@ -717,16 +806,23 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
 
 #pragma unroll
       for (int i = 0; i < kOwned; ++i) {
-        const int e = threadIdx.x + i * kThreads;
-        const int b = e / kUnits, u = e % kUnits, j = unit0 + u;
+        int b, u;
+        owned_pair<kUnits>(i, b, u);
+        const int j = unit0 + u;
         if (b < row0 || b >= row0 + rows) continue;
         const int col = int(rank) * kUnits + u, row = b - row0;
-        float dh_prev = 0.0f;
+        float d0 = 0.0f, d1 = 0.0f;
 #pragma unroll
-        for (int q = 0; q < C; ++q)
-          dh_prev += SHA_RNN_CLUSTER_MAP(sum_s, unsigned(q))[row * kClusterUnits + col];
-        dh_s[e] = dh_prev;
-        if (t == 0 && j < H) static_cast<T*>(p.d_h0)[b * H + j] = from_float<T>(dh_prev);
+        for (int q = 0; q < C; ++q) {
+          const float2 v = *reinterpret_cast<const float2*>(
+              SHA_RNN_CLUSTER_MAP(sum_s, unsigned(q)) + row * kClusterUnits + col);
+          d0 += v.x;
+          d1 += v.y;
+        }
+        dh_s[b * kUnits + u] = d0;
+        dh_s[b * kUnits + u + 1] = d1;
+        if (t == 0 && j < H)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_h0) + b * H + j) = pack2<T>(d0, d1);
       }
       SHA_RNN_CLUSTER_ARRIVE();  // this block has read the others' sum_s
       arrived = true;
@@ -778,18 +874,28 @@ DeviceInfo device_info() {
   return d;
 }
 
-// The step buffer: error word all ones (no error), flags 0 (no step published).
+// Before a launch, on its stream: the error word all ones (no error), and the words the kernel
+// publishes during the launch all kLstmUnpublished (`bytes` from `handoff`).
 template <typename Params>
-void reset_step_buffer(const Params& params, int grid, cudaStream_t stream, const char* what) {
-  TORCH_CHECK(grid <= kLstmMaxBlocks, "sha_rnn_kernels LSTM ", what, ": ", grid,
-              " blocks, the step waits watch at most ", kLstmMaxBlocks);
-  TORCH_CHECK(params.flags != nullptr, "sha_rnn_kernels LSTM ", what, ": no step buffer");
-  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(params.flags) % 8 == 0, "sha_rnn_kernels LSTM ",
-              what, ": the step buffer must be 8-byte aligned (its error word is a uint64)");
-  SHA_RNN_CUDA_CHECK(
-      cudaMemsetAsync(params.flags, 0xff, sizeof(unsigned) * kLstmStatusWords, stream));
-  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.flags + kLstmStatusWords, 0,
-                                     sizeof(unsigned) * grid, stream));
+void prepare_launch(const Params& params, void* handoff, size_t bytes, cudaStream_t stream,
+                    const char* what) {
+  TORCH_CHECK(params.status != nullptr, "sha_rnn_kernels LSTM ", what, ": no status buffer");
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(params.status) % 8 == 0, "sha_rnn_kernels LSTM ",
+              what, ": the status buffer must be 8-byte aligned (its error word is a uint64)");
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(handoff) % 16 == 0, "sha_rnn_kernels LSTM ",
+              what, ": the output buffers must be 16-byte aligned");
+  static_assert(kLstmUnpublished == 0xFFFFFFFFu, "filled with 0xFF bytes");
+  SHA_RNN_CUDA_CHECK(cudaMemsetAsync(params.status, 0xff, sizeof(unsigned long long), stream));
+  if (bytes > 0) SHA_RNN_CUDA_CHECK(cudaMemsetAsync(handoff, 0xff, bytes, stream));
+}
+
+// Bytes the forward publishes and reads back during the launch: out[0 .. T-2] (out[T-1] is
+// read by nobody). The backward: all of d_gates.
+size_t forward_handoff_bytes(const LstmFwdParams& p) {
+  return size_t(p.seq_len - 1) * p.batch * p.hidden * 2;
+}
+size_t backward_handoff_bytes(const LstmBwdParams& p) {
+  return size_t(p.seq_len) * p.batch * 4 * p.hidden * 2;
 }
 
 // SMs the launch may fill: the device's minus the caller's reserve (never all of them).
@@ -805,6 +911,7 @@ int usable_sms(const DeviceInfo& d, const Params& params, const char* what) {
 template <typename Params>
 void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Params& params,
                         cudaStream_t stream, const char* what) {
+  // Called after prepare_launch (on the same stream).
   const DeviceInfo d = device_info();
   TORCH_CHECK(smem <= static_cast<size_t>(d.smem_optin), "sha_rnn_kernels LSTM ", what,
               ": needs ", smem, " bytes of shared memory per block, the device allows ",
@@ -816,7 +923,6 @@ void cooperative_launch(void (*kernel)(Params), int grid, size_t smem, const Par
   TORCH_CHECK(grid <= per_sm * sms, "sha_rnn_kernels LSTM ", what, ": ", grid,
               " blocks cannot be co-resident (", per_sm, " per SM x ", sms, " SMs: ", d.sm_count,
               " on the device, ", params.reserve_sms, " reserved)");
-  reset_step_buffer(params, grid, stream, what);
   void* args[] = {const_cast<Params*>(&params)};
   SHA_RNN_CUDA_CHECK(
       cudaLaunchCooperativeKernel(kernel, dim3(grid), dim3(kThreads), args, smem, stream));
@@ -833,11 +939,11 @@ void forward_typed(const LstmFwdParams& p, cudaStream_t stream) {
     case 24: kernel = &lstm_fwd_kernel<T, 3>; break;
     default: kernel = &lstm_fwd_kernel<T, 4>; break;
   }
+  prepare_launch(p, p.out, forward_handoff_bytes(p), stream, "forward");
   cooperative_launch(kernel, grid, smem, p, stream, "forward");
 }
 
 using BwdKernel = void (*)(LstmBwdParams);
-static_assert(kLstmClusterChoices[0] == 8, "lstm_step_buffer_words pads the grid to 8 blocks");
 
 template <typename T>
 BwdKernel cluster_kernel(int cluster) {
@@ -902,7 +1008,7 @@ int pick_cluster(const LstmBwdParams& p, const DeviceInfo& d) {
   for (int cluster : kLstmClusterChoices) {
     const int grid = cluster_grid(p.hidden, cluster);
     const size_t smem = lstm_bwd_cluster_smem_bytes(p.hidden, cluster);
-    if (grid > sms || grid > kLstmMaxBlocks || smem > static_cast<size_t>(d.smem_optin)) continue;
+    if (grid > sms || smem > static_cast<size_t>(d.smem_optin)) continue;
     const BwdKernel kernel = cluster_kernel<T>(cluster);
     raise_smem_limit_once(kernel, d.device, d.smem_optin);
     cudaLaunchAttribute attrs[2];
@@ -926,10 +1032,10 @@ template <typename T>
 void backward_typed(const LstmBwdParams& p, cudaStream_t stream) {
   const DeviceInfo d = device_info();
   const int cluster = pick_cluster<T>(p, d);
+  prepare_launch(p, p.d_gates, backward_handoff_bytes(p), stream, "backward");
   if (cluster > 1) {
     const int grid = cluster_grid(p.hidden, cluster);
     const size_t smem = lstm_bwd_cluster_smem_bytes(p.hidden, cluster);
-    reset_step_buffer(p, grid, stream, "backward");
     cudaLaunchAttribute attrs[2];
     const cudaLaunchConfig_t config = cluster_config(grid, cluster, smem, stream, attrs);
     // A launch error is synchronous (nothing ran): a runtime or driver that does not take the

@@ -96,8 +96,8 @@ struct LstmFwdParams {
   void* c_n;          // [B, H]     model dtype
   float* gates;       // [T, B, 4H] fp32 activated gates i, f, g, o; nullptr: not saved
   float* cells;       // [T, B, H]  fp32 cell states c_t;            nullptr: not saved
-  unsigned* flags;    // [kLstmStatusWords + ceil(H / units)] error word, then per-block step
-                      // counters (the launcher initialises both; see kLstmWaitLimitCycles)
+  unsigned long long* status;  // the error word (the launcher initialises it; see
+                               // kLstmWaitLimitCycles), 8-byte aligned
   int seq_len, batch, hidden, units;
   long long wait_limit;  // cycles; 0: kLstmWaitLimitCycles
   int reserve_sms;       // SMs the launch must leave free (e.g. for NCCL); >= 0
@@ -114,34 +114,34 @@ struct LstmBwdParams {
   void* d_gates;      // [T, B, 4H] model dtype: gradient of the gate pre-activations
   void* d_h0;         // [B, H]     model dtype
   void* d_c0;         // [B, H]     model dtype
-  unsigned* flags;    // as LstmFwdParams::flags
+  unsigned long long* status;  // as LstmFwdParams::status
   int seq_len, batch, hidden, units;
   long long wait_limit;  // cycles; 0: kLstmWaitLimitCycles
   int reserve_sms;       // SMs the launch must leave free; >= 0
 };
 
-// Number of blocks (and of flags) of a launch.
+// Number of blocks of a launch (without clusters).
 constexpr int lstm_grid_blocks(int hidden, int units) { return (hidden + units - 1) / units; }
 
-// Bounded step waits. A block that waits longer than kLstmWaitLimitCycles (clock64 cycles of
-// its SM: ~4.9 s at an H100's 1.755 GHz, ~6.1 s at an A100's 1.41 GHz; a legal wait is a few
-// microseconds) for another block's step flag gives up: it records the error word and every
-// later wait of every block returns at once, so the launch ends instead of hanging. The step
-// buffer the launcher passes the kernels is kLstmStatusWords 32-bit words of error word
-// (uint64, all ones = no error, else (step << 32) | (late block << 16) | waiting block, the
-// smallest step winning) followed by one flag per block. The host decodes the word
-// (sha_rnn_kernels/_cuda.py: status_error) and raises naming the pass, step and blocks.
+// Step hand-off. A block publishes its share of step t (h_t in the forward, dgates_t in the
+// backward) with 32-bit relaxed stores of two model-dtype values each, into a buffer the
+// launcher filled with kLstmUnpublished beforehand; a block that needs them polls those words
+// with relaxed loads until none reads kLstmUnpublished. A stored pair never equals it (a pair
+// of 0xFFFF NaNs is stored as 0xFFFF7FFF, still NaN). No flags, no fences: each word carries
+// its own "published" state.
+constexpr unsigned kLstmUnpublished = 0xFFFFFFFFu;
+
+// Bounded waits. A thread that polls a word for longer than kLstmWaitLimitCycles (clock64
+// cycles of its SM: ~4.9 s at an H100's 1.755 GHz, ~6.1 s at an A100's 1.41 GHz; a legal wait
+// is a few microseconds) gives up: it records the error word and every later wait of every
+// block returns at once, so the launch ends instead of hanging. The status buffer the
+// launcher passes the kernels is kLstmStatusWords 32-bit words holding the error word (uint64,
+// all ones = no error, else (step << 32) | (late block << 16) | waiting block, the smallest
+// step winning; step counts as the epochs of sha_rnn_kernels/_cuda.py: status_error, which
+// decodes it and raises naming the pass, step and blocks).
 constexpr long long kLstmWaitLimitCycles = 1LL << 33;
 constexpr int kLstmStatusWords = 2;
 constexpr unsigned long long kLstmNoError = ~0ULL;
-// Blocks a grid may have: warp 0's 32 lanes watch kLstmMaxFlagsPerLane flags each.
-constexpr int kLstmMaxFlagsPerLane = 8;
-constexpr int kLstmMaxBlocks = 32 * kLstmMaxFlagsPerLane;
-// Words of the step buffer: room for a grid rounded up to the largest cluster (the cluster
-// backward pads its grid to a multiple of its cluster size).
-constexpr int lstm_step_buffer_words(int hidden, int units) {
-  return kLstmStatusWords + (lstm_grid_blocks(hidden, units) + 7) / 8 * 8;
-}
 
 // Launch the cooperative kernels on `stream`. Both check the launch against the device
 // (shared memory, co-resident blocks) and throw c10::Error with the reason when it cannot run.

@@ -12,10 +12,12 @@ its process, so a killed build never leaves a stale lock behind.
 Kernel design (details in ``csrc/lstm_persistent.cu``, budget in ``docs/design/lstm.md``): one
 cooperative launch per sequence; block g of ``ceil(H / units)`` blocks owns ``units`` hidden
 units and keeps their W_hh rows (forward) or W_hh columns (backward) in shared memory; per step
-it multiplies h_{t-1} (or dgates_t) read from L2 by that slice with mma.sync, fuses the gates
-and the cell update, and the blocks synchronise once through per-block step flags. On sm_90
-the backward runs in thread block clusters that split K (each block reads 1/C of dgates_t and
-the partial sums meet in distributed shared memory). A step wait that exceeds
+it multiplies h_{t-1} (or dgates_t) by that slice with mma.sync and fuses the gates and the
+cell update. Blocks hand each step over through the data itself: the launch's output buffer is
+filled with an "unpublished" word first, blocks publish with relaxed 32-bit stores and poll
+what they need with relaxed loads until it is published (no flags, no fences). On sm_90 the
+backward runs in thread block clusters that split K (each block polls 1/C of dgates_t and the
+partial sums meet in distributed shared memory). A poll that exceeds
 :data:`WAIT_LIMIT_CYCLES` ends the launch and raises (:func:`check_status`) instead of hanging.
 ``$SHA_RNN_KERNELS_LSTM_RESERVE_SMS`` SMs are left free for other work (e.g. NCCL). The input
 projection and the weight gradients are torch GEMMs. Without a GPU the same kernels run on the
@@ -75,15 +77,15 @@ DTYPES = (torch.float16, torch.bfloat16)
 # The kernel's speed at the paper's shape (H100, bf16, T=1024, B=16, H=1024), in one place for
 # the ``auto`` policy's reasons and the docs: ESTIMATED from byte and FLOP counts and assumed
 # L2 latency and bandwidth (docs/design/lstm.md, 2026-12-06), not measured.
-ESTIMATE_US_PER_STEP = {"forward": (1.3, 2.3), "backward": (1.2, 2.3)}
-ESTIMATE_MS_PER_LAYER = (3.3, 5.4)  # forward + backward, with the four GEMMs around it
+ESTIMATE_US_PER_STEP = {"forward": (0.9, 1.7), "backward": (0.8, 1.7)}
+ESTIMATE_MS_PER_LAYER = (2.5, 4.2)  # forward + backward, with the four GEMMs around it
 ESTIMATE = (
-    "~1.3-2.3 us per forward and ~1.2-2.3 us per backward step, 3.3-5.4 ms per layer forward + "
-    "backward (~4.3 ms at mid rates; estimated from byte and FLOP counts, docs/design/lstm.md)"
+    "~0.9-1.7 us per forward and ~0.8-1.7 us per backward step, 2.5-4.2 ms per layer forward + "
+    "backward (~3.1 ms at mid rates; estimated from byte and FLOP counts, docs/design/lstm.md)"
 )
 
 # Bounded step waits (csrc/lstm_persistent.h: kLstmWaitLimitCycles, kLstmStatusWords): the
-# kernels' step buffer starts with a uint64 error word, all ones when no wait gave up.
+# status buffer a launch returns holds a uint64 error word, all ones when no wait gave up.
 WAIT_LIMIT_CYCLES = 1 << 33
 STATUS_WORDS = 2
 NO_ERROR = (1 << 64) - 1
@@ -425,8 +427,9 @@ def status_error(pass_name: str, word: int, seq_len: int) -> Optional[str]:
     """The error a kernel's error word reports, or None for ``NO_ERROR``.
 
     ``word`` is ``(epoch << 32) | (late block << 16) | waiting block``: a block of the launch
-    waited more than ``WAIT_LIMIT_CYCLES`` for the late block to publish step ``epoch`` (the
-    forward's epoch e publishes h_{e-1}; the backward's publishes dgates of step T - e).
+    polled more than ``WAIT_LIMIT_CYCLES`` for words the late block had to publish in step
+    ``epoch`` (the forward's epoch e publishes h_{e-1}; the backward's publishes dgates of
+    step T - e).
 
     >>> status_error("forward", (3 << 32) | (4 << 16) | 1, seq_len=8)[:60]
     'sha_rnn_kernels CUDA LSTM forward: block 1 gave up waiting f'
@@ -441,9 +444,9 @@ def status_error(pass_name: str, word: int, seq_len: int) -> Optional[str]:
     return (
         f"sha_rnn_kernels CUDA LSTM {pass_name}: block {waiting} gave up waiting for block "
         f"{late} to publish step {step} of {seq_len} ({what}) after {WAIT_LIMIT_CYCLES} cycles; "
-        f"the kernel stopped instead of hanging and its outputs are invalid. A lost step flag "
-        f"is a kernel bug or a GPU fault (or another process preempted the GPU for seconds); "
-        f"backend='torch' runs the LSTM on cuDNN meanwhile"
+        f"the kernel stopped instead of hanging and its outputs are invalid. Words that never "
+        f"arrive are a kernel bug or a GPU fault (or another process preempted the GPU for "
+        f"seconds); backend='torch' runs the LSTM on cuDNN meanwhile"
     )
 
 
@@ -462,7 +465,7 @@ def check_status(step_buffer: Tensor, pass_name: str, seq_len: int) -> None:
 
 
 def _aligned(t: Tensor) -> Tensor:
-    """Contiguous and 16-byte aligned (the kernels read these with 16-byte vectors)."""
+    """Contiguous and 16-byte aligned (the kernels read 16-byte vectors and 32-bit pairs)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
@@ -531,7 +534,7 @@ def _lstm_fwd(
     gates = empty(*act_shape[0], dtype=torch.float32, device=x.device)
     cells = empty(*act_shape[1], dtype=torch.float32, device=x.device)
     step_buffer = ext.forward(
-        xproj, _aligned(weight_hh), _aligned(h0), c0.contiguous(), out, c_n,
+        _aligned(xproj), _aligned(weight_hh), _aligned(h0), _aligned(c0), out, c_n,
         gates if save else None, cells if save else None, plan.units, reserve_sms(),
     )  # fmt: skip
     check_status(step_buffer, "forward", steps)
@@ -580,8 +583,8 @@ def _lstm_bwd(
     d_h0 = empty(batch, hidden, dtype=x.dtype, device=x.device)
     d_c0 = empty(batch, hidden, dtype=x.dtype, device=x.device)
     step_buffer = ext.backward(
-        weight_hh.contiguous(), gates, cells, c0.contiguous(), d_out.contiguous(),
-        d_hn.contiguous(), d_cn.contiguous(), d_gates, d_h0, d_c0, plan.units, reserve_sms(),
+        _aligned(weight_hh), _aligned(gates), _aligned(cells), _aligned(c0), _aligned(d_out),
+        _aligned(d_hn), _aligned(d_cn), d_gates, d_h0, d_c0, plan.units, reserve_sms(),
     )  # fmt: skip
     check_status(step_buffer, "backward", steps)
     dx, dw_ih, dw_hh, db = gemm_gradients(x, weight_ih, h0, out, d_gates)

@@ -19,7 +19,7 @@ Modelled on PyTorch's scaled-dot-product-attention selection:
 
 Why bf16 and fp16 LSTMs differ: PyTorch runs fp16 LSTMs on cuDNN's persistent algorithm at the
 paper's shape (cited ~6.2 ms per layer forward + backward on an H100) but bf16 ones step by step
-(~19 ms); our kernel is estimated at 3.3-5.4 ms, ~4.3 ms at mid rates (``_cuda.ESTIMATE``:
+(~19 ms); our kernel is estimated at 2.5-4.2 ms, ~3.1 ms at mid rates (``_cuda.ESTIMATE``:
 from byte and FLOP counts and unmeasured L2 rates). fp16 stays on cuDNN's known good path until
 a measurement confirms that estimate. Hidden sizes up to 128 stay on cuDNN in every dtype (its
 persistent "small H" algorithm). All figures are estimates (docs/design/lstm.md).

@@ -27,7 +27,7 @@ def _boom_right(x, weight, bias, *, dropout_p, seed, fused=False):
 def _fault(right, kind):
     def kernel(*args, **kwargs):
         if kind == "hang":
-            time.sleep(3600)  # a lost step flag: the kernel never returns
+            time.sleep(3600)  # a lost step hand-off: the kernel never returns
         if kind == "abort":
             os.abort()  # what an illegal address that aborts the process looks like
         if kind == "segv":

@@ -194,10 +194,11 @@ def test_python_constants_match_the_cuda_header():
 # --------------------------------------------------------------------------------------------
 # CPU: the error word of the bounded step waits, the SM reserve
 # --------------------------------------------------------------------------------------------
-def _step_buffer(word: int, flags: int = 3) -> torch.Tensor:
+def _step_buffer(word: int) -> torch.Tensor:
+    """The status buffer a launch returns: the error word as two int32 (kLstmStatusWords)."""
     low, high = word & 0xFFFFFFFF, word >> 32
     as_int32 = [v - (1 << 32) if v >= 1 << 31 else v for v in (low, high)]
-    return torch.tensor(as_int32 + [0] * flags, dtype=torch.int32)
+    return torch.tensor(as_int32, dtype=torch.int32)
 
 
 def test_check_status_passes_a_clean_launch():

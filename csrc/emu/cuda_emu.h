@@ -11,10 +11,11 @@
 //   * __syncthreads(): a std::barrier per block. cooperative_groups grid.sync(): one
 //     std::barrier over every thread of the grid (what the hardware barrier guarantees: every
 //     thread's earlier writes happen before every thread's later reads).
-//   * The kernel's per-step flags (st.release.gpu / ld.relaxed.gpu + fence.acq_rel.gpu behind
-//     the hooks at the end of this file): std::atomic_ref release stores and acquire loads,
-//     the same ordering in the C++ memory model; a polling thread sleeps 50 us. clock64()
-//     is the steady clock scaled to CUDA_EMU_CLOCK_GHZ, so the bounded waits time out.
+//   * The kernel's step hand-off (st.relaxed.gpu / ld.relaxed.gpu of 32-bit words behind the
+//     hooks at the end of this file): std::atomic_ref relaxed stores and loads, the same
+//     guarantees in the C++ memory model; a polling thread sleeps 50 us between polls.
+//     clock64() is the steady clock scaled to CUDA_EMU_CLOCK_GHZ, so the bounded waits time
+//     out.
 //   * Warp-collective mma.sync: a std::barrier per warp and per-warp scratch (below).
 //   * Thread block clusters (cudaLaunchKernelEx with the cluster dimension): consecutive
 //     blocks form a cluster; barrier.cluster.arrive / wait are a split std::barrier over the
@@ -49,11 +50,13 @@
 //   skip_grid_sync:N    every thread skips its N-th grid.sync()
 //   swap_mma_a:         mma.sync gets A registers a1 and a2 swapped
 //   no_smem_optin:      cudaFuncSetAttribute is accepted but has no effect
-//   skip_flag_wait:     every load of a per-step flag reads "already published"
+//   skip_poll:          readers take every hand-off word as published (stores held back)
+//   plain_poll:         the hand-off polls are plain loads (a race ThreadSanitizer reports)
 //   skip_cluster_sync:N every thread skips its N-th cluster barrier arrive and the wait after it
 //   no_cooperative_clusters: cudaLaunchKernelEx refuses cooperative launches with clusters
-//   lose_flag:N         the grid's last block publishes no step >= N (its flag is lost): the
-//                       other blocks' bounded waits must give up and set the error word
+//   lose_store:N        block CUDA_EMU_LOSE_BLOCK (default the last) publishes no step >= N
+//                       (its words are lost): the other blocks' bounded waits must give up
+//                       and set the error word
 //
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 fragment table (PTX ISA,
 // "Matrix Fragments for mma.m16n8k16 with floating point type"): groupID = lane >> 2,
@@ -297,6 +300,9 @@ struct Launch {
   std::unique_ptr<std::barrier<>> grid_sync;
   std::vector<std::unique_ptr<Block>> blocks;
   std::vector<std::unique_ptr<std::barrier<>>> cluster_sync;  // one per cluster
+  // skip_poll: the published words, held back until every thread of the launch has ended.
+  std::mutex held_mutex;
+  std::vector<std::pair<unsigned*, unsigned>> held;
 };
 
 struct ThreadState {
@@ -474,6 +480,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, Body body, unsigned cluster = 
     }
   }
   for (auto& th : pool) th.join();
+  for (const auto& [ptr, value] : launch.held) *ptr = value;
   {
     std::lock_guard<std::mutex> lock(done_mutex);
     done = true;
@@ -682,21 +689,46 @@ inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStrea
 // ---- the PTX hooks of lstm_persistent.cu ------------------------------------------------------
 #define SHA_RNN_MMA_M16N8K16(type, d, a0, a1, a2, a3, b0, b1) \
   ::cuda_emu::mma_m16n8k16(type, d, a0, a1, a2, a3, b0, b1)
-// st.release.gpu: a C++ release store. The waits' ld.relaxed.gpu + fence.acq_rel.gpu (PTX's
-// acquire pattern) become acquire loads and no fence: the same ordering, in a form that
-// ThreadSanitizer models (it ignores standalone fences). lose_flag:N drops every release of
-// an epoch >= N by the grid's last block (a block that stops publishing: the waits must give up).
-#define SHA_RNN_STORE_RELEASE_GPU(ptr, value)                                                  \
-  do {                                                                                         \
-    if (::cuda_emu::plant().what != "lose_flag" || (value) < unsigned(::cuda_emu::plant().n) || \
-        blockIdx.x + 1 != gridDim.x)                                                           \
-      std::atomic_ref<unsigned>(*(ptr)).store(value, std::memory_order_release);               \
-  } while (0)
-#define SHA_RNN_LOAD_RELAXED_GPU(ptr, out)                                                     \
-  ((out) = ::cuda_emu::plant().what == "skip_flag_wait"                                      \
-               ? 0xffffffffu                                                                \
-               : std::atomic_ref<unsigned>(*const_cast<unsigned*>(ptr)).load(std::memory_order_acquire))
-#define SHA_RNN_FENCE_ACQUIRE_GPU() ((void)0)
+// The step hand-off: st.relaxed.gpu / ld.relaxed.gpu become C++ relaxed atomics on each
+// 32-bit word (a 16-byte poll is four of them, as PTX models it), which ThreadSanitizer sees
+// as race-free; nothing else orders them, as on the GPU. Planted faults:
+//   lose_store:N  block CUDA_EMU_LOSE_BLOCK (default: the grid's last) never publishes an
+//                 epoch >= N (a block that stops: the other blocks' bounded waits must give
+//                 up);
+//   skip_poll     readers take every word as published, and every publishing store is held
+//                 back until the launch ends, so a reader that does not poll reads the
+//                 launcher's fill, deterministically;
+//   plain_poll    the polls are plain (non-atomic) loads: a data race ThreadSanitizer reports.
+namespace cuda_emu {
+inline void publish_u32(void* ptr, unsigned value, unsigned step) {
+  unsigned* word = static_cast<unsigned*>(ptr);
+  if (plant().what == "lose_store" && step >= unsigned(plant().n) &&
+      int(blockIdx.x) == env_int("CUDA_EMU_LOSE_BLOCK", int(gridDim.x) - 1))
+    return;
+  if (plant().what == "skip_poll") {
+    const std::lock_guard<std::mutex> lock(tls.launch->held_mutex);
+    tls.launch->held.emplace_back(word, value);
+    return;
+  }
+  std::atomic_ref<unsigned>(*word).store(value, std::memory_order_relaxed);
+}
+inline uint4 poll_v4(const void* ptr) {
+  unsigned* w = static_cast<unsigned*>(const_cast<void*>(ptr));
+  if (plant().what == "plain_poll") return make_uint4(w[0], w[1], w[2], w[3]);
+  uint4 v;
+  v.x = std::atomic_ref<unsigned>(w[0]).load(std::memory_order_relaxed);
+  v.y = std::atomic_ref<unsigned>(w[1]).load(std::memory_order_relaxed);
+  v.z = std::atomic_ref<unsigned>(w[2]).load(std::memory_order_relaxed);
+  v.w = std::atomic_ref<unsigned>(w[3]).load(std::memory_order_relaxed);
+  return v;
+}
+inline bool unpublished(unsigned word) {
+  return plant().what != "skip_poll" && word == 0xFFFFFFFFu;
+}
+}  // namespace cuda_emu
+#define SHA_RNN_PUBLISH_U32(ptr, value, step) ::cuda_emu::publish_u32(ptr, value, step)
+#define SHA_RNN_POLL_V4(ptr, out) ((out) = ::cuda_emu::poll_v4(ptr))
+#define SHA_RNN_UNPUBLISHED(word) ::cuda_emu::unpublished(word)
 #define SHA_RNN_LOAD_RELAXED_GPU_U64(ptr, out) \
   ((out) = std::atomic_ref<unsigned long long>(*(ptr)).load(std::memory_order_relaxed))
 #define SHA_RNN_CLOCK64() ::cuda_emu::clock64()
