@@ -55,11 +55,13 @@
 // stores are off the critical path: no latency gain, and bf16 gates add error to every
 // gradient).
 //
-// Sync points: __syncthreads after the weight slice load; per batch tile, __syncthreads before
-// the split-K partials are written (except the very first tile: the previous tile's or step's
-// elementwise phase has read them), between the two halves of the split-K sum and before the
-// elementwise phase. The fp32 state in shared memory is private to its thread (see
-// owned_per_thread). All of this runs on the CPU under csrc/emu/cuda_emu.h
+// Sync points: __syncthreads after the weight slice load; once per step between the block's
+// publishing stores and its polls (so that no warp polls before its own block has published:
+// warps without elementwise work would otherwise poll early and miss; it also orders the
+// elementwise phase's reads of the split-K partials before the next writes); per batch tile
+// after the first, __syncthreads before the partials are written; between the two halves of
+// the split-K sum and before the elementwise phase. The fp32 state in shared memory is private
+// to its thread (see owned_per_thread). All of this runs on the CPU under csrc/emu/cuda_emu.h
 // (tests/test_lstm_emulation.py), including a ThreadSanitizer build.
 //
 #include "lstm_persistent.h"
@@ -498,8 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
       zero(acc);
       warp_gemm<T, kTiles, kLstmFwdLoadBatch, 1>(h_prev + size_t(row0) * H, H, rows, H, w_s,
                                                  ldw, warp, lane, plan, acc);
-      // The previous tile's (or step's) gate phase has read part_s.
-      if (row0 > 0 || t > 0) __syncthreads();
+      if (row0 > 0) __syncthreads();  // the previous tile's gate phase has read part_s
       reduce_partials<kTiles>(part_s, acc[0], warp, lane);
 
 #pragma unroll
@@ -542,6 +543,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
     // xproj[t + 1] does not depend on the recurrence: its loads fly during the next step's
     // polls of h_t.
     if (t + 1 < T_len) load_xproj<T, kUnits>(xq, xproj, t + 1, B, H, unit0);
+    // No warp polls h_t before this block has published its part (warps without gate work
+    // would poll early and miss), and the gate phase has read part_s before the next step's
+    // partials are written.
+    __syncthreads();
   }
 }
 
@@ -685,6 +690,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
     // Step t - 1's saved activations and d_out do not depend on the recurrence: their loads
     // fly during the polls and the MMA.
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
+    // No warp polls dgates_t before this block has published its part, and the previous
+    // step's dh phase has read part_s before this step's partials are written.
+    __syncthreads();
     // dgates_t column k is unit k % H's gradient, published by block (k % H) / kUnits.
     const PollPlan plan{p.status, limit, unsigned(T_len - t), 0, H, kUnits};
 
@@ -698,8 +706,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
       for (int n = 0; n < kTiles; ++n)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[0][n][r] += acc[1][n][r];
-      // The previous tile's (or step's) dh phase has read part_s.
-      if (row0 > 0 || t < T_len - 1) __syncthreads();
+      if (row0 > 0) __syncthreads();  // the previous tile's dh phase has read part_s
       reduce_partials<kTiles>(part_s, acc[0], warp, lane);
 
 #pragma unroll
@@ -781,6 +788,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
     T* dg_t = d_gates + size_t(t) * B * G4;
     bwd_elementwise<T, kUnits, kOwned>(in, dh_s, dc_s, dg_t, p, unit0, t);
     if (t > 0) load_bwd_inputs<T, kUnits>(in, p, t - 1, unit0);
+    __syncthreads();  // no warp polls dgates_t before this block has published its part
     const PollPlan plan{p.status, limit, unsigned(T_len - t), k_begin, H, kUnits};
 
     for (int row0 = 0; row0 < B; row0 += 16) {
