@@ -107,10 +107,14 @@ def _inputs(T, B, I, H, seed=0):
     }
 
 
-def run_emulated(driver, tmp, dtype_name, master, sm_count, mode="train", env=None):
-    """The kernels' results through the emulation; returns (dict, CompletedProcess)."""
+def run_emulated(
+    driver, tmp, dtype_name, master, sm_count, mode="train", env=None, override=None
+):
+    """The kernels' results through the emulation; returns (dict, CompletedProcess).
+    ``override``: inputs given already in the dtype (bit patterns a conversion would not keep)."""
     dtype = DTYPES[dtype_name]
     m = {k: v.to(dtype) for k, v in master.items()}
+    m.update(override or {})
     T, B, _ = m["x"].shape
     H = m["w_hh"].shape[1]
     plan = _cuda.plan_launch(H, B, sm_count=sm_count, smem_per_block=SMEM_OPTIN)
@@ -377,6 +381,23 @@ def test_wait_limit_does_not_fire_on_a_correct_run(driver, tmp_path):
     master = _inputs(3, 2, 8, 40)
     actual, proc = run_emulated(driver, tmp_path, "bf16", master, 132, env=WAIT_LIMIT_ENV)
     assert actual is not None, f"({proc.returncode}) {proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("env", [{}, {"CUDA_EMU_CC_MAJOR": "8"}], ids=["sm_90", "sm_80"])
+def test_nan_inputs_finish_with_nan_results(driver, tmp_path, env):
+    """A diverged model feeds NaNs: the kernels still finish, with no error word, and return
+    NaNs. h0 and c0 hold the NaN whose bits are 0xFFFF; the emulation's conversions keep a NaN's
+    payload, so a published pair would come out as the unpublished word 0xFFFFFFFF (and every
+    reader would wait for it) unless the kernel stores it as another NaN."""
+    master = _inputs(3, 2, 8, 40)
+    nan = torch.full((2, 40), -1, dtype=torch.int16).view(torch.bfloat16)
+    actual, proc = run_emulated(
+        driver, tmp_path, "bf16", master, 132, env=dict(WAIT_LIMIT_ENV, **env),
+        override={"h0": nan, "c0": nan},
+    )  # fmt: skip
+    assert actual is not None, f"({proc.returncode}) {proc.stderr[-3000:]}"
+    for name in ("out", "c_n", "dx", "dW_hh", "dh0", "dc0"):
+        assert torch.isnan(actual[name]).all(), name
 
 
 # ---- the sm_90 cluster backward: split K, partials through distributed shared memory --------
