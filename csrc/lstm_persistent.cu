@@ -124,10 +124,15 @@ __device__ __forceinline__ float2 unpack2(uint32_t word) {
   memcpy(&b, &lb, 2);
   return make_float2(to_float(a), to_float(b));
 }
-// The pair of model-dtype values at `ptr` (4-byte aligned), as floats.
+// The pair of model-dtype values at `ptr` (4-byte aligned), as floats, and its plain store (an
+// output nobody polls during the launch; published words go through SHA_RNN_PUBLISH_U32).
 template <typename T>
 __device__ __forceinline__ float2 load2(const T* ptr) {
   return unpack2<T>(*reinterpret_cast<const uint32_t*>(ptr));
+}
+template <typename T>
+__device__ __forceinline__ void store2(T* ptr, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(ptr) = pack2<T>(lo, hi);
 }
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -247,16 +252,31 @@ __device__ __forceinline__ void wait_published(uint4 (&lo)[kBatch], uint4 (&hi)[
                                                int k_total, int q, const PollPlan& plan) {
   constexpr int kStep = kLstmWarps * 32;
   static_assert(2 * kBatch <= 32, "one pending bit per vector");
-  unsigned pending = 0;  // bit 2i: lo[i], bit 2i + 1: hi[i]
+  unsigned pending = 0;  // bit 2i: lo[i], bit 2i + 1: hi[i]; first every vector inside K
 #pragma unroll
-  for (int i = 0; i < kBatch; ++i) {
-    if (k_base + i * kStep + 8 * q >= k_total) continue;
-    if (unpublished(lo[i])) pending |= 1u << (2 * i);
-    if (unpublished(hi[i])) pending |= 2u << (2 * i);
-  }
-  if (pending == 0) return;
-  const long long start = SHA_RNN_CLOCK64();
-  while (true) {
+  for (int i = 0; i < kBatch; ++i)
+    if (k_base + i * kStep + 8 * q < k_total) pending |= 3u << (2 * i);
+  unsigned long long recorded = kLstmNoError;
+  long long start = 0;
+  for (bool first = true;; first = false) {
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if ((pending & (1u << (2 * i))) && !unpublished(lo[i])) pending &= ~(1u << (2 * i));
+      if ((pending & (2u << (2 * i))) && !unpublished(hi[i])) pending &= ~(2u << (2 * i));
+    }
+    if (pending == 0) return;
+    if (recorded != kLstmNoError) return;  // another wait gave up: the launch is void
+    const long long now = SHA_RNN_CLOCK64();
+    if (first) {
+      start = now;
+    } else if (now - start > plan.limit) {
+      const int first_pending = __ffs(pending) - 1;
+      const int k = plan.col0 + k_base + (first_pending >> 1) * kStep + 8 * q;
+      const unsigned late = unsigned(k % plan.col_period) / unsigned(plan.cols_per_block);
+      atomicMin(plan.error, (static_cast<unsigned long long>(plan.epoch) << 32) |
+                                (static_cast<unsigned long long>(late) << 16) | blockIdx.x);
+      return;
+    }
     SHA_RNN_SPIN_PAUSE();
     // The re-polls and the error word's load are in flight together: one round trip a round.
 #pragma unroll
@@ -265,23 +285,7 @@ __device__ __forceinline__ void wait_published(uint4 (&lo)[kBatch], uint4 (&hi)[
       if (pending & (1u << (2 * i))) SHA_RNN_POLL_V4(a_lo + k0, lo[i]);
       if (pending & (2u << (2 * i))) SHA_RNN_POLL_V4(a_hi + k0, hi[i]);
     }
-    unsigned long long recorded = 0;
     SHA_RNN_LOAD_RELAXED_GPU_U64(plan.error, recorded);
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      if ((pending & (1u << (2 * i))) && !unpublished(lo[i])) pending &= ~(1u << (2 * i));
-      if ((pending & (2u << (2 * i))) && !unpublished(hi[i])) pending &= ~(2u << (2 * i));
-    }
-    if (pending == 0) return;
-    if (recorded != kLstmNoError) return;  // another wait gave up: the launch is void
-    if (SHA_RNN_CLOCK64() - start > plan.limit) {
-      const int first = __ffs(pending) - 1;
-      const int k = plan.col0 + k_base + (first >> 1) * kStep + 8 * q;
-      const unsigned late = unsigned(k % plan.col_period) / unsigned(plan.cols_per_block);
-      atomicMin(plan.error, (static_cast<unsigned long long>(plan.epoch) << 32) |
-                                (static_cast<unsigned long long>(late) << 16) | blockIdx.x);
-      return;
-    }
   }
 }
 
@@ -535,9 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdPara
         }
         if (p.cells != nullptr)
           *reinterpret_cast<float2*>(p.cells + row * H + j) = make_float2(c2[0], c2[1]);
-        if (t == T_len - 1)
-          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.c_n) + b * H + j) =
-              pack2<T>(c2[0], c2[1]);
+        if (t == T_len - 1) store2(static_cast<T*>(p.c_n) + b * H + j, c2[0], c2[1]);
       }
     }
     // xproj[t + 1] does not depend on the recurrence: its loads fly during the next step's
@@ -638,9 +640,7 @@ __device__ __forceinline__ void bwd_elementwise(const float (&in)[kOwned][7][2],
 #pragma unroll
     for (int gate = 0; gate < 4; ++gate)
       SHA_RNN_PUBLISH_U32(row + gate * H, pack2<T>(dg[gate][0], dg[gate][1]), epoch);
-    if (t == 0)
-      *reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_c0) + b * H + j) =
-          pack2<T>(dc_prev[0], dc_prev[1]);
+    if (t == 0) store2(static_cast<T*>(p.d_c0) + b * H + j, dc_prev[0], dc_prev[1]);
   }
 }
 
@@ -720,7 +720,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdPara
         dh_s[b * kUnits + u] = d0;
         dh_s[b * kUnits + u + 1] = d1;
         if (t == 0 && j < H)
-          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_h0) + b * H + j) = pack2<T>(d0, d1);
+          store2(static_cast<T*>(p.d_h0) + b * H + j, d0, d1);
       }
     }
   }
@@ -830,7 +830,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_cluster_kernel(const Lst
         dh_s[b * kUnits + u] = d0;
         dh_s[b * kUnits + u + 1] = d1;
         if (t == 0 && j < H)
-          *reinterpret_cast<uint32_t*>(static_cast<T*>(p.d_h0) + b * H + j) = pack2<T>(d0, d1);
+          store2(static_cast<T*>(p.d_h0) + b * H + j, d0, d1);
       }
       SHA_RNN_CLUSTER_ARRIVE();  // this block has read the others' sum_s
       arrived = true;
